@@ -1,0 +1,49 @@
+//! The control plane (`admin_listen`, default `127.0.0.1:8081`): topics and health. It runs on its own
+//! listener so admin traffic and data traffic cannot starve each other.
+
+mod topics;
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::json;
+
+use crate::http::{json, no_route, ApiError, HttpResponse};
+use crate::server::AppState;
+
+/// Routes a control-plane request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, ["readyz"]) => Ok(readyz(&state)),
+        (&Method::POST, ["v1", "topics"]) => topics::create(&state, req).await,
+        (&Method::GET, ["v1", "topics"]) => Ok(topics::list(&state)),
+        (&Method::GET, ["v1", "topics", name]) => topics::show(&state, name),
+        (&Method::DELETE, ["v1", "topics", name]) => {
+            let name = name.to_string();
+            topics::delete(&state, &name).await
+        }
+        (method, _) => Err(no_route(method, &path)),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Ready when every cell is healthy; otherwise `503` naming the failed cells and why.
+fn readyz(state: &AppState) -> HttpResponse {
+    let failed: Vec<_> = state
+        .cells
+        .iter()
+        .filter_map(|c| c.failure().map(|reason| json!({"cell": c.index(), "reason": reason})))
+        .collect();
+    if failed.is_empty() {
+        json(StatusCode::OK, &json!({"status": "ready", "cells": state.cells.len()}))
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "cells_failed", "detail": format!("{} of {} cells failed", failed.len(), state.cells.len()), "failed": failed}),
+        )
+    }
+}

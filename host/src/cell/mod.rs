@@ -1,0 +1,331 @@
+//! Cells: the unit of isolation. Cell `k` owns the partitions `p` with `p % C == k` and shares nothing with
+//! other cells: its own fjall Database (`DIR/cells/k`), its own writer thread, its own maintenance thread,
+//! its own bounded queue and its own health.
+//!
+//! The writer ([`writer`]) is the only thread that writes to the cell's Database: it group-commits
+//! appends (one fsync per group), assigns offsets, stamps log-append time and deduplicates by event id.
+//! Readers read a partition directly, but only up to the offset the writer published *after* the fsync,
+//! so nothing is ever served that a crash could take back.
+
+mod dedup;
+mod retention;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{oneshot, watch};
+
+use crate::catalog::Topic;
+use crate::log::layout::Shape;
+use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
+
+pub use dedup::DedupIndex;
+
+/// Settings shared by every cell.
+#[derive(Debug, Clone)]
+pub struct CellOptions {
+    /// Database tuning.
+    pub store: StoreOptions,
+    /// Append requests waiting for the writer, per cell. A full queue refuses with `503` instead of
+    /// buffering without bound.
+    pub queue_len: usize,
+    /// A group commit stops collecting requests once it holds this many events.
+    pub group_commit_max_events: usize,
+    /// How long event ids are remembered for deduplication.
+    pub dedup_window_ms: u64,
+    /// At most this many ids are remembered per partition.
+    pub dedup_max_ids: usize,
+    /// How often retention and journal upkeep run.
+    pub maintenance_interval_ms: u64,
+}
+
+impl Default for CellOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            queue_len: 1024,
+            group_commit_max_events: 1000,
+            dedup_window_ms: 10 * 60 * 1000,
+            dedup_max_ids: 100_000,
+            maintenance_interval_ms: 10_000,
+        }
+    }
+}
+
+/// Why a cell refused or failed a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CellError {
+    /// The cell hit a storage fault and stopped acknowledging writes.
+    #[error("cell {cell} is unavailable: {reason}")]
+    Unavailable { cell: u32, reason: String },
+    /// The cell's queue is full.
+    #[error("cell {cell} is overloaded: its write queue is full")]
+    Overloaded { cell: u32 },
+    /// The topic does not exist (it may have just been deleted).
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    /// The server is shutting down.
+    #[error("cell {cell} is shutting down")]
+    ShuttingDown { cell: u32 },
+}
+
+/// One event to append: its partition, its encoded record (the writer stamps the time) and its id.
+#[derive(Debug)]
+pub struct AppendEvent {
+    /// Target partition; must be owned by the cell.
+    pub partition: u32,
+    /// The record encoded by [`crate::log::Record::encode`].
+    pub record: Vec<u8>,
+    /// Producer id for deduplication.
+    pub id: Option<String>,
+}
+
+/// Where an appended event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Newly appended at this offset.
+    New(u64),
+    /// Its id was already appended at this offset; nothing was written.
+    Duplicate(u64),
+}
+
+/// The outcome of an append request: one entry per event, in request order.
+pub type AppendReply = Result<Vec<Appended>, CellError>;
+
+/// What the writer thread is asked to do.
+enum Command {
+    Append { topic: Arc<str>, events: Vec<AppendEvent>, reply: oneshot::Sender<AppendReply> },
+    CreateTopic { topic: Arc<Topic>, reply: oneshot::Sender<Result<(), CellError>> },
+    DeleteTopic { name: String, reply: oneshot::Sender<Result<(), CellError>> },
+    Shutdown,
+}
+
+/// The read side of one partition: its log and the durable end offset the writer publishes.
+pub struct PartitionView {
+    /// Partition number.
+    pub partition: u32,
+    log: PartitionLog,
+    durable_end: watch::Sender<u64>,
+}
+
+impl PartitionView {
+    /// One past the last durable offset.
+    pub fn end_offset(&self) -> u64 {
+        *self.durable_end.borrow()
+    }
+
+    /// Watches the durable end offset (for long-polling reads).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.durable_end.subscribe()
+    }
+
+    /// The partition's storage, for reads.
+    pub fn log(&self) -> &PartitionLog {
+        &self.log
+    }
+}
+
+/// A topic's partitions within one cell.
+pub struct TopicPartitions {
+    topic: Arc<Topic>,
+    by_partition: HashMap<u32, Arc<PartitionView>>,
+}
+
+/// Health of a cell: healthy until its first storage fault, then failed for good (until restart).
+#[derive(Default)]
+struct Health {
+    failed: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn fail(&self, cell: u32, reason: String) {
+        tracing::error!(cell, %reason, "cell failed: it stops acknowledging writes; other cells go on");
+        if let Ok(mut slot) = self.reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let reason = self.reason.lock().ok().and_then(|r| r.clone());
+        Some(reason.unwrap_or_else(|| "storage fault".into()))
+    }
+}
+
+/// State shared by a cell's threads and its readers.
+struct Shared {
+    index: u32,
+    store: Store,
+    health: Health,
+    topics: ArcSwap<HashMap<Arc<str>, Arc<TopicPartitions>>>,
+}
+
+/// A running cell.
+pub struct Cell {
+    shared: Arc<Shared>,
+    tx: flume::Sender<Command>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_maintenance: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+/// Opening a cell failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Its Database could not be opened or recovered.
+    #[error("cell {cell}: {source}")]
+    Store { cell: u32, source: StoreError },
+    /// Its threads could not be started.
+    #[error("cell {cell}: cannot start thread: {source}")]
+    Thread { cell: u32, source: std::io::Error },
+}
+
+impl Cell {
+    /// Opens cell `index` of `shape` in `dir`, recovering the partitions of `topics`, and starts its threads.
+    pub fn open(
+        index: u32,
+        dir: &std::path::Path,
+        shape: Shape,
+        topics: &[Arc<Topic>],
+        options: &CellOptions,
+    ) -> Result<Self, OpenError> {
+        let store_err = |source| OpenError::Store { cell: index, source };
+        let store = Store::open(dir, options.store.clone()).map_err(store_err)?;
+        let known: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+        store.delete_orphans(&known).map_err(store_err)?;
+        let mut writer = writer::Writer::new(index, shape, store.clone(), options);
+        let mut views = HashMap::new();
+        for topic in topics {
+            let partitions = writer.open_topic(topic).map_err(store_err)?;
+            views.insert(Arc::from(topic.name.as_str()), partitions);
+        }
+        let shared = Arc::new(Shared {
+            index,
+            store,
+            health: Health::default(),
+            topics: ArcSwap::from_pointee(views),
+        });
+        let (tx, rx) = flume::bounded(options.queue_len.max(1));
+        let thread_err = |source| OpenError::Thread { cell: index, source };
+        let writer_thread = std::thread::Builder::new()
+            .name(format!("procd-cell-{index}-writer"))
+            .spawn({
+                let shared = shared.clone();
+                move || writer.run(&shared, rx)
+            })
+            .map_err(thread_err)?;
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let interval = Duration::from_millis(options.maintenance_interval_ms.max(10));
+        let maintenance_thread = std::thread::Builder::new()
+            .name(format!("procd-cell-{index}-maintenance"))
+            .spawn({
+                let shared = shared.clone();
+                move || retention::run(&shared, interval, &stop_rx)
+            })
+            .map_err(thread_err)?;
+        Ok(Self {
+            shared,
+            tx,
+            threads: Mutex::new(vec![writer_thread, maintenance_thread]),
+            stop_maintenance: Mutex::new(Some(stop_tx)),
+        })
+    }
+
+    /// This cell's index.
+    pub fn index(&self) -> u32 {
+        self.shared.index
+    }
+
+    /// `Some(reason)` once the cell has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.health.failure()
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Queues events of one topic for appending, without waiting. The receiver resolves once they are
+    /// durable (or refused). A full queue is refused at once: the caller answers `503`.
+    pub fn append(
+        &self,
+        topic: Arc<str>,
+        events: Vec<AppendEvent>,
+    ) -> Result<oneshot::Receiver<AppendReply>, CellError> {
+        let cell = self.shared.index;
+        if let Some(reason) = self.failure() {
+            return Err(CellError::Unavailable { cell, reason });
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Command::Append { topic, events, reply }) {
+            Ok(()) => Ok(rx),
+            Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded { cell }),
+            Err(flume::TrySendError::Disconnected(_)) => Err(CellError::ShuttingDown { cell }),
+        }
+    }
+
+    /// Creates the cell's partitions of a topic (idempotent).
+    pub async fn create_topic(&self, topic: Arc<Topic>) -> Result<(), CellError> {
+        self.control(|reply| Command::CreateTopic { topic, reply }).await
+    }
+
+    /// Deletes the cell's partitions of a topic and their data.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), CellError> {
+        let name = name.to_string();
+        self.control(|reply| Command::DeleteTopic { name, reply }).await
+    }
+
+    async fn control(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), CellError>>) -> Command,
+    ) -> Result<(), CellError> {
+        let cell = self.shared.index;
+        let (reply, rx) = oneshot::channel();
+        // Control commands wait for room rather than being refused: they are rare and must not be lost.
+        self.tx.send_async(make(reply)).await.map_err(|_| CellError::ShuttingDown { cell })?;
+        rx.await.map_err(|_| CellError::ShuttingDown { cell })?
+    }
+
+    /// The read side of a partition of a topic, if this cell has it.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<Arc<PartitionView>> {
+        self.shared.topics.load().get(topic)?.by_partition.get(&partition).cloned()
+    }
+
+    /// Stops the cell: the writer finishes every request already queued, then the threads exit and the
+    /// Database is closed when the last handle is dropped.
+    pub fn shutdown(&self) {
+        if let Ok(mut stop) = self.stop_maintenance.lock() {
+            stop.take();
+        }
+        // A full queue must not block shutdown forever: the writer drains it, so this send completes.
+        let _ = self.tx.send(Command::Shutdown);
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!(cell = self.shared.index, "a cell thread panicked during shutdown");
+            }
+        }
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,102 @@
+//! Cell maintenance: retention and journal upkeep, on the cell's own thread so the writer never waits for it.
+//!
+//! Retention drops whole ranges below a cut offset (fjall `drop_range`: whole tables only, so it is
+//! approximate, like Kafka's segment-granular retention). The cut is the highest of the age cut and the
+//! size cut, but never past the partition's last event (the next offset is recovered from it) and never
+//! past the lowest committed offset of the topic's consumers unless the topic sets `drop_unconsumed`.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use super::{now_ms, PartitionView, Shared};
+use crate::catalog::Retention;
+use crate::log::StoreError;
+
+pub(super) fn run(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
+    let _span = tracing::info_span!("procd.cell.maintenance", cell = shared.index).entered();
+    loop {
+        match stop.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => {}
+            // Stopped (sender dropped) or told to stop.
+            _ => return,
+        }
+        if shared.health.failure().is_some() {
+            continue;
+        }
+        if let Err(e) = tick(shared) {
+            tracing::warn!(cell = shared.index, error = %e, "maintenance failed; retrying next tick");
+        }
+    }
+}
+
+fn tick(shared: &Shared) -> Result<(), StoreError> {
+    let topics = shared.topics.load();
+    let mut logs = Vec::new();
+    for tp in topics.values() {
+        for view in tp.by_partition.values() {
+            logs.push(view.log().clone());
+            // No handler commits offsets yet, so no consumer floor applies; handlers will supply one.
+            if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), None)? {
+                tracing::debug!(topic = %tp.topic.name, partition = view.partition, cut, "retention: dropping");
+                view.log().drop_before(cut)?;
+            }
+        }
+    }
+    // fjall only truncates journals after memtables flush; seal them before the budget is reached.
+    if shared.store.journal_bytes() > shared.store.max_journal_bytes() / 2 {
+        shared.store.rotate_memtables(&logs)?;
+    }
+    Ok(())
+}
+
+/// The offset below which events may be dropped, if any. `consumer_floor` is the lowest committed offset
+/// of the partition's consumers.
+pub(crate) fn retention_cut(
+    view: &PartitionView,
+    retention: &Retention,
+    now_ms: u64,
+    consumer_floor: Option<u64>,
+) -> Result<Option<u64>, StoreError> {
+    let log = view.log();
+    let end = view.end_offset();
+    let Some(first) = log.first_offset()? else { return Ok(None) };
+    if end <= first + 1 {
+        return Ok(None);
+    }
+    let mut cut = first;
+    if let Some(max_age_ms) = retention.max_age_ms {
+        let oldest_kept_ms = now_ms.saturating_sub(max_age_ms);
+        cut = cut.max(first_at_or_after(view, first, end, oldest_kept_ms)?);
+    }
+    if let Some(max_bytes) = retention.max_bytes {
+        let disk = log.disk_bytes();
+        if disk > max_bytes {
+            // Tables hold whole events; estimate the events that fit from the average stored size.
+            let count = end - first;
+            let per_event = (disk / count).max(1);
+            let keep = max_bytes / per_event;
+            cut = cut.max(end.saturating_sub(keep));
+        }
+    }
+    // Keep the last event: the next offset is recovered from it after a restart.
+    cut = cut.min(end - 1);
+    if !retention.drop_unconsumed {
+        if let Some(floor) = consumer_floor {
+            cut = cut.min(floor);
+        }
+    }
+    Ok((cut > first).then_some(cut))
+}
+
+/// The first offset in `[lo, hi)` whose timestamp is `>= ts` (`hi` if none); timestamps are non-decreasing.
+fn first_at_or_after(view: &PartitionView, mut lo: u64, mut hi: u64, ts: u64) -> Result<u64, StoreError> {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // A missing offset lies below the log start (already dropped): treat it as old.
+        match view.log().timestamp_at(mid)? {
+            Some(t) if t >= ts => hi = mid,
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(lo)
+}

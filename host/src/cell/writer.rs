@@ -1,0 +1,260 @@
+//! The cell writer: the one thread that writes to a cell's Database.
+//!
+//! It takes append requests from the cell's bounded queue and group-commits them: it keeps collecting
+//! requests that are already waiting until the group holds `group_commit_max_events` events (or the queue
+//! is empty), writes them in ONE atomic fjall batch, fsyncs once (`SyncData`), and only then publishes the
+//! new durable end offsets and answers the requests. While it fsyncs, new requests queue up and form the
+//! next group, so the fsync rate adapts to load without a timer.
+//!
+//! It is the single owner of each partition's next offset, last timestamp and dedup window, so none of
+//! those need a lock. A storage error fails the whole cell: fjall poisons the Database, in-memory offsets
+//! may no longer match the disk, and the only safe answer is to stop acknowledging until a restart
+//! recovers from the journal.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    now_ms, AppendEvent, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex, PartitionView,
+    Shared, TopicPartitions,
+};
+use crate::catalog::Topic;
+use crate::log::layout::Shape;
+use crate::log::record::set_timestamp;
+use crate::log::{DedupEntry, Store, StoreError};
+
+struct PartitionState {
+    view: Arc<PartitionView>,
+    next_offset: u64,
+    last_timestamp_ms: u64,
+    dedup: DedupIndex,
+    touched: bool,
+}
+
+pub(super) struct Writer {
+    index: u32,
+    shape: Shape,
+    store: Store,
+    group_max_events: usize,
+    dedup_window_ms: u64,
+    dedup_max_ids: usize,
+    topics: HashMap<Arc<str>, HashMap<u32, PartitionState>>,
+}
+
+struct PendingAppend {
+    topic: Arc<str>,
+    events: Vec<AppendEvent>,
+    reply: oneshot::Sender<AppendReply>,
+}
+
+impl Writer {
+    pub(super) fn new(index: u32, shape: Shape, store: Store, options: &CellOptions) -> Self {
+        Self {
+            index,
+            shape,
+            store,
+            group_max_events: options.group_commit_max_events.max(1),
+            dedup_window_ms: options.dedup_window_ms,
+            dedup_max_ids: options.dedup_max_ids,
+            topics: HashMap::new(),
+        }
+    }
+
+    /// Opens (creating if needed) this cell's partitions of `topic` and recovers their offsets and dedup
+    /// windows from disk. Returns the read side to publish.
+    pub(super) fn open_topic(&mut self, topic: &Arc<Topic>) -> Result<Arc<TopicPartitions>, StoreError> {
+        let mut states = HashMap::new();
+        let mut views = HashMap::new();
+        for p in self.shape.partitions_of(self.index) {
+            let log = self.store.partition(&topic.name, p)?;
+            let next_offset = log.next_offset()?;
+            let last_timestamp_ms = match next_offset.checked_sub(1) {
+                Some(last) => log.timestamp_at(last)?.unwrap_or(0),
+                None => 0,
+            };
+            let mut dedup = DedupIndex::new(self.dedup_window_ms, self.dedup_max_ids);
+            for (offset, entry) in log.dedup_entries()? {
+                dedup.insert(&entry.id, offset, entry.timestamp_ms);
+            }
+            // Entries that expired while the server was down are deleted by the next group commit's evict.
+            let (durable_end, _) = watch::channel(next_offset);
+            let view = Arc::new(PartitionView { partition: p, log, durable_end });
+            views.insert(p, view.clone());
+            states.insert(p, PartitionState { view, next_offset, last_timestamp_ms, dedup, touched: false });
+        }
+        self.topics.insert(Arc::from(topic.name.as_str()), states);
+        Ok(Arc::new(TopicPartitions { topic: topic.clone(), by_partition: views }))
+    }
+
+    pub(super) fn run(mut self, shared: &Shared, rx: flume::Receiver<Command>) {
+        let _span = tracing::info_span!("procd.cell.writer", cell = self.index).entered();
+        let mut deferred: Option<Command> = None;
+        loop {
+            let command = match deferred.take() {
+                Some(c) => c,
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            match command {
+                Command::Append { topic, events, reply } => {
+                    let mut group = vec![PendingAppend { topic, events, reply }];
+                    let mut count = group[0].events.len();
+                    while count < self.group_max_events {
+                        match rx.try_recv() {
+                            Ok(Command::Append { topic, events, reply }) => {
+                                count += events.len();
+                                group.push(PendingAppend { topic, events, reply });
+                            }
+                            Ok(other) => {
+                                deferred = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_group(shared, group);
+                }
+                Command::CreateTopic { topic, reply } => {
+                    let _ = reply.send(self.create_topic(shared, topic));
+                }
+                Command::DeleteTopic { name, reply } => {
+                    let _ = reply.send(self.delete_topic(shared, &name));
+                }
+                Command::Shutdown => {
+                    // Answer everything still queued: nothing in flight is left without a reply.
+                    while let Ok(command) = rx.try_recv() {
+                        match command {
+                            Command::Append { topic, events, reply } => {
+                                self.commit_group(shared, vec![PendingAppend { topic, events, reply }]);
+                            }
+                            Command::CreateTopic { reply, .. } | Command::DeleteTopic { reply, .. } => {
+                                let _ = reply.send(Err(CellError::ShuttingDown { cell: self.index }));
+                            }
+                            Command::Shutdown => {}
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn unavailable(&self, shared: &Shared) -> Option<CellError> {
+        shared.health.failure().map(|reason| CellError::Unavailable { cell: self.index, reason })
+    }
+
+    fn commit_group(&mut self, shared: &Shared, group: Vec<PendingAppend>) {
+        let _span = tracing::debug_span!("procd.cell.group_commit", requests = group.len()).entered();
+        if let Some(err) = self.unavailable(shared) {
+            for pending in group {
+                let _ = pending.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let now = now_ms();
+        let mut batch = self.store.batch();
+        let mut answers: Vec<(oneshot::Sender<AppendReply>, AppendReply)> = Vec::with_capacity(group.len());
+        for PendingAppend { topic, events, reply } in group {
+            let Some(partitions) = self.topics.get_mut(&topic) else {
+                answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
+                continue;
+            };
+            // Validate ownership before touching state, so a bad request changes nothing.
+            if let Some(bad) = events.iter().find(|e| !partitions.contains_key(&e.partition)) {
+                tracing::error!(partition = bad.partition, "append routed to a cell that does not own the partition");
+                answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
+                continue;
+            }
+            let mut results = Vec::with_capacity(events.len());
+            for AppendEvent { partition, mut record, id } in events {
+                let Some(state) = partitions.get_mut(&partition) else { continue };
+                if !state.touched {
+                    for offset in state.dedup.evict(now) {
+                        batch.forget_id(state.view.log(), offset);
+                    }
+                }
+                state.touched = true;
+                if let Some(original) = id.as_deref().and_then(|id| state.dedup.lookup(id)) {
+                    results.push(Appended::Duplicate(original));
+                    continue;
+                }
+                let offset = state.next_offset;
+                state.next_offset += 1;
+                // Log-append time, kept non-decreasing within the partition even if the clock steps back,
+                // so retention can binary-search by time.
+                let timestamp_ms = now.max(state.last_timestamp_ms);
+                state.last_timestamp_ms = timestamp_ms;
+                set_timestamp(&mut record, timestamp_ms);
+                batch.append(state.view.log(), offset, record);
+                if let Some(id) = id {
+                    let entry = DedupEntry { id, timestamp_ms };
+                    batch.remember_id(state.view.log(), offset, &entry);
+                    state.dedup.insert(&entry.id, offset, timestamp_ms);
+                }
+                results.push(Appended::New(offset));
+            }
+            answers.push((reply, Ok(results)));
+        }
+
+        let outcome = if batch.is_empty() { Ok(()) } else { self.store.commit(batch, true) };
+        match outcome {
+            Ok(()) => {
+                for partitions in self.topics.values_mut() {
+                    for state in partitions.values_mut().filter(|s| s.touched) {
+                        state.touched = false;
+                        state.view.durable_end.send_replace(state.next_offset);
+                    }
+                }
+                for (reply, answer) in answers {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                shared.health.fail(self.index, e.to_string());
+                let err = CellError::Unavailable { cell: self.index, reason: e.to_string() };
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn create_topic(&mut self, shared: &Shared, topic: Arc<Topic>) -> Result<(), CellError> {
+        if let Some(err) = self.unavailable(shared) {
+            return Err(err);
+        }
+        if self.topics.contains_key(topic.name.as_str()) {
+            return Ok(());
+        }
+        let views = self.open_topic(&topic).map_err(|e| {
+            shared.health.fail(self.index, e.to_string());
+            CellError::Unavailable { cell: self.index, reason: e.to_string() }
+        })?;
+        shared.topics.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(Arc::from(topic.name.as_str()), views.clone());
+            map
+        });
+        Ok(())
+    }
+
+    fn delete_topic(&mut self, shared: &Shared, name: &str) -> Result<(), CellError> {
+        shared.topics.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(name);
+            map
+        });
+        let Some(states) = self.topics.remove(name) else { return Ok(()) };
+        for state in states.into_values() {
+            self.store.delete_partition(state.view.log().clone()).map_err(|e| {
+                shared.health.fail(self.index, e.to_string());
+                CellError::Unavailable { cell: self.index, reason: e.to_string() }
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Server configuration, layered `defaults < procd.toml < PROCD_* env < flags` and validated once.
+//!
+//! Every key has a dotted name (`ingest.max_body_bytes`) used the same way in every layer: as a TOML key
+//! (in its table), as an env var (`PROCD_INGEST_MAX_BODY_BYTES`) and in errors, which name the key, the
+//! layer it came from and the valid range.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cell::CellOptions;
+use crate::log::StoreOptions;
+
+/// The validated configuration of `procd serve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where all data lives.
+    pub data_dir: PathBuf,
+    /// Data-plane listener (ingest and reads).
+    pub listen: SocketAddr,
+    /// Control-plane listener (topics, health), apart so admin and data traffic cannot starve each other.
+    pub admin_listen: SocketAddr,
+    /// Partitions of every topic; fixed when the data directory is created.
+    pub partitions: u32,
+    /// Cells the partitions are spread over; fixed when the data directory is created.
+    pub cells: u32,
+    /// HTTP limits of both listeners.
+    pub ingest: IngestConfig,
+    /// Idempotent-ingest window.
+    pub dedup: DedupConfig,
+    /// Cell writer and maintenance.
+    pub cell: CellConfig,
+    /// Read API bounds.
+    pub read: ReadConfig,
+}
+
+/// HTTP limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest request body accepted (`413` above).
+    pub max_body_bytes: usize,
+    /// Time allowed for the whole body to arrive (`408` after).
+    pub body_timeout_ms: u64,
+    /// Time allowed for the request head to arrive (the connection is closed after).
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once per listener.
+    pub max_connections: usize,
+}
+
+/// Dedup window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// How long an event id is remembered.
+    pub window_ms: u64,
+    /// At most this many ids are remembered per partition (memory bound).
+    pub max_ids: usize,
+}
+
+/// Cells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellConfig {
+    /// Append requests queued per cell before `503`.
+    pub queue_len: usize,
+    /// Events per group commit (one fsync) at most.
+    pub group_commit_max_events: usize,
+    /// How often retention and journal upkeep run.
+    pub maintenance_interval_ms: u64,
+    /// Memtable size per partition keyspace.
+    pub max_memtable_bytes: u64,
+    /// Block cache per cell.
+    pub cache_bytes: u64,
+}
+
+/// Read API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadConfig {
+    /// Largest `limit` a read may ask for.
+    pub max_limit: usize,
+    /// Largest `wait_ms` a long-poll may ask for.
+    pub max_wait_ms: u64,
+    /// A read response stops after this many bytes of events (at least one event is returned).
+    pub max_response_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("procd-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            partitions: 8,
+            cells: 2,
+            ingest: IngestConfig::default(),
+            dedup: DedupConfig::default(),
+            cell: CellConfig::default(),
+            read: ReadConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            body_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self { window_ms: 10 * 60 * 1000, max_ids: 100_000 }
+    }
+}
+
+impl Default for CellConfig {
+    fn default() -> Self {
+        let store = StoreOptions::default();
+        let cell = CellOptions::default();
+        Self {
+            queue_len: cell.queue_len,
+            group_commit_max_events: cell.group_commit_max_events,
+            maintenance_interval_ms: cell.maintenance_interval_ms,
+            max_memtable_bytes: store.max_memtable_bytes,
+            cache_bytes: store.cache_bytes,
+        }
+    }
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        Self { max_limit: 10_000, max_wait_ms: 60_000, max_response_bytes: 8 * 1024 * 1024 }
+    }
+}
+
+/// The configuration is invalid; the message names the key, where it came from and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// One layer's worth of settings by dotted key, with where each came from.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    entries: Vec<(String, String, String)>,
+}
+
+impl Overrides {
+    /// Sets `key` (dotted) to a raw string value, attributing it to `source` in errors.
+    pub fn set(&mut self, key: &str, value: impl Into<String>, source: impl Into<String>) {
+        self.entries.push((key.to_string(), value.into(), source.into()));
+    }
+}
+
+impl Config {
+    /// Builds the configuration from its layers: defaults, then the TOML file (if any), then `PROCD_*`
+    /// variables from `env`, then `flags`; then validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Overrides,
+    ) -> Result<Self, ConfigError> {
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError(e.to_string()))?;
+        let mut merged = defaults.clone();
+        let mut origin: Vec<(String, String)> = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {e}", path.display())))?;
+            for (key, value) in flatten(&table) {
+                if lookup(&defaults, &key).is_none() {
+                    return Err(ConfigError(format!(
+                        "unknown key `{key}` in {}; known keys: {}",
+                        path.display(),
+                        keys(&defaults).join(", ")
+                    )));
+                }
+                origin.push((key.clone(), path.display().to_string()));
+                insert(&mut merged, &key, value);
+            }
+        }
+        let mut layers = Overrides::default();
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for key in keys(&defaults) {
+            let var = format!("PROCD_{}", key.replace('.', "_").to_ascii_uppercase());
+            if let Some((_, value)) = env.iter().find(|(k, _)| *k == var) {
+                layers.set(&key, value.clone(), var);
+            }
+        }
+        layers.entries.extend(flags.entries);
+        for (key, raw, source) in layers.entries {
+            let Some(default) = lookup(&defaults, &key) else {
+                return Err(ConfigError(format!("unknown config key `{key}` (from {source})")));
+            };
+            let value = match default {
+                toml::Value::Integer(_) => raw.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
+                    ConfigError(format!("{key} (from {source}) must be a whole number; got {raw:?}"))
+                })?,
+                toml::Value::Boolean(_) => raw.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
+                    ConfigError(format!("{key} (from {source}) must be true or false; got {raw:?}"))
+                })?,
+                _ => toml::Value::String(raw),
+            };
+            origin.push((key.clone(), source));
+            insert(&mut merged, &key, value);
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let key = e.path().to_string();
+            let source = origin.iter().rev().find(|(k, _)| *k == key).map(|(_, s)| s.as_str()).unwrap_or("defaults");
+            ConfigError(format!("{key} (from {source}) is invalid: {}", e.inner()))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value against its valid range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(ConfigError(format!("{key} must be in {lo}..={hi}; got {v}")));
+            }
+            Ok(())
+        }
+        range("partitions", self.partitions, 1, 4096)?;
+        range("cells", self.cells, 1, 256)?;
+        if self.cells > self.partitions {
+            return Err(ConfigError(format!(
+                "cells must not exceed partitions (a cell without partitions does nothing); got cells={} partitions={}",
+                self.cells, self.partitions
+            )));
+        }
+        range("ingest.max_body_bytes", self.ingest.max_body_bytes, 1, 1 << 30)?;
+        range("ingest.body_timeout_ms", self.ingest.body_timeout_ms, 1, 3_600_000)?;
+        range("ingest.header_read_timeout_ms", self.ingest.header_read_timeout_ms, 1, 3_600_000)?;
+        range("ingest.max_connections", self.ingest.max_connections, 1, 1_000_000)?;
+        range("dedup.window_ms", self.dedup.window_ms, 0, 7 * 24 * 3_600_000)?;
+        range("dedup.max_ids", self.dedup.max_ids, 0, 100_000_000)?;
+        range("cell.queue_len", self.cell.queue_len, 1, 1_000_000)?;
+        range("cell.group_commit_max_events", self.cell.group_commit_max_events, 1, 1_000_000)?;
+        range("cell.maintenance_interval_ms", self.cell.maintenance_interval_ms, 10, 3_600_000)?;
+        range("cell.max_memtable_bytes", self.cell.max_memtable_bytes, 1 << 20, 1 << 30)?;
+        range("cell.cache_bytes", self.cell.cache_bytes, 1 << 20, 1 << 40)?;
+        range("read.max_limit", self.read.max_limit, 1, 1_000_000)?;
+        range("read.max_wait_ms", self.read.max_wait_ms, 0, 3_600_000)?;
+        range("read.max_response_bytes", self.read.max_response_bytes, 1024, 1 << 30)?;
+        Ok(())
+    }
+
+    /// The cell options these settings give.
+    pub fn cell_options(&self) -> CellOptions {
+        CellOptions {
+            store: StoreOptions {
+                cache_bytes: self.cell.cache_bytes,
+                max_memtable_bytes: self.cell.max_memtable_bytes,
+                ..StoreOptions::default()
+            },
+            queue_len: self.cell.queue_len,
+            group_commit_max_events: self.cell.group_commit_max_events,
+            dedup_window_ms: self.dedup.window_ms,
+            dedup_max_ids: self.dedup.max_ids,
+            maintenance_interval_ms: self.cell.maintenance_interval_ms,
+        }
+    }
+
+    /// Body timeout as a duration.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest.body_timeout_ms)
+    }
+}
+
+fn flatten(table: &toml::Table) -> Vec<(String, toml::Value)> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(inner) => {
+                out.extend(flatten(inner).into_iter().map(|(ik, iv)| (format!("{k}.{ik}"), iv)));
+            }
+            other => out.push((k.clone(), other.clone())),
+        }
+    }
+    out
+}
+
+fn keys(table: &toml::Table) -> Vec<String> {
+    flatten(table).into_iter().map(|(k, _)| k).collect()
+}
+
+fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let (head, rest) = match key.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (key, None),
+    };
+    match (table.get(head)?, rest) {
+        (toml::Value::Table(inner), Some(rest)) => lookup(inner, rest),
+        (toml::Value::Table(_), None) => None,
+        (value, None) => Some(value),
+        (_, Some(_)) => None,
+    }
+}
+
+fn insert(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        Some((head, rest)) => {
+            if let toml::Value::Table(inner) =
+                table.entry(head.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                insert(inner, rest, value);
+            }
+        }
+        None => {
+            table.insert(key.to_string(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn layers_override_in_order() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("procd.toml");
+        std::fs::write(&file, "partitions = 4\ncells = 4\n[ingest]\nmax_body_bytes = 100\n")?;
+        let mut flags = Overrides::default();
+        flags.set("cells", "2", "--cells");
+        let config = Config::load(
+            Some(&file),
+            env(&[("PROCD_CELLS", "1"), ("PROCD_INGEST_MAX_BODY_BYTES", "200"), ("PROCD_URL", "x")]),
+            flags,
+        )?;
+        assert_eq!((config.partitions, config.cells, config.ingest.max_body_bytes), (4, 2, 200));
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_key_source_and_range() {
+        let mut flags = Overrides::default();
+        flags.set("partitions", "0", "--partitions");
+        let err = Config::load(None, vec![], flags).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(err, "partitions must be in 1..=4096; got 0");
+        let err = Config::load(None, env(&[("PROCD_LISTEN", "nope")]), Overrides::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("listen (from PROCD_LISTEN) is invalid"), "{err}");
+        let err = Config::load(None, env(&[("PROCD_DEDUP_MAX_IDS", "lots")]), Overrides::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("dedup.max_ids (from PROCD_DEDUP_MAX_IDS) must be a whole number"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("procd.toml");
+        std::fs::write(&file, "[ingest]\nmax_body = 1\n")?;
+        let err = Config::load(Some(&file), vec![], Overrides::default()).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("unknown key `ingest.max_body`")));
+        Ok(())
+    }
+}

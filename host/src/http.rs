@@ -1,0 +1,179 @@
+//! What the data-plane and control-plane listeners share: the JSON error body, body reading under a size
+//! and time limit, and the connection loop (bounded connections, header timeout, graceful shutdown).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Response type of every route.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// An error answered as `{"error": code, "detail": ...}` with a status (and `Retry-After` when set).
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable, machine-readable code (`invalid_event`, `unknown_topic`, ...).
+    pub code: &'static str,
+    /// What happened and how to fix it, for people.
+    pub detail: String,
+    /// Seconds after which a retry may succeed (`429`/`503`).
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with no retry hint.
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into(), retry_after_secs: None }
+    }
+
+    /// `400 Bad Request`.
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    /// `404 Not Found`.
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, detail)
+    }
+
+    /// A server-side failure: logged in full here, answered with a generic body.
+    pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%error, "{context}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{context}; see the server log"))
+    }
+
+    /// Adds a `Retry-After` hint.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> HttpResponse {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            detail: &'a str,
+        }
+        let mut resp = json(self.status, &Body { error: self.code, detail: &self.detail });
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut().insert(RETRY_AFTER, secs.into());
+        }
+        resp
+    }
+}
+
+/// A JSON response.
+pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpResponse {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The route was not found.
+pub fn no_route(method: &hyper::Method, path: &str) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {method} {path}"))
+}
+
+/// Reads a whole request body, refusing it with `413` past `max_bytes` (before reading anything when
+/// `Content-Length` already says so) and with `408` if it does not arrive within `timeout`. hyper has no
+/// body timeout of its own.
+pub async fn read_body(req: Request<Incoming>, max_bytes: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than the {max_bytes}-byte limit (ingest.max_body_bytes); split it"),
+        )
+    };
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_bytes as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), max_bytes);
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("request body did not arrive within {} ms", timeout.as_millis()),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request("bad_body", format!("request body could not be read: {e}"))),
+    }
+}
+
+/// Connection limits of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerLimits {
+    /// Connections served at once; further ones wait in the kernel's accept backlog.
+    pub max_connections: usize,
+    /// Time allowed to send the request head.
+    pub header_read_timeout: Duration,
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves, then stops accepting and waits
+/// for in-flight requests to be answered.
+pub async fn serve<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: ListenerLimits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        // Take a connection slot first, so the accept backlog absorbs the excess instead of our memory.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(listener = name, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

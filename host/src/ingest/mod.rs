@@ -1,0 +1,226 @@
+//! The data plane (`listen`, default `127.0.0.1:8080`): append events, read them back.
+//!
+//! Ingest is dumb and fast: parse and validate the whole body, route each event with the partitioner,
+//! hand each cell its share through its bounded queue, and answer once every cell has made its share
+//! durable. No business logic runs here and nothing waits on handlers.
+//!
+//! Every event gets its own outcome in request order: its partition and offset (with `"duplicate": true`
+//! if its id was seen), or its partition and why it was refused with a retry hint. `202` when all were
+//! accepted, `207` when some were, and the refusal status when none were.
+
+pub mod parse;
+pub mod partitioner;
+mod read;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, StatusCode};
+use serde::Serialize;
+
+use crate::cell::{AppendEvent, Appended, CellError};
+use crate::http::{json, no_route, read_body, ApiError, HttpResponse};
+use crate::log::Record;
+use crate::server::AppState;
+
+/// Routes a data-plane request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (req.method(), segments.as_slice()) {
+        (&Method::POST, ["v1", "topics", topic, "events"]) => {
+            let topic = topic.to_string();
+            append(&state, &topic, req).await
+        }
+        (&Method::GET, ["v1", "topics", topic, "partitions", partition, "events"]) => {
+            let (topic, partition) = (topic.to_string(), partition.to_string());
+            read::handle(&state, &topic, &partition, req.uri().query()).await
+        }
+        (method, _) => Err(no_route(method, &path)),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+fn unknown_topic(topic: &str) -> ApiError {
+    ApiError::not_found(
+        "unknown_topic",
+        format!("topic {topic:?} does not exist; create it with `procd topics create {topic}` or POST /v1/topics"),
+    )
+}
+
+/// One event's outcome in the response.
+#[derive(Serialize)]
+struct Outcome {
+    partition: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
+}
+
+impl Outcome {
+    fn refused(partition: u32, err: &CellError) -> Self {
+        let (code, retry_after_ms) = refusal(err);
+        Self {
+            partition,
+            offset: None,
+            duplicate: false,
+            error: Some(code),
+            detail: Some(err.to_string()),
+            retry_after_ms: Some(retry_after_ms),
+        }
+    }
+}
+
+/// The code and retry hint a refusal is reported with.
+fn refusal(err: &CellError) -> (&'static str, u64) {
+    match err {
+        CellError::Unavailable { .. } => ("cell_unavailable", 5_000),
+        CellError::Overloaded { .. } => ("cell_overloaded", 100),
+        CellError::UnknownTopic(_) => ("unknown_topic", 1_000),
+        CellError::ShuttingDown { .. } => ("shutting_down", 1_000),
+    }
+}
+
+#[derive(Serialize)]
+struct AppendResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    results: Vec<Outcome>,
+}
+
+fn header_string(req: &Request<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
+    match req.headers().get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))),
+    }
+}
+
+async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    if state.catalog.get(topic).is_none() {
+        return Err(unknown_topic(topic));
+    }
+    let content_type = header_string(&req, CONTENT_TYPE.as_str())?;
+    let format = content_type.as_deref().and_then(parse::Format::from_content_type).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {:?} is not supported; use application/x-ndjson, application/json or \
+                 application/octet-stream",
+                content_type.as_deref().unwrap_or("")
+            ),
+        )
+    })?;
+    let raw_key = header_string(&req, "procd-key")?;
+    let raw_id = header_string(&req, "procd-id")?;
+    let body: Bytes = read_body(req, state.config.ingest.max_body_bytes, state.config.body_timeout()).await?;
+    let events = match format {
+        parse::Format::Ndjson => parse::ndjson(&body),
+        parse::Format::Json => parse::json(&body),
+        parse::Format::Raw => parse::raw(&body, raw_key, raw_id),
+    }
+    .map_err(|detail| ApiError::bad_request("invalid_event", detail))?;
+    drop(body);
+    if events.is_empty() {
+        return Err(ApiError::bad_request("invalid_event", "the request holds no events"));
+    }
+
+    // Route, encode and split by cell. Offsets and timestamps are assigned by each cell's writer.
+    let partitions = state.shape.partitions;
+    let cells = state.cells.len();
+    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> = (0..cells).map(|_| (Vec::new(), Vec::new())).collect();
+    let mut placed = Vec::with_capacity(events.len());
+    for (index, event) in events.into_iter().enumerate() {
+        let partition = partitioner::route(event.key.as_deref().map(str::as_bytes), event.id.as_deref(), partitions);
+        placed.push(partition);
+        let record = Record {
+            timestamp_ms: 0,
+            key: event.key.map(String::into_bytes),
+            value: event.value,
+            headers: event.headers,
+            id: event.id.clone(),
+        }
+        .encode();
+        let slot = &mut per_cell[state.shape.cell_of(partition) as usize];
+        slot.0.push(index);
+        slot.1.push(AppendEvent { partition, record, id: event.id });
+    }
+
+    let topic: Arc<str> = Arc::from(topic);
+    let mut pending = Vec::new();
+    let mut outcomes: Vec<Option<Outcome>> = placed.iter().map(|_| None).collect();
+    for (cell, (indices, events)) in per_cell.into_iter().enumerate() {
+        if events.is_empty() {
+            continue;
+        }
+        match state.cells[cell].append(topic.clone(), events) {
+            Ok(rx) => pending.push((indices, rx)),
+            Err(err) => {
+                for i in indices {
+                    outcomes[i] = Some(Outcome::refused(placed[i], &err));
+                }
+            }
+        }
+    }
+    for (indices, rx) in pending {
+        let reply = rx.await.unwrap_or_else(|_| Err(CellError::ShuttingDown { cell: 0 }));
+        match reply {
+            Ok(appended) => {
+                for (i, a) in indices.into_iter().zip(appended) {
+                    let (offset, duplicate) = match a {
+                        Appended::New(o) => (o, false),
+                        Appended::Duplicate(o) => (o, true),
+                    };
+                    outcomes[i] = Some(Outcome {
+                        partition: placed[i],
+                        offset: Some(offset),
+                        duplicate,
+                        error: None,
+                        detail: None,
+                        retry_after_ms: None,
+                    });
+                }
+            }
+            Err(err) => {
+                for i in indices {
+                    outcomes[i] = Some(Outcome::refused(placed[i], &err));
+                }
+            }
+        }
+    }
+
+    let results: Vec<Outcome> = outcomes
+        .into_iter()
+        .zip(&placed)
+        .map(|(o, &p)| o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 })))
+        .collect();
+    let refused: Vec<&Outcome> = results.iter().filter(|o| o.error.is_some()).collect();
+    if refused.is_empty() {
+        return Ok(json(StatusCode::ACCEPTED, &AppendResponse { error: None, detail: None, results }));
+    }
+    if refused.len() < results.len() {
+        return Ok(json(StatusCode::MULTI_STATUS, &AppendResponse { error: None, detail: None, results }));
+    }
+    // Nothing was accepted: answer with the (first) refusal's status and retry hint.
+    let code = refused[0].error.unwrap_or("refused");
+    let retry_ms = refused[0].retry_after_ms.unwrap_or(1_000);
+    let status = if code == "unknown_topic" { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE };
+    let detail = refused[0].detail.clone().unwrap_or_default();
+    let mut resp = json(status, &AppendResponse { error: Some(code), detail: Some(&detail), results });
+    resp.headers_mut().insert(hyper::header::RETRY_AFTER, retry_ms.div_ceil(1000).max(1).into());
+    Ok(resp)
+}

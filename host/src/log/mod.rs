@@ -1,0 +1,14 @@
+//! Partitioned, durable storage on fjall.
+//!
+//! `log` owns everything that touches disk for the data plane: the data-directory layout and its recorded
+//! shape ([`layout`]), the on-disk key and record encodings ([`keys`], [`record`]) and one fjall `Database`
+//! per cell ([`Store`]). It knows nothing of HTTP, wasm or threads: `cell` decides *when* to write, `log`
+//! decides *how* bytes are laid out.
+
+pub mod keys;
+pub mod layout;
+pub mod record;
+mod store;
+
+pub use record::{Payload, Record};
+pub use store::{Batch, DedupEntry, PartitionLog, Store, StoreError, StoreOptions};

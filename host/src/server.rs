@@ -1,0 +1,161 @@
+//! Wires storage, cells and both listeners together, and shuts them down in order.
+//!
+//! Like mini-redis, [`Server::run`] takes already-bound listeners and a shutdown future, so tests and the
+//! benchmark bind port 0 and stop it when they like. Shutdown: both listeners stop accepting and answer
+//! every request already in flight; then each cell's writer drains its queue (every queued append is
+//! committed and acknowledged) and the Databases close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::cell::{Cell, OpenError};
+use crate::config::Config;
+use crate::http::ListenerLimits;
+use crate::log::layout::{DataDir, LayoutError, Shape};
+
+/// Everything both listeners share.
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Config,
+    /// Partitions and cells.
+    pub shape: Shape,
+    /// Topics.
+    pub catalog: Catalog,
+    /// Cells, indexed by cell number.
+    pub cells: Vec<Cell>,
+    /// Serializes control-plane changes (create, delete) so each is applied whole. Never taken by the
+    /// data plane.
+    pub admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl AppState {
+    /// The cell owning `partition`.
+    pub fn cell_for(&self, partition: u32) -> &Cell {
+        // Partitions are < P and the cell vector has C entries, so the index is always in range.
+        &self.cells[self.shape.cell_of(partition) as usize]
+    }
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory is unusable.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The control Database is unusable.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A cell could not be opened.
+    #[error(transparent)]
+    Cell(#[from] OpenError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind { addr: SocketAddr, key: &'static str, source: std::io::Error },
+}
+
+/// An opened server, ready to run.
+pub struct Server {
+    state: Arc<AppState>,
+}
+
+impl Server {
+    /// Opens the data directory, the catalog and every cell (recovering from their journals).
+    pub fn open(config: Config) -> Result<Self, StartError> {
+        let shape = Shape { partitions: config.partitions, cells: config.cells };
+        let dir = DataDir::open(&config.data_dir, shape)?;
+        let catalog = Catalog::open(&dir.control_dir())?;
+        let topics = catalog.list();
+        let options = config.cell_options();
+        let cells = (0..shape.cells)
+            .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &topics, &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { state: Arc::new(AppState { config, shape, catalog, cells, admin_lock: tokio::sync::Mutex::new(()) }) })
+    }
+
+    /// Binds the configured listeners.
+    pub async fn bind(&self) -> Result<(TcpListener, TcpListener), StartError> {
+        let config = &self.state.config;
+        let bind = |addr: SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, key, source })
+        };
+        Ok((bind(config.listen, "listen").await?, bind(config.admin_listen, "admin_listen").await?))
+    }
+
+    /// The shared state (for in-process callers such as the benchmark).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves the data plane on `data` and the control plane on `admin` until `shutdown` resolves, then
+    /// shuts down gracefully.
+    pub async fn run(self, data: TcpListener, admin: TcpListener, shutdown: impl Future<Output = ()>) {
+        let config = &self.state.config;
+        let limits = ListenerLimits {
+            max_connections: config.ingest.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(config.ingest.header_read_timeout_ms),
+        };
+        if let Ok(addr) = data.local_addr() {
+            tracing::info!(%addr, "data plane listening");
+        }
+        if let Ok(addr) = admin.local_addr() {
+            tracing::info!(%addr, "control plane listening");
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let data_state = self.state.clone();
+        let data_task = tokio::spawn(crate::http::serve(
+            "data",
+            data,
+            limits.clone(),
+            move |req| crate::ingest::handle(data_state.clone(), req),
+            stopped(stop_rx.clone()),
+        ));
+        let admin_state = self.state.clone();
+        let admin_task = tokio::spawn(crate::http::serve(
+            "admin",
+            admin,
+            limits,
+            move |req| crate::admin::handle(admin_state.clone(), req),
+            stopped(stop_rx),
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; answering requests in flight");
+        let _ = stop_tx.send(true);
+        let _ = data_task.await;
+        let _ = admin_task.await;
+        let state = self.state;
+        let joined = tokio::task::spawn_blocking(move || {
+            for cell in &state.cells {
+                cell.shutdown();
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::error!("cell shutdown panicked");
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
