@@ -46,7 +46,9 @@ pub struct Topic {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The name breaks the naming rule.
-    #[error("invalid topic name {0:?}: use 1 to {MAX_TOPIC_NAME_LEN} characters from [a-zA-Z0-9._-]")]
+    #[error(
+        "invalid topic name {0:?}: use 1 to {MAX_TOPIC_NAME_LEN} characters from [a-zA-Z0-9._-]"
+    )]
     InvalidName(String),
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
@@ -55,19 +57,29 @@ pub enum CatalogError {
     #[error("topic {0:?} does not exist")]
     NotFound(String),
     /// The control Database failed.
-    #[error("control database {dir}: {source}")]
-    Storage { dir: PathBuf, source: fjall::Error },
+    #[error("control database {dir}: {cause}")]
+    Storage { dir: PathBuf, cause: fjall::Error },
     /// A stored definition could not be decoded.
     #[error("control database {dir}: corrupt topic {name:?}: {detail}")]
-    Corrupt { dir: PathBuf, name: String, detail: String },
+    Corrupt {
+        dir: PathBuf,
+        name: String,
+        detail: String,
+    },
 }
 
 /// Checks a topic name against `[a-zA-Z0-9._-]{1,128}`.
 pub fn validate_topic_name(name: &str) -> Result<(), CatalogError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_TOPIC_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(()) } else { Err(CatalogError::InvalidName(name.to_string())) }
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::InvalidName(name.to_string()))
+    }
 }
 
 /// The topic catalog.
@@ -81,7 +93,10 @@ pub struct Catalog {
 impl Catalog {
     /// Opens the control Database in `dir` and loads every topic.
     pub fn open(dir: &Path) -> Result<Self, CatalogError> {
-        let storage = |source| CatalogError::Storage { dir: dir.to_path_buf(), source };
+        let storage = |cause| CatalogError::Storage {
+            dir: dir.to_path_buf(),
+            cause,
+        };
         let db = Database::builder(dir)
             .worker_threads(1)
             .cache_size(4 * 1024 * 1024)
@@ -89,19 +104,27 @@ impl Catalog {
             .manual_journal_persist(true)
             .open()
             .map_err(storage)?;
-        let topics_ks = db.keyspace("topics", KeyspaceCreateOptions::default).map_err(storage)?;
+        let topics_ks = db
+            .keyspace("topics", KeyspaceCreateOptions::default)
+            .map_err(storage)?;
         let mut topics = HashMap::new();
         for guard in topics_ks.iter() {
             let (key, value) = guard.into_inner().map_err(storage)?;
             let name = String::from_utf8_lossy(&key).into_owned();
-            let topic: Topic = serde_json::from_slice(&value).map_err(|e| CatalogError::Corrupt {
-                dir: dir.to_path_buf(),
-                name: name.clone(),
-                detail: e.to_string(),
-            })?;
+            let topic: Topic =
+                serde_json::from_slice(&value).map_err(|e| CatalogError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    name: name.clone(),
+                    detail: e.to_string(),
+                })?;
             topics.insert(name, Arc::new(topic));
         }
-        Ok(Self { db, topics_ks, dir: dir.to_path_buf(), topics: ArcSwap::from_pointee(topics) })
+        Ok(Self {
+            db,
+            topics_ks,
+            dir: dir.to_path_buf(),
+            topics: ArcSwap::from_pointee(topics),
+        })
     }
 
     /// Looks a topic up without locking.
@@ -138,7 +161,9 @@ impl Catalog {
 
     /// Hides a topic from the data plane and durably removes it. Its data is deleted by the cells after.
     pub fn remove(&self, name: &str) -> Result<Arc<Topic>, CatalogError> {
-        let topic = self.get(name).ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
+        let topic = self
+            .get(name)
+            .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
         self.write(|batch| batch.remove(&self.topics_ks, name.as_bytes()))?;
         self.topics.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -151,7 +176,10 @@ impl Catalog {
     fn write(&self, f: impl FnOnce(&mut fjall::OwnedWriteBatch)) -> Result<(), CatalogError> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         f(&mut batch);
-        batch.commit().map_err(|source| CatalogError::Storage { dir: self.dir.clone(), source })
+        batch.commit().map_err(|cause| CatalogError::Storage {
+            dir: self.dir.clone(),
+            cause,
+        })
     }
 }
 
@@ -165,7 +193,10 @@ mod tests {
             assert!(validate_topic_name(ok).is_ok(), "{ok}");
         }
         for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
-            assert!(matches!(validate_topic_name(bad), Err(CatalogError::InvalidName(_))), "{bad}");
+            assert!(
+                matches!(validate_topic_name(bad), Err(CatalogError::InvalidName(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -174,7 +205,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let topic = Topic {
             name: "t".into(),
-            retention: Retention { max_age_ms: Some(5), ..Retention::default() },
+            retention: Retention {
+                max_age_ms: Some(5),
+                ..Retention::default()
+            },
             created_ms: 1,
         };
         {
@@ -182,12 +216,18 @@ mod tests {
             catalog.insert(&topic)?;
             assert!(catalog.get("t").is_none(), "not visible before publish");
             catalog.publish(topic.clone());
-            assert!(matches!(catalog.insert(&topic), Err(CatalogError::Exists(_))));
+            assert!(matches!(
+                catalog.insert(&topic),
+                Err(CatalogError::Exists(_))
+            ));
         }
         let catalog = Catalog::open(dir.path())?;
         assert_eq!(catalog.get("t").as_deref(), Some(&topic));
         catalog.remove("t")?;
-        assert!(matches!(catalog.remove("t"), Err(CatalogError::NotFound(_))));
+        assert!(matches!(
+            catalog.remove("t"),
+            Err(CatalogError::NotFound(_))
+        ));
         drop(catalog);
         assert!(Catalog::open(dir.path())?.list().is_empty());
         Ok(())

@@ -17,11 +17,11 @@ pub enum ClientError {
     #[error("invalid URL {0:?}: expected http://HOST:PORT")]
     InvalidUrl(String),
     /// The server could not be reached.
-    #[error("cannot reach procd at {addr}: {source} (is `procd serve` running there?)")]
-    Connect { addr: String, source: std::io::Error },
+    #[error("cannot reach procd at {addr}: {cause} (is `procd serve` running there?)")]
+    Connect { addr: String, cause: std::io::Error },
     /// The exchange failed mid-way.
-    #[error("request to {addr} failed: {source}")]
-    Http { addr: String, source: hyper::Error },
+    #[error("request to {addr} failed: {cause}")]
+    Http { addr: String, cause: hyper::Error },
 }
 
 /// A response, fully read.
@@ -55,7 +55,11 @@ impl Response {
                 v["error"].as_str().unwrap_or("error"),
                 v["detail"].as_str().unwrap_or("")
             ),
-            _ => format!("HTTP {}: {}", self.status, String::from_utf8_lossy(&self.body).trim()),
+            _ => format!(
+                "HTTP {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body).trim()
+            ),
         }
     }
 
@@ -74,12 +78,17 @@ pub struct Client {
 impl Client {
     /// A client for `url` (`http://host:port`, a trailing slash allowed). Connects lazily.
     pub fn new(url: &str) -> Result<Self, ClientError> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| ClientError::InvalidUrl(url.to_string()))?;
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| ClientError::InvalidUrl(url.to_string()))?;
         let addr = rest.trim_end_matches('/');
         if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
             return Err(ClientError::InvalidUrl(url.to_string()));
         }
-        Ok(Self { addr: addr.to_string(), sender: None })
+        Ok(Self {
+            addr: addr.to_string(),
+            sender: None,
+        })
     }
 
     /// The `host:port` this client talks to.
@@ -89,13 +98,20 @@ impl Client {
 
     async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ClientError> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|source| ClientError::Connect { addr: self.addr.clone(), source })?;
+            let stream =
+                TcpStream::connect(&self.addr)
+                    .await
+                    .map_err(|cause| ClientError::Connect {
+                        addr: self.addr.clone(),
+                        cause,
+                    })?;
             let _ = stream.set_nodelay(true);
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
-                .map_err(|source| ClientError::Http { addr: self.addr.clone(), source })?;
+                .map_err(|cause| ClientError::Http {
+                    addr: self.addr.clone(),
+                    cause,
+                })?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -116,8 +132,14 @@ impl Client {
         body: impl Into<Bytes>,
     ) -> Result<Response, ClientError> {
         let addr = self.addr.clone();
-        let http_err = |source| ClientError::Http { addr: addr.clone(), source };
-        let mut builder = Request::builder().method(method).uri(path).header("host", self.addr.as_str());
+        let http_err = |cause| ClientError::Http {
+            addr: addr.clone(),
+            cause,
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.as_str());
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
@@ -130,7 +152,11 @@ impl Client {
         let response = sender.send_request(request).await.map_err(http_err)?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.map_err(http_err)?.to_bytes();
-        Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body })
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
     }
 
     /// `GET path`.
@@ -139,14 +165,34 @@ impl Client {
     }
 
     /// `POST path` with a JSON body.
-    pub async fn post_json(&mut self, path: &str, body: &serde_json::Value) -> Result<Response, ClientError> {
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Response, ClientError> {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
-        self.request(Method::POST, path, &[("content-type", "application/json")], bytes).await
+        self.request(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            bytes,
+        )
+        .await
     }
 
     /// `POST path` with an NDJSON body.
-    pub async fn post_ndjson(&mut self, path: &str, body: impl Into<Bytes>) -> Result<Response, ClientError> {
-        self.request(Method::POST, path, &[("content-type", "application/x-ndjson")], body).await
+    pub async fn post_ndjson(
+        &mut self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Response, ClientError> {
+        self.request(
+            Method::POST,
+            path,
+            &[("content-type", "application/x-ndjson")],
+            body,
+        )
+        .await
     }
 
     /// `DELETE path`.

@@ -35,6 +35,17 @@ pub struct Config {
     pub cell: CellConfig,
     /// Read API bounds.
     pub read: ReadConfig,
+    /// Test hooks; all off by default.
+    pub debug: DebugConfig,
+}
+
+/// Test hooks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// Enables `POST /v1/debug/cells/{k}/fail-writes` on the control plane, which makes cell k's storage
+    /// fail like a broken disk. Never enable in production.
+    pub fault_injection: bool,
 }
 
 /// HTTP limits.
@@ -101,6 +112,7 @@ impl Default for Config {
             dedup: DedupConfig::default(),
             cell: CellConfig::default(),
             read: ReadConfig::default(),
+            debug: DebugConfig::default(),
         }
     }
 }
@@ -118,7 +130,10 @@ impl Default for IngestConfig {
 
 impl Default for DedupConfig {
     fn default() -> Self {
-        Self { window_ms: 10 * 60 * 1000, max_ids: 100_000 }
+        Self {
+            window_ms: 10 * 60 * 1000,
+            max_ids: 100_000,
+        }
     }
 }
 
@@ -138,7 +153,11 @@ impl Default for CellConfig {
 
 impl Default for ReadConfig {
     fn default() -> Self {
-        Self { max_limit: 10_000, max_wait_ms: 60_000, max_response_bytes: 8 * 1024 * 1024 }
+        Self {
+            max_limit: 10_000,
+            max_wait_ms: 60_000,
+            max_response_bytes: 8 * 1024 * 1024,
+        }
     }
 }
 
@@ -156,7 +175,8 @@ pub struct Overrides {
 impl Overrides {
     /// Sets `key` (dotted) to a raw string value, attributing it to `source` in errors.
     pub fn set(&mut self, key: &str, value: impl Into<String>, source: impl Into<String>) {
-        self.entries.push((key.to_string(), value.into(), source.into()));
+        self.entries
+            .push((key.to_string(), value.into(), source.into()));
     }
 }
 
@@ -168,14 +188,20 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         flags: Overrides,
     ) -> Result<Self, ConfigError> {
-        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError(e.to_string()))?;
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| ConfigError(e.to_string()))?;
         let mut merged = defaults.clone();
         let mut origin: Vec<(String, String)> = Vec::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-            let table: toml::Table = toml::from_str(&text)
-                .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                ConfigError(format!(
+                    "config file {} is not valid TOML: {e}",
+                    path.display()
+                ))
+            })?;
             for (key, value) in flatten(&table) {
                 if lookup(&defaults, &key).is_none() {
                     return Err(ConfigError(format!(
@@ -199,34 +225,61 @@ impl Config {
         layers.entries.extend(flags.entries);
         for (key, raw, source) in layers.entries {
             let Some(default) = lookup(&defaults, &key) else {
-                return Err(ConfigError(format!("unknown config key `{key}` (from {source})")));
+                return Err(ConfigError(format!(
+                    "unknown config key `{key}` (from {source})"
+                )));
             };
             let value = match default {
-                toml::Value::Integer(_) => raw.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
-                    ConfigError(format!("{key} (from {source}) must be a whole number; got {raw:?}"))
-                })?,
-                toml::Value::Boolean(_) => raw.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
-                    ConfigError(format!("{key} (from {source}) must be true or false; got {raw:?}"))
-                })?,
+                toml::Value::Integer(_) => raw
+                    .trim()
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|_| {
+                        ConfigError(format!(
+                            "{key} (from {source}) must be a whole number; got {raw:?}"
+                        ))
+                    })?,
+                toml::Value::Boolean(_) => raw
+                    .trim()
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|_| {
+                        ConfigError(format!(
+                            "{key} (from {source}) must be true or false; got {raw:?}"
+                        ))
+                    })?,
                 _ => toml::Value::String(raw),
             };
             origin.push((key.clone(), source));
             insert(&mut merged, &key, value);
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            let key = e.path().to_string();
-            let source = origin.iter().rev().find(|(k, _)| *k == key).map(|(_, s)| s.as_str()).unwrap_or("defaults");
-            ConfigError(format!("{key} (from {source}) is invalid: {}", e.inner()))
-        })?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+                let key = e.path().to_string();
+                let source = origin
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, s)| s.as_str())
+                    .unwrap_or("defaults");
+                ConfigError(format!("{key} (from {source}) is invalid: {}", e.inner()))
+            })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every value against its valid range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), ConfigError> {
             if v < lo || v > hi {
-                return Err(ConfigError(format!("{key} must be in {lo}..={hi}; got {v}")));
+                return Err(ConfigError(format!(
+                    "{key} must be in {lo}..={hi}; got {v}"
+                )));
             }
             Ok(())
         }
@@ -238,20 +291,65 @@ impl Config {
                 self.cells, self.partitions
             )));
         }
-        range("ingest.max_body_bytes", self.ingest.max_body_bytes, 1, 1 << 30)?;
-        range("ingest.body_timeout_ms", self.ingest.body_timeout_ms, 1, 3_600_000)?;
-        range("ingest.header_read_timeout_ms", self.ingest.header_read_timeout_ms, 1, 3_600_000)?;
-        range("ingest.max_connections", self.ingest.max_connections, 1, 1_000_000)?;
-        range("dedup.window_ms", self.dedup.window_ms, 0, 7 * 24 * 3_600_000)?;
+        range(
+            "ingest.max_body_bytes",
+            self.ingest.max_body_bytes,
+            1,
+            1 << 30,
+        )?;
+        range(
+            "ingest.body_timeout_ms",
+            self.ingest.body_timeout_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "ingest.header_read_timeout_ms",
+            self.ingest.header_read_timeout_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "ingest.max_connections",
+            self.ingest.max_connections,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "dedup.window_ms",
+            self.dedup.window_ms,
+            0,
+            7 * 24 * 3_600_000,
+        )?;
         range("dedup.max_ids", self.dedup.max_ids, 0, 100_000_000)?;
         range("cell.queue_len", self.cell.queue_len, 1, 1_000_000)?;
-        range("cell.group_commit_max_events", self.cell.group_commit_max_events, 1, 1_000_000)?;
-        range("cell.maintenance_interval_ms", self.cell.maintenance_interval_ms, 10, 3_600_000)?;
-        range("cell.max_memtable_bytes", self.cell.max_memtable_bytes, 1 << 20, 1 << 30)?;
+        range(
+            "cell.group_commit_max_events",
+            self.cell.group_commit_max_events,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "cell.maintenance_interval_ms",
+            self.cell.maintenance_interval_ms,
+            10,
+            3_600_000,
+        )?;
+        range(
+            "cell.max_memtable_bytes",
+            self.cell.max_memtable_bytes,
+            1 << 20,
+            1 << 30,
+        )?;
         range("cell.cache_bytes", self.cell.cache_bytes, 1 << 20, 1 << 40)?;
         range("read.max_limit", self.read.max_limit, 1, 1_000_000)?;
         range("read.max_wait_ms", self.read.max_wait_ms, 0, 3_600_000)?;
-        range("read.max_response_bytes", self.read.max_response_bytes, 1024, 1 << 30)?;
+        range(
+            "read.max_response_bytes",
+            self.read.max_response_bytes,
+            1024,
+            1 << 30,
+        )?;
         Ok(())
     }
 
@@ -282,7 +380,11 @@ fn flatten(table: &toml::Table) -> Vec<(String, toml::Value)> {
     for (k, v) in table {
         match v {
             toml::Value::Table(inner) => {
-                out.extend(flatten(inner).into_iter().map(|(ik, iv)| (format!("{k}.{ik}"), iv)));
+                out.extend(
+                    flatten(inner)
+                        .into_iter()
+                        .map(|(ik, iv)| (format!("{k}.{ik}"), iv)),
+                );
             }
             other => out.push((k.clone(), other.clone())),
         }
@@ -310,8 +412,9 @@ fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
 fn insert(table: &mut toml::Table, key: &str, value: toml::Value) {
     match key.split_once('.') {
         Some((head, rest)) => {
-            if let toml::Value::Table(inner) =
-                table.entry(head.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            if let toml::Value::Table(inner) = table
+                .entry(head.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             {
                 insert(inner, rest, value);
             }
@@ -327,22 +430,39 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn layers_override_in_order() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("procd.toml");
-        std::fs::write(&file, "partitions = 4\ncells = 4\n[ingest]\nmax_body_bytes = 100\n")?;
+        std::fs::write(
+            &file,
+            "partitions = 4\ncells = 4\n[ingest]\nmax_body_bytes = 100\n",
+        )?;
         let mut flags = Overrides::default();
         flags.set("cells", "2", "--cells");
         let config = Config::load(
             Some(&file),
-            env(&[("PROCD_CELLS", "1"), ("PROCD_INGEST_MAX_BODY_BYTES", "200"), ("PROCD_URL", "x")]),
+            env(&[
+                ("PROCD_CELLS", "1"),
+                ("PROCD_INGEST_MAX_BODY_BYTES", "200"),
+                ("PROCD_URL", "x"),
+            ]),
             flags,
         )?;
-        assert_eq!((config.partitions, config.cells, config.ingest.max_body_bytes), (4, 2, 200));
+        assert_eq!(
+            (
+                config.partitions,
+                config.cells,
+                config.ingest.max_body_bytes
+            ),
+            (4, 2, 200)
+        );
         Ok(())
     }
 
@@ -350,18 +470,31 @@ mod tests {
     fn errors_name_the_key_source_and_range() {
         let mut flags = Overrides::default();
         flags.set("partitions", "0", "--partitions");
-        let err = Config::load(None, vec![], flags).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Config::load(None, vec![], flags)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert_eq!(err, "partitions must be in 1..=4096; got 0");
         let err = Config::load(None, env(&[("PROCD_LISTEN", "nope")]), Overrides::default())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.starts_with("listen (from PROCD_LISTEN) is invalid"), "{err}");
-        let err = Config::load(None, env(&[("PROCD_DEDUP_MAX_IDS", "lots")]), Overrides::default())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("dedup.max_ids (from PROCD_DEDUP_MAX_IDS) must be a whole number"), "{err}");
+        assert!(
+            err.starts_with("listen (from PROCD_LISTEN) is invalid"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            env(&[("PROCD_DEDUP_MAX_IDS", "lots")]),
+            Overrides::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("dedup.max_ids (from PROCD_DEDUP_MAX_IDS) must be a whole number"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -369,7 +502,9 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("procd.toml");
         std::fs::write(&file, "[ingest]\nmax_body = 1\n")?;
-        let err = Config::load(Some(&file), vec![], Overrides::default()).err().map(|e| e.to_string());
+        let err = Config::load(Some(&file), vec![], Overrides::default())
+            .err()
+            .map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("unknown key `ingest.max_body`")));
         Ok(())
     }

@@ -35,7 +35,12 @@ pub struct ApiError {
 impl ApiError {
     /// An error with no retry hint.
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into(), retry_after_secs: None }
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
     }
 
     /// `400 Bad Request`.
@@ -51,7 +56,11 @@ impl ApiError {
     /// A server-side failure: logged in full here, answered with a generic body.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{context}; see the server log"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{context}; see the server log"),
+        )
     }
 
     /// Adds a `Retry-After` hint.
@@ -67,7 +76,13 @@ impl ApiError {
             error: &'a str,
             detail: &'a str,
         }
-        let mut resp = json(self.status, &Body { error: self.code, detail: &self.detail });
+        let mut resp = json(
+            self.status,
+            &Body {
+                error: self.code,
+                detail: &self.detail,
+            },
+        );
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut().insert(RETRY_AFTER, secs.into());
         }
@@ -80,7 +95,10 @@ pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpRespons
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -92,15 +110,25 @@ pub fn no_route(method: &hyper::Method, path: &str) -> ApiError {
 /// Reads a whole request body, refusing it with `413` past `max_bytes` (before reading anything when
 /// `Content-Length` already says so) and with `408` if it does not arrive within `timeout`. hyper has no
 /// body timeout of its own.
-pub async fn read_body(req: Request<Incoming>, max_bytes: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    req: Request<Incoming>,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("request body is larger than the {max_bytes}-byte limit (ingest.max_body_bytes); split it"),
+            format!(
+                "request body is larger than the {max_bytes}-byte limit (ingest.max_body_bytes); split it"
+            ),
         )
     };
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
@@ -109,11 +137,22 @@ pub async fn read_body(req: Request<Incoming>, max_bytes: usize, timeout: Durati
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
-            format!("request body did not arrive within {} ms", timeout.as_millis()),
+            format!(
+                "request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
         )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::bad_request("bad_body", format!("request body could not be read: {e}"))),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Ok(Err(e)) => Err(ApiError::bad_request(
+            "bad_body",
+            format!("request body could not be read: {e}"),
+        )),
     }
 }
 
@@ -141,7 +180,10 @@ pub async fn serve<H, F>(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         // Take a connection slot first, so the accept backlog absorbs the excess instead of our memory.

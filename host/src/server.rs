@@ -52,8 +52,12 @@ pub enum StartError {
     #[error(transparent)]
     Cell(#[from] OpenError),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({key}): {source}")]
-    Bind { addr: SocketAddr, key: &'static str, source: std::io::Error },
+    #[error("cannot listen on {addr} ({key}): {cause}")]
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        cause: std::io::Error,
+    },
 }
 
 /// An opened server, ready to run.
@@ -64,7 +68,10 @@ pub struct Server {
 impl Server {
     /// Opens the data directory, the catalog and every cell (recovering from their journals).
     pub fn open(config: Config) -> Result<Self, StartError> {
-        let shape = Shape { partitions: config.partitions, cells: config.cells };
+        let shape = Shape {
+            partitions: config.partitions,
+            cells: config.cells,
+        };
         let dir = DataDir::open(&config.data_dir, shape)?;
         let catalog = Catalog::open(&dir.control_dir())?;
         let topics = catalog.list();
@@ -72,16 +79,29 @@ impl Server {
         let cells = (0..shape.cells)
             .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &topics, &options))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { state: Arc::new(AppState { config, shape, catalog, cells, admin_lock: tokio::sync::Mutex::new(()) }) })
+        Ok(Self {
+            state: Arc::new(AppState {
+                config,
+                shape,
+                catalog,
+                cells,
+                admin_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
     }
 
     /// Binds the configured listeners.
     pub async fn bind(&self) -> Result<(TcpListener, TcpListener), StartError> {
         let config = &self.state.config;
         let bind = |addr: SocketAddr, key: &'static str| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, key, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|cause| StartError::Bind { addr, key, cause })
         };
-        Ok((bind(config.listen, "listen").await?, bind(config.admin_listen, "admin_listen").await?))
+        Ok((
+            bind(config.listen, "listen").await?,
+            bind(config.admin_listen, "admin_listen").await?,
+        ))
     }
 
     /// The shared state (for in-process callers such as the benchmark).
@@ -91,11 +111,18 @@ impl Server {
 
     /// Serves the data plane on `data` and the control plane on `admin` until `shutdown` resolves, then
     /// shuts down gracefully.
-    pub async fn run(self, data: TcpListener, admin: TcpListener, shutdown: impl Future<Output = ()>) {
+    pub async fn run(
+        self,
+        data: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let config = &self.state.config;
         let limits = ListenerLimits {
             max_connections: config.ingest.max_connections,
-            header_read_timeout: std::time::Duration::from_millis(config.ingest.header_read_timeout_ms),
+            header_read_timeout: std::time::Duration::from_millis(
+                config.ingest.header_read_timeout_ms,
+            ),
         };
         if let Ok(addr) = data.local_addr() {
             tracing::info!(%addr, "data plane listening");
@@ -144,7 +171,7 @@ impl Server {
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     match (term, int) {

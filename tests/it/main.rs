@@ -1,1 +1,9 @@
-fn main(){}
+//! procd's integration tests: the real binary, real sockets, real files. See `tests/harness`.
+
+#[path = "../harness/mod.rs"]
+mod harness;
+
+mod cli;
+mod ingest;
+mod lifecycle;
+mod topics;

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 
-use crate::http::{json, no_route, ApiError, HttpResponse};
+use crate::http::{ApiError, HttpResponse, json, no_route};
 use crate::server::AppState;
 
 /// Routes a control-plane request.
@@ -26,9 +26,37 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
             let name = name.to_string();
             topics::delete(&state, &name).await
         }
+        (&Method::POST, ["v1", "debug", "cells", cell, "fail-writes"])
+            if state.config.debug.fault_injection =>
+        {
+            inject_fault(&state, cell)
+        }
         (method, _) => Err(no_route(method, &path)),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Test hook: cell `k`'s storage fails from now on.
+fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> {
+    let cell = cell
+        .parse::<usize>()
+        .ok()
+        .and_then(|k| state.cells.get(k))
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_cell",
+                format!("no cell {cell:?}; cells are 0..{}", state.cells.len()),
+            )
+        })?;
+    tracing::warn!(
+        cell = cell.index(),
+        "injecting a write fault (debug.fault_injection)"
+    );
+    cell.inject_write_fault();
+    Ok(json(
+        StatusCode::OK,
+        &json!({"cell": cell.index(), "fault": "writes fail"}),
+    ))
 }
 
 /// Ready when every cell is healthy; otherwise `503` naming the failed cells and why.
@@ -36,10 +64,16 @@ fn readyz(state: &AppState) -> HttpResponse {
     let failed: Vec<_> = state
         .cells
         .iter()
-        .filter_map(|c| c.failure().map(|reason| json!({"cell": c.index(), "reason": reason})))
+        .filter_map(|c| {
+            c.failure()
+                .map(|reason| json!({"cell": c.index(), "reason": reason}))
+        })
         .collect();
     if failed.is_empty() {
-        json(StatusCode::OK, &json!({"status": "ready", "cells": state.cells.len()}))
+        json(
+            StatusCode::OK,
+            &json!({"status": "ready", "cells": state.cells.len()}),
+        )
     } else {
         json(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,7 @@ use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{CatalogError, Retention, Topic};
-use crate::http::{json, read_body, ApiError, HttpResponse};
+use crate::http::{ApiError, HttpResponse, json, read_body};
 use crate::server::AppState;
 
 /// Largest topic-definition body.
@@ -41,13 +41,18 @@ struct TopicInfo<'a> {
 fn catalog_error(e: CatalogError) -> ApiError {
     match e {
         CatalogError::InvalidName(_) => ApiError::bad_request("invalid_topic", e.to_string()),
-        CatalogError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "topic_exists", e.to_string()),
+        CatalogError::Exists(_) => {
+            ApiError::new(StatusCode::CONFLICT, "topic_exists", e.to_string())
+        }
         CatalogError::NotFound(_) => ApiError::not_found("unknown_topic", e.to_string()),
         other => ApiError::internal("control database failed", &other),
     }
 }
 
-pub(super) async fn create(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn create(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(req, MAX_TOPIC_BODY_BYTES, state.config.body_timeout()).await?;
     let spec: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
@@ -59,7 +64,11 @@ pub(super) async fn create(state: &AppState, req: Request<Incoming>) -> Result<H
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let topic = Topic { name: spec.name, retention: spec.retention, created_ms };
+    let topic = Topic {
+        name: spec.name,
+        retention: spec.retention,
+        created_ms,
+    };
     let _guard = state.admin_lock.lock().await;
     state.catalog.insert(&topic).map_err(catalog_error)?;
     let shared = std::sync::Arc::new(topic.clone());
@@ -72,26 +81,53 @@ pub(super) async fn create(state: &AppState, req: Request<Incoming>) -> Result<H
     }
     state.catalog.publish(topic.clone());
     tracing::info!(topic = %topic.name, "topic created");
-    Ok(json(StatusCode::CREATED, &TopicInfo { topic: &topic, partitions: state.shape.partitions }))
+    Ok(json(
+        StatusCode::CREATED,
+        &TopicInfo {
+            topic: &topic,
+            partitions: state.shape.partitions,
+        },
+    ))
 }
 
 pub(super) fn list(state: &AppState) -> HttpResponse {
     let topics = state.catalog.list();
-    let infos: Vec<TopicInfo<'_>> =
-        topics.iter().map(|t| TopicInfo { topic: t, partitions: state.shape.partitions }).collect();
+    let infos: Vec<TopicInfo<'_>> = topics
+        .iter()
+        .map(|t| TopicInfo {
+            topic: t,
+            partitions: state.shape.partitions,
+        })
+        .collect();
     json(StatusCode::OK, &serde_json::json!({ "topics": infos }))
 }
 
 pub(super) fn show(state: &AppState, name: &str) -> Result<HttpResponse, ApiError> {
-    let topic = state.catalog.get(name).ok_or_else(|| catalog_error(CatalogError::NotFound(name.into())))?;
+    let topic = state
+        .catalog
+        .get(name)
+        .ok_or_else(|| catalog_error(CatalogError::NotFound(name.into())))?;
     let mut partitions = Vec::new();
     for p in 0..state.shape.partitions {
         let cell = state.cell_for(p);
-        let Some(view) = cell.partition(name, p) else { continue };
-        let start_offset = view.log().first_offset().map_err(|e| ApiError::internal("cannot read partition", &e))?;
-        partitions.push(PartitionInfo { partition: p, cell: cell.index(), start_offset, end_offset: view.end_offset() });
+        let Some(view) = cell.partition(name, p) else {
+            continue;
+        };
+        let start_offset = view
+            .log()
+            .first_offset()
+            .map_err(|e| ApiError::internal("cannot read partition", &e))?;
+        partitions.push(PartitionInfo {
+            partition: p,
+            cell: cell.index(),
+            start_offset,
+            end_offset: view.end_offset(),
+        });
     }
-    let info = TopicInfo { topic: &topic, partitions: state.shape.partitions };
+    let info = TopicInfo {
+        topic: &topic,
+        partitions: state.shape.partitions,
+    };
     let mut value = serde_json::to_value(&info).unwrap_or_default();
     value["partition_offsets"] = serde_json::to_value(&partitions).unwrap_or_default();
     Ok(json(StatusCode::OK, &value))
@@ -107,5 +143,8 @@ pub(super) async fn delete(state: &AppState, name: &str) -> Result<HttpResponse,
         }
     }
     tracing::info!(topic = %name, "topic deleted");
-    Ok(json(StatusCode::OK, &serde_json::json!({ "deleted": name })))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "deleted": name }),
+    ))
 }

@@ -20,7 +20,12 @@ pub struct DedupIndex {
 impl DedupIndex {
     /// An empty window of `window_ms` holding at most `max_ids` ids.
     pub fn new(window_ms: u64, max_ids: usize) -> Self {
-        Self { window_ms, max_ids, by_id: HashMap::new(), order: VecDeque::new() }
+        Self {
+            window_ms,
+            max_ids,
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 
     /// The offset an id was appended at, if it is in the window.

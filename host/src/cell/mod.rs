@@ -99,9 +99,19 @@ pub type AppendReply = Result<Vec<Appended>, CellError>;
 
 /// What the writer thread is asked to do.
 enum Command {
-    Append { topic: Arc<str>, events: Vec<AppendEvent>, reply: oneshot::Sender<AppendReply> },
-    CreateTopic { topic: Arc<Topic>, reply: oneshot::Sender<Result<(), CellError>> },
-    DeleteTopic { name: String, reply: oneshot::Sender<Result<(), CellError>> },
+    Append {
+        topic: Arc<str>,
+        events: Vec<AppendEvent>,
+        reply: oneshot::Sender<AppendReply>,
+    },
+    CreateTopic {
+        topic: Arc<Topic>,
+        reply: oneshot::Sender<Result<(), CellError>>,
+    },
+    DeleteTopic {
+        name: String,
+        reply: oneshot::Sender<Result<(), CellError>>,
+    },
     Shutdown,
 }
 
@@ -181,11 +191,11 @@ pub struct Cell {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// Its Database could not be opened or recovered.
-    #[error("cell {cell}: {source}")]
-    Store { cell: u32, source: StoreError },
+    #[error("cell {cell}: {cause}")]
+    Store { cell: u32, cause: StoreError },
     /// Its threads could not be started.
-    #[error("cell {cell}: cannot start thread: {source}")]
-    Thread { cell: u32, source: std::io::Error },
+    #[error("cell {cell}: cannot start thread: {cause}")]
+    Thread { cell: u32, cause: std::io::Error },
 }
 
 impl Cell {
@@ -197,7 +207,7 @@ impl Cell {
         topics: &[Arc<Topic>],
         options: &CellOptions,
     ) -> Result<Self, OpenError> {
-        let store_err = |source| OpenError::Store { cell: index, source };
+        let store_err = |cause| OpenError::Store { cell: index, cause };
         let store = Store::open(dir, options.store.clone()).map_err(store_err)?;
         let known: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
         store.delete_orphans(&known).map_err(store_err)?;
@@ -214,7 +224,7 @@ impl Cell {
             topics: ArcSwap::from_pointee(views),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
-        let thread_err = |source| OpenError::Thread { cell: index, source };
+        let thread_err = |cause| OpenError::Thread { cell: index, cause };
         let writer_thread = std::thread::Builder::new()
             .name(format!("procd-cell-{index}-writer"))
             .spawn({
@@ -249,6 +259,12 @@ impl Cell {
         self.shared.health.failure()
     }
 
+    /// Makes this cell's storage fail every later write, as a failed fsync would (test hook, enabled
+    /// only by `debug.fault_injection`).
+    pub fn inject_write_fault(&self) {
+        self.shared.store.inject_write_fault();
+    }
+
     /// Requests waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
@@ -266,7 +282,11 @@ impl Cell {
             return Err(CellError::Unavailable { cell, reason });
         }
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Command::Append { topic, events, reply }) {
+        match self.tx.try_send(Command::Append {
+            topic,
+            events,
+            reply,
+        }) {
             Ok(()) => Ok(rx),
             Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded { cell }),
             Err(flume::TrySendError::Disconnected(_)) => Err(CellError::ShuttingDown { cell }),
@@ -275,13 +295,15 @@ impl Cell {
 
     /// Creates the cell's partitions of a topic (idempotent).
     pub async fn create_topic(&self, topic: Arc<Topic>) -> Result<(), CellError> {
-        self.control(|reply| Command::CreateTopic { topic, reply }).await
+        self.control(|reply| Command::CreateTopic { topic, reply })
+            .await
     }
 
     /// Deletes the cell's partitions of a topic and their data.
     pub async fn delete_topic(&self, name: &str) -> Result<(), CellError> {
         let name = name.to_string();
-        self.control(|reply| Command::DeleteTopic { name, reply }).await
+        self.control(|reply| Command::DeleteTopic { name, reply })
+            .await
     }
 
     async fn control(
@@ -291,13 +313,22 @@ impl Cell {
         let cell = self.shared.index;
         let (reply, rx) = oneshot::channel();
         // Control commands wait for room rather than being refused: they are rare and must not be lost.
-        self.tx.send_async(make(reply)).await.map_err(|_| CellError::ShuttingDown { cell })?;
+        self.tx
+            .send_async(make(reply))
+            .await
+            .map_err(|_| CellError::ShuttingDown { cell })?;
         rx.await.map_err(|_| CellError::ShuttingDown { cell })?
     }
 
     /// The read side of a partition of a topic, if this cell has it.
     pub fn partition(&self, topic: &str, partition: u32) -> Option<Arc<PartitionView>> {
-        self.shared.topics.load().get(topic)?.by_partition.get(&partition).cloned()
+        self.shared
+            .topics
+            .load()
+            .get(topic)?
+            .by_partition
+            .get(&partition)
+            .cloned()
     }
 
     /// Stops the cell: the writer finishes every request already queued, then the threads exit and the
@@ -308,10 +339,17 @@ impl Cell {
         }
         // A full queue must not block shutdown forever: the writer drains it, so this send completes.
         let _ = self.tx.send(Command::Shutdown);
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         for thread in threads {
             if thread.join().is_err() {
-                tracing::error!(cell = self.shared.index, "a cell thread panicked during shutdown");
+                tracing::error!(
+                    cell = self.shared.index,
+                    "a cell thread panicked during shutdown"
+                );
             }
         }
     }

@@ -8,7 +8,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use super::{now_ms, PartitionView, Shared};
+use super::{PartitionView, Shared, now_ms};
 use crate::catalog::Retention;
 use crate::log::StoreError;
 
@@ -39,6 +39,11 @@ fn tick(shared: &Shared) -> Result<(), StoreError> {
             if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), None)? {
                 tracing::debug!(topic = %tp.topic.name, partition = view.partition, cut, "retention: dropping");
                 view.log().drop_before(cut)?;
+                // Events below the cut still in the memtable (or in a table reaching past the cut) stay;
+                // sealing the memtable puts them in a table of their own that the next tick can drop.
+                if view.log().first_offset()?.is_some_and(|first| first < cut) {
+                    view.log().seal()?;
+                }
             }
         }
     }
@@ -59,7 +64,9 @@ pub(crate) fn retention_cut(
 ) -> Result<Option<u64>, StoreError> {
     let log = view.log();
     let end = view.end_offset();
-    let Some(first) = log.first_offset()? else { return Ok(None) };
+    let Some(first) = log.first_offset()? else {
+        return Ok(None);
+    };
     if end <= first + 1 {
         return Ok(None);
     }
@@ -89,7 +96,12 @@ pub(crate) fn retention_cut(
 }
 
 /// The first offset in `[lo, hi)` whose timestamp is `>= ts` (`hi` if none); timestamps are non-decreasing.
-fn first_at_or_after(view: &PartitionView, mut lo: u64, mut hi: u64, ts: u64) -> Result<u64, StoreError> {
+fn first_at_or_after(
+    view: &PartitionView,
+    mut lo: u64,
+    mut hi: u64,
+    ts: u64,
+) -> Result<u64, StoreError> {
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         // A missing offset lies below the log start (already dropped): treat it as old.

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    now_ms, AppendEvent, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex, PartitionView,
-    Shared, TopicPartitions,
+    AppendEvent, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex, PartitionView,
+    Shared, TopicPartitions, now_ms,
 };
 use crate::catalog::Topic;
 use crate::log::layout::Shape;
@@ -64,7 +64,10 @@ impl Writer {
 
     /// Opens (creating if needed) this cell's partitions of `topic` and recovers their offsets and dedup
     /// windows from disk. Returns the read side to publish.
-    pub(super) fn open_topic(&mut self, topic: &Arc<Topic>) -> Result<Arc<TopicPartitions>, StoreError> {
+    pub(super) fn open_topic(
+        &mut self,
+        topic: &Arc<Topic>,
+    ) -> Result<Arc<TopicPartitions>, StoreError> {
         let mut states = HashMap::new();
         let mut views = HashMap::new();
         for p in self.shape.partitions_of(self.index) {
@@ -80,12 +83,28 @@ impl Writer {
             }
             // Entries that expired while the server was down are deleted by the next group commit's evict.
             let (durable_end, _) = watch::channel(next_offset);
-            let view = Arc::new(PartitionView { partition: p, log, durable_end });
+            let view = Arc::new(PartitionView {
+                partition: p,
+                log,
+                durable_end,
+            });
             views.insert(p, view.clone());
-            states.insert(p, PartitionState { view, next_offset, last_timestamp_ms, dedup, touched: false });
+            states.insert(
+                p,
+                PartitionState {
+                    view,
+                    next_offset,
+                    last_timestamp_ms,
+                    dedup,
+                    touched: false,
+                },
+            );
         }
         self.topics.insert(Arc::from(topic.name.as_str()), states);
-        Ok(Arc::new(TopicPartitions { topic: topic.clone(), by_partition: views }))
+        Ok(Arc::new(TopicPartitions {
+            topic: topic.clone(),
+            by_partition: views,
+        }))
     }
 
     pub(super) fn run(mut self, shared: &Shared, rx: flume::Receiver<Command>) {
@@ -100,14 +119,30 @@ impl Writer {
                 },
             };
             match command {
-                Command::Append { topic, events, reply } => {
-                    let mut group = vec![PendingAppend { topic, events, reply }];
+                Command::Append {
+                    topic,
+                    events,
+                    reply,
+                } => {
+                    let mut group = vec![PendingAppend {
+                        topic,
+                        events,
+                        reply,
+                    }];
                     let mut count = group[0].events.len();
                     while count < self.group_max_events {
                         match rx.try_recv() {
-                            Ok(Command::Append { topic, events, reply }) => {
+                            Ok(Command::Append {
+                                topic,
+                                events,
+                                reply,
+                            }) => {
                                 count += events.len();
-                                group.push(PendingAppend { topic, events, reply });
+                                group.push(PendingAppend {
+                                    topic,
+                                    events,
+                                    reply,
+                                });
                             }
                             Ok(other) => {
                                 deferred = Some(other);
@@ -128,11 +163,24 @@ impl Writer {
                     // Answer everything still queued: nothing in flight is left without a reply.
                     while let Ok(command) = rx.try_recv() {
                         match command {
-                            Command::Append { topic, events, reply } => {
-                                self.commit_group(shared, vec![PendingAppend { topic, events, reply }]);
+                            Command::Append {
+                                topic,
+                                events,
+                                reply,
+                            } => {
+                                self.commit_group(
+                                    shared,
+                                    vec![PendingAppend {
+                                        topic,
+                                        events,
+                                        reply,
+                                    }],
+                                );
                             }
-                            Command::CreateTopic { reply, .. } | Command::DeleteTopic { reply, .. } => {
-                                let _ = reply.send(Err(CellError::ShuttingDown { cell: self.index }));
+                            Command::CreateTopic { reply, .. }
+                            | Command::DeleteTopic { reply, .. } => {
+                                let _ =
+                                    reply.send(Err(CellError::ShuttingDown { cell: self.index }));
                             }
                             Command::Shutdown => {}
                         }
@@ -144,11 +192,18 @@ impl Writer {
     }
 
     fn unavailable(&self, shared: &Shared) -> Option<CellError> {
-        shared.health.failure().map(|reason| CellError::Unavailable { cell: self.index, reason })
+        shared
+            .health
+            .failure()
+            .map(|reason| CellError::Unavailable {
+                cell: self.index,
+                reason,
+            })
     }
 
     fn commit_group(&mut self, shared: &Shared, group: Vec<PendingAppend>) {
-        let _span = tracing::debug_span!("procd.cell.group_commit", requests = group.len()).entered();
+        let _span =
+            tracing::debug_span!("procd.cell.group_commit", requests = group.len()).entered();
         if let Some(err) = self.unavailable(shared) {
             for pending in group {
                 let _ = pending.reply.send(Err(err.clone()));
@@ -157,21 +212,40 @@ impl Writer {
         }
         let now = now_ms();
         let mut batch = self.store.batch();
-        let mut answers: Vec<(oneshot::Sender<AppendReply>, AppendReply)> = Vec::with_capacity(group.len());
-        for PendingAppend { topic, events, reply } in group {
+        let mut answers: Vec<(oneshot::Sender<AppendReply>, AppendReply)> =
+            Vec::with_capacity(group.len());
+        for PendingAppend {
+            topic,
+            events,
+            reply,
+        } in group
+        {
             let Some(partitions) = self.topics.get_mut(&topic) else {
                 answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
                 continue;
             };
             // Validate ownership before touching state, so a bad request changes nothing.
-            if let Some(bad) = events.iter().find(|e| !partitions.contains_key(&e.partition)) {
-                tracing::error!(partition = bad.partition, "append routed to a cell that does not own the partition");
+            if let Some(bad) = events
+                .iter()
+                .find(|e| !partitions.contains_key(&e.partition))
+            {
+                tracing::error!(
+                    partition = bad.partition,
+                    "append routed to a cell that does not own the partition"
+                );
                 answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
                 continue;
             }
             let mut results = Vec::with_capacity(events.len());
-            for AppendEvent { partition, mut record, id } in events {
-                let Some(state) = partitions.get_mut(&partition) else { continue };
+            for AppendEvent {
+                partition,
+                mut record,
+                id,
+            } in events
+            {
+                let Some(state) = partitions.get_mut(&partition) else {
+                    continue;
+                };
                 if !state.touched {
                     for offset in state.dedup.evict(now) {
                         batch.forget_id(state.view.log(), offset);
@@ -200,7 +274,11 @@ impl Writer {
             answers.push((reply, Ok(results)));
         }
 
-        let outcome = if batch.is_empty() { Ok(()) } else { self.store.commit(batch, true) };
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit(batch, true)
+        };
         match outcome {
             Ok(()) => {
                 for partitions in self.topics.values_mut() {
@@ -215,7 +293,10 @@ impl Writer {
             }
             Err(e) => {
                 shared.health.fail(self.index, e.to_string());
-                let err = CellError::Unavailable { cell: self.index, reason: e.to_string() };
+                let err = CellError::Unavailable {
+                    cell: self.index,
+                    reason: e.to_string(),
+                };
                 for (reply, _) in answers {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -232,7 +313,10 @@ impl Writer {
         }
         let views = self.open_topic(&topic).map_err(|e| {
             shared.health.fail(self.index, e.to_string());
-            CellError::Unavailable { cell: self.index, reason: e.to_string() }
+            CellError::Unavailable {
+                cell: self.index,
+                reason: e.to_string(),
+            }
         })?;
         shared.topics.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -248,12 +332,19 @@ impl Writer {
             map.remove(name);
             map
         });
-        let Some(states) = self.topics.remove(name) else { return Ok(()) };
+        let Some(states) = self.topics.remove(name) else {
+            return Ok(());
+        };
         for state in states.into_values() {
-            self.store.delete_partition(state.view.log().clone()).map_err(|e| {
-                shared.health.fail(self.index, e.to_string());
-                CellError::Unavailable { cell: self.index, reason: e.to_string() }
-            })?;
+            self.store
+                .delete_partition(state.view.log().clone())
+                .map_err(|e| {
+                    shared.health.fail(self.index, e.to_string());
+                    CellError::Unavailable {
+                        cell: self.index,
+                        reason: e.to_string(),
+                    }
+                })?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use std::io::Write as _;
 
-use super::{check, Endpoints};
+use super::{Endpoints, check};
 use crate::client::Client;
 
 #[derive(Debug, Args)]
@@ -27,24 +27,30 @@ pub struct ConsumeArgs {
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
-    #[command(flatten)]
-    endpoints: Endpoints,
 }
 
-pub(super) async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: ConsumeArgs, endpoints: &Endpoints) -> anyhow::Result<()> {
+    Client::new(&endpoints.url)?; // Refuse a bad --url before doing anything.
     let partitions: Vec<u32> = match args.partition {
         Some(p) => vec![p],
         None => {
-            let mut admin = Client::new(&args.endpoints.admin_url)?;
+            let mut admin = Client::new(&endpoints.admin_url)?;
             let topic = check(admin.get(&format!("/v1/topics/{}", args.topic)).await?)?.json()?;
-            let count = topic["partitions"].as_u64().context("server did not say how many partitions the topic has")?;
+            let count = topic["partitions"]
+                .as_u64()
+                .context("server did not say how many partitions the topic has")?;
             (0..count as u32).collect()
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
     for p in partitions {
-        let (url, topic, from, follow, limit) =
-            (args.endpoints.url.clone(), args.topic.clone(), args.from, args.follow, args.limit);
+        let (url, topic, from, follow, limit) = (
+            endpoints.url.clone(),
+            args.topic.clone(),
+            args.from,
+            args.follow,
+            args.limit,
+        );
         tasks.spawn(async move { consume_partition(&url, &topic, p, from, follow, limit).await });
     }
     while let Some(done) = tasks.join_next().await {
@@ -53,14 +59,29 @@ pub(super) async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn consume_partition(url: &str, topic: &str, p: u32, mut from: u64, follow: bool, limit: usize) -> anyhow::Result<()> {
+async fn consume_partition(
+    url: &str,
+    topic: &str,
+    p: u32,
+    mut from: u64,
+    follow: bool,
+    limit: usize,
+) -> anyhow::Result<()> {
     let mut client = Client::new(url)?;
     let wait = if follow { 5_000 } else { 0 };
     loop {
-        let path = format!("/v1/topics/{topic}/partitions/{p}/events?from={from}&limit={limit}&wait_ms={wait}");
+        let path = format!(
+            "/v1/topics/{topic}/partitions/{p}/events?from={from}&limit={limit}&wait_ms={wait}"
+        );
         let resp = check(client.get(&path).await?)?;
-        let next = resp.header("procd-next-offset").and_then(|v| v.parse::<u64>().ok()).unwrap_or(from);
-        let end = resp.header("procd-end-offset").and_then(|v| v.parse::<u64>().ok()).unwrap_or(next);
+        let next = resp
+            .header("procd-next-offset")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(from);
+        let end = resp
+            .header("procd-end-offset")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(next);
         // One locked write per response keeps lines from different partitions whole.
         std::io::stdout().lock().write_all(&resp.body)?;
         from = next.max(from);

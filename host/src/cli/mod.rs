@@ -13,6 +13,8 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "procd", version, about, propagate_version = true)]
 pub struct Cli {
+    #[command(flatten)]
+    endpoints: Endpoints,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,10 +23,20 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Endpoints {
     /// Data-plane URL (ingest and reads).
-    #[arg(long, env = "PROCD_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "PROCD_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// Control-plane URL (topics, health).
-    #[arg(long, env = "PROCD_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    #[arg(
+        long,
+        env = "PROCD_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
     pub admin_url: String,
 }
 
@@ -36,8 +48,6 @@ enum Command {
     Topics {
         #[command(subcommand)]
         command: topics::TopicsCommand,
-        #[command(flatten)]
-        endpoints: Endpoints,
     },
     /// Send NDJSON events (one JSON object per line) from a file or stdin; prints each event's result.
     Produce(produce::ProduceArgs),
@@ -54,14 +64,18 @@ enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Topics { command, endpoints } => topics::run(command, &endpoints).await,
-        Command::Produce(args) => produce::run(args).await,
-        Command::Consume(args) => consume::run(args).await,
+        Command::Topics { command } => topics::run(command, &cli.endpoints).await,
+        Command::Produce(args) => produce::run(args, &cli.endpoints).await,
+        Command::Consume(args) => consume::run(args, &cli.endpoints).await,
         Command::Bench { command } => bench::run(command).await,
     }
 }
 
 /// Turns a non-2xx response into an error line.
 pub(crate) fn check(resp: crate::client::Response) -> anyhow::Result<crate::client::Response> {
-    if resp.is_success() { Ok(resp) } else { Err(anyhow::anyhow!(resp.error_line())) }
+    if resp.is_success() {
+        Ok(resp)
+    } else {
+        Err(anyhow::anyhow!(resp.error_line()))
+    }
 }

@@ -9,7 +9,7 @@ use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::Endpoints;
@@ -27,18 +27,16 @@ pub struct ProduceArgs {
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
-    #[command(flatten)]
-    endpoints: Endpoints,
 }
 
-pub(super) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: ProduceArgs, endpoints: &Endpoints) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = match &args.file {
         Some(path) if path.as_os_str() != "-" => Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
         )),
         _ => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
-    let mut client = Client::new(&args.endpoints.url)?;
+    let mut client = Client::new(&endpoints.url)?;
     let path = format!("/v1/topics/{}/events", args.topic);
     let mut batch: Vec<(usize, String)> = Vec::new();
     let (mut sent, mut failed) = (0usize, 0usize);
@@ -65,10 +63,18 @@ pub(super) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
 }
 
 /// Sends one batch; prints a result line per event; returns how many were finally refused.
-async fn send(client: &mut Client, path: &str, mut batch: Vec<(usize, String)>) -> anyhow::Result<usize> {
+async fn send(
+    client: &mut Client,
+    path: &str,
+    mut batch: Vec<(usize, String)>,
+) -> anyhow::Result<usize> {
     let mut attempt = 0;
     loop {
-        let body = batch.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n");
+        let body = batch
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
         let resp = client.post_ndjson(path, body).await?;
         let json = resp.json().ok();
         let results = json.as_ref().and_then(|j| j["results"].as_array()).cloned();
@@ -76,9 +82,18 @@ async fn send(client: &mut Client, path: &str, mut batch: Vec<(usize, String)>) 
             // A whole-request error: translate "line K" of the batch into the file's line number.
             let mut line = resp.error_line();
             if let Some(detail) = json.as_ref().and_then(|j| j["detail"].as_str()) {
-                if let Some((n, rest)) = detail.strip_prefix("line ").and_then(|d| d.split_once(':')) {
-                    if let Some((file_line, _)) = n.parse::<usize>().ok().and_then(|k| batch.get(k.wrapping_sub(1))) {
-                        line = format!("HTTP {} invalid_event: input line {file_line}:{rest}", resp.status);
+                if let Some((n, rest)) =
+                    detail.strip_prefix("line ").and_then(|d| d.split_once(':'))
+                {
+                    if let Some((file_line, _)) = n
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|k| batch.get(k.wrapping_sub(1)))
+                    {
+                        line = format!(
+                            "HTTP {} invalid_event: input line {file_line}:{rest}",
+                            resp.status
+                        );
                     }
                 }
             }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::config::{Config, Overrides};
-use crate::server::{shutdown_signal, Server};
+use crate::server::{Server, shutdown_signal};
 
 /// `procd serve` flags; each overrides the config key of the same name.
 #[derive(Debug, Args)]
@@ -50,7 +50,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     for kv in &args.set {
-        let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        let (key, value) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
         flags.set(key.trim(), value, format!("--set {key}"));
     }
     let file = args.config.clone().or_else(|| {
@@ -61,7 +63,11 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::open(config)?;
     let (data, admin) = server.bind().await?;
     // One machine-readable line on stdout, for people and for scripts that start procd on port 0.
-    println!("procd ready: data=http://{} admin=http://{}", data.local_addr()?, admin.local_addr()?);
+    println!(
+        "procd ready: data=http://{} admin=http://{}",
+        data.local_addr()?,
+        admin.local_addr()?
+    );
     server.run(data, admin, shutdown_signal()).await;
     Ok(())
 }

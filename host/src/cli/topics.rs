@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{check, Endpoints};
+use super::{Endpoints, check};
 use crate::client::Client;
 
 #[derive(Debug, Subcommand)]
@@ -38,7 +38,12 @@ pub enum TopicsCommand {
 pub(super) async fn run(command: TopicsCommand, endpoints: &Endpoints) -> anyhow::Result<()> {
     let mut admin = Client::new(&endpoints.admin_url)?;
     match command {
-        TopicsCommand::Create { name, max_age_ms, max_bytes, drop_unconsumed } => {
+        TopicsCommand::Create {
+            name,
+            max_age_ms,
+            max_bytes,
+            drop_unconsumed,
+        } => {
             let body = serde_json::json!({
                 "name": name,
                 "retention": {"max_age_ms": max_age_ms, "max_bytes": max_bytes, "drop_unconsumed": drop_unconsumed},
@@ -49,9 +54,13 @@ pub(super) async fn run(command: TopicsCommand, endpoints: &Endpoints) -> anyhow
         TopicsCommand::List => {
             let resp = check(admin.get("/v1/topics").await?)?.json()?;
             let topics = resp["topics"].as_array().cloned().unwrap_or_default();
-            println!("{:<40} {:>10} {:>16} {:>16}", "NAME", "PARTITIONS", "MAX_AGE_MS", "MAX_BYTES");
+            println!(
+                "{:<40} {:>10} {:>16} {:>16}",
+                "NAME", "PARTITIONS", "MAX_AGE_MS", "MAX_BYTES"
+            );
             for t in topics {
-                let opt = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+                let opt =
+                    |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
                 println!(
                     "{:<40} {:>10} {:>16} {:>16}",
                     t["name"].as_str().unwrap_or(""),

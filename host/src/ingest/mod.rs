@@ -21,7 +21,7 @@ use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
 
 use crate::cell::{AppendEvent, Appended, CellError};
-use crate::http::{json, no_route, read_body, ApiError, HttpResponse};
+use crate::http::{ApiError, HttpResponse, json, no_route, read_body};
 use crate::log::Record;
 use crate::server::AppState;
 
@@ -46,7 +46,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
 fn unknown_topic(topic: &str) -> ApiError {
     ApiError::not_found(
         "unknown_topic",
-        format!("topic {topic:?} does not exist; create it with `procd topics create {topic}` or POST /v1/topics"),
+        format!(
+            "topic {topic:?} does not exist; create it with `procd topics create {topic}` or POST /v1/topics"
+        ),
     )
 }
 
@@ -102,14 +104,17 @@ struct AppendResponse<'a> {
 fn header_string(req: &Request<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
     match req.headers().get(name) {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|s| Some(s.to_string()))
-            .map_err(|_| ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))),
+        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
+            ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))
+        }),
     }
 }
 
-async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn append(
+    state: &AppState,
+    topic: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     if state.catalog.get(topic).is_none() {
         return Err(unknown_topic(topic));
     }
@@ -127,7 +132,12 @@ async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result
     })?;
     let raw_key = header_string(&req, "procd-key")?;
     let raw_id = header_string(&req, "procd-id")?;
-    let body: Bytes = read_body(req, state.config.ingest.max_body_bytes, state.config.body_timeout()).await?;
+    let body: Bytes = read_body(
+        req,
+        state.config.ingest.max_body_bytes,
+        state.config.body_timeout(),
+    )
+    .await?;
     let events = match format {
         parse::Format::Ndjson => parse::ndjson(&body),
         parse::Format::Json => parse::json(&body),
@@ -136,16 +146,24 @@ async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result
     .map_err(|detail| ApiError::bad_request("invalid_event", detail))?;
     drop(body);
     if events.is_empty() {
-        return Err(ApiError::bad_request("invalid_event", "the request holds no events"));
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            "the request holds no events",
+        ));
     }
 
     // Route, encode and split by cell. Offsets and timestamps are assigned by each cell's writer.
     let partitions = state.shape.partitions;
     let cells = state.cells.len();
-    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> = (0..cells).map(|_| (Vec::new(), Vec::new())).collect();
+    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> =
+        (0..cells).map(|_| (Vec::new(), Vec::new())).collect();
     let mut placed = Vec::with_capacity(events.len());
     for (index, event) in events.into_iter().enumerate() {
-        let partition = partitioner::route(event.key.as_deref().map(str::as_bytes), event.id.as_deref(), partitions);
+        let partition = partitioner::route(
+            event.key.as_deref().map(str::as_bytes),
+            event.id.as_deref(),
+            partitions,
+        );
         placed.push(partition);
         let record = Record {
             timestamp_ms: 0,
@@ -157,7 +175,11 @@ async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result
         .encode();
         let slot = &mut per_cell[state.shape.cell_of(partition) as usize];
         slot.0.push(index);
-        slot.1.push(AppendEvent { partition, record, id: event.id });
+        slot.1.push(AppendEvent {
+            partition,
+            record,
+            id: event.id,
+        });
     }
 
     let topic: Arc<str> = Arc::from(topic);
@@ -177,7 +199,9 @@ async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result
         }
     }
     for (indices, rx) in pending {
-        let reply = rx.await.unwrap_or_else(|_| Err(CellError::ShuttingDown { cell: 0 }));
+        let reply = rx
+            .await
+            .unwrap_or_else(|_| Err(CellError::ShuttingDown { cell: 0 }));
         match reply {
             Ok(appended) => {
                 for (i, a) in indices.into_iter().zip(appended) {
@@ -206,21 +230,51 @@ async fn append(state: &AppState, topic: &str, req: Request<Incoming>) -> Result
     let results: Vec<Outcome> = outcomes
         .into_iter()
         .zip(&placed)
-        .map(|(o, &p)| o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 })))
+        .map(|(o, &p)| {
+            o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 }))
+        })
         .collect();
     let refused: Vec<&Outcome> = results.iter().filter(|o| o.error.is_some()).collect();
     if refused.is_empty() {
-        return Ok(json(StatusCode::ACCEPTED, &AppendResponse { error: None, detail: None, results }));
+        return Ok(json(
+            StatusCode::ACCEPTED,
+            &AppendResponse {
+                error: None,
+                detail: None,
+                results,
+            },
+        ));
     }
     if refused.len() < results.len() {
-        return Ok(json(StatusCode::MULTI_STATUS, &AppendResponse { error: None, detail: None, results }));
+        return Ok(json(
+            StatusCode::MULTI_STATUS,
+            &AppendResponse {
+                error: None,
+                detail: None,
+                results,
+            },
+        ));
     }
     // Nothing was accepted: answer with the (first) refusal's status and retry hint.
     let code = refused[0].error.unwrap_or("refused");
     let retry_ms = refused[0].retry_after_ms.unwrap_or(1_000);
-    let status = if code == "unknown_topic" { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if code == "unknown_topic" {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let detail = refused[0].detail.clone().unwrap_or_default();
-    let mut resp = json(status, &AppendResponse { error: Some(code), detail: Some(&detail), results });
-    resp.headers_mut().insert(hyper::header::RETRY_AFTER, retry_ms.div_ceil(1000).max(1).into());
+    let mut resp = json(
+        status,
+        &AppendResponse {
+            error: Some(code),
+            detail: Some(&detail),
+            results,
+        },
+    );
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        retry_ms.div_ceil(1000).max(1).into(),
+    );
     Ok(resp)
 }

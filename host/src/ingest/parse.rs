@@ -46,11 +46,17 @@ pub enum Format {
 impl Format {
     /// The format of a `Content-Type` value, if supported.
     pub fn from_content_type(value: &str) -> Option<Self> {
-        let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match essence.as_str() {
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines" => {
-                Some(Self::Ndjson)
-            }
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines" => Some(Self::Ndjson),
             "application/json" => Some(Self::Json),
             "application/octet-stream" => Some(Self::Raw),
             _ => None,
@@ -74,7 +80,10 @@ struct EventIn<'a> {
 fn check_id(id: Option<String>) -> Result<Option<String>, String> {
     match id {
         Some(id) if id.is_empty() => Err("`id` must not be empty".into()),
-        Some(id) if id.len() > MAX_ID_BYTES => Err(format!("`id` is {} bytes; the limit is {MAX_ID_BYTES}", id.len())),
+        Some(id) if id.len() > MAX_ID_BYTES => Err(format!(
+            "`id` is {} bytes; the limit is {MAX_ID_BYTES}",
+            id.len()
+        )),
         other => Ok(other),
     }
 }
@@ -84,7 +93,10 @@ fn event_from(raw: &str) -> Result<Event, String> {
     Ok(Event {
         key: e.key,
         value: Payload::Json(e.value.get().to_owned()),
-        headers: e.headers.map(|h| h.into_iter().collect()).unwrap_or_default(),
+        headers: e
+            .headers
+            .map(|h| h.into_iter().collect())
+            .unwrap_or_default(),
         id: check_id(e.id)?,
     })
 }
@@ -120,7 +132,12 @@ pub fn json(body: &[u8]) -> Result<Vec<Event>, String> {
 
 /// One raw event: the body is the value.
 pub fn raw(body: &[u8], key: Option<String>, id: Option<String>) -> Result<Vec<Event>, String> {
-    Ok(vec![Event { key, value: Payload::Bytes(body.to_vec()), headers: Vec::new(), id: check_id(id)? }])
+    Ok(vec![Event {
+        key,
+        value: Payload::Bytes(body.to_vec()),
+        headers: Vec::new(),
+        id: check_id(id)?,
+    }])
 }
 
 #[cfg(test)]
@@ -134,9 +151,13 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].value, Payload::Json("{\"x\": [1, 2.50]}".into()));
         assert_eq!(events[1].headers, vec![("h".to_string(), "v".to_string())]);
-        let err = ndjson(b"{\"value\":1}\n{\"value\":1}\n{\"key\":\"k\"}\n").err().unwrap_or_default();
+        let err = ndjson(b"{\"value\":1}\n{\"value\":1}\n{\"key\":\"k\"}\n")
+            .err()
+            .unwrap_or_default();
         assert!(err.starts_with("line 3: missing field `value`"), "{err}");
-        let err = ndjson(b"{\"value\":1,\"bogus\":2}").err().unwrap_or_default();
+        let err = ndjson(b"{\"value\":1,\"bogus\":2}")
+            .err()
+            .unwrap_or_default();
         assert!(err.contains("unknown field `bogus`"), "{err}");
         assert!(ndjson(b"{\"value\":1,\"key\":5}").is_err());
         assert!(ndjson(b"{\"value\":1,\"id\":\"\"}").is_err());
@@ -145,15 +166,26 @@ mod tests {
     #[test]
     fn json_takes_an_object_or_an_array() {
         assert_eq!(json(b"{\"value\":\"s\"}").map(|e| e.len()), Ok(1));
-        assert_eq!(json(b" [{\"value\":1},{\"value\":2}]").map(|e| e.len()), Ok(2));
-        let err = json(b"[{\"value\":1},{\"nope\":2}]").err().unwrap_or_default();
+        assert_eq!(
+            json(b" [{\"value\":1},{\"value\":2}]").map(|e| e.len()),
+            Ok(2)
+        );
+        let err = json(b"[{\"value\":1},{\"nope\":2}]")
+            .err()
+            .unwrap_or_default();
         assert!(err.starts_with("element 2:"), "{err}");
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(Format::from_content_type("application/x-ndjson; charset=utf-8"), Some(Format::Ndjson));
-        assert_eq!(Format::from_content_type("Application/JSON"), Some(Format::Json));
+        assert_eq!(
+            Format::from_content_type("application/x-ndjson; charset=utf-8"),
+            Some(Format::Ndjson)
+        );
+        assert_eq!(
+            Format::from_content_type("Application/JSON"),
+            Some(Format::Json)
+        );
         assert_eq!(Format::from_content_type("text/plain"), None);
     }
 }

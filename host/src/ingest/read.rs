@@ -30,7 +30,11 @@ struct Query {
 }
 
 fn parse_query(query: Option<&str>, state: &AppState) -> Result<Query, ApiError> {
-    let mut q = Query { from: 0, limit: DEFAULT_LIMIT, wait_ms: 0 };
+    let mut q = Query {
+        from: 0,
+        limit: DEFAULT_LIMIT,
+        wait_ms: 0,
+    };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let number = |max: u64| -> Result<u64, ApiError> {
@@ -74,13 +78,18 @@ pub(super) async fn handle(
         )
     })?;
     let q = parse_query(query, state)?;
-    let view = state.cell_for(partition).partition(topic, partition).ok_or_else(|| unknown_topic(topic))?;
+    let view = state
+        .cell_for(partition)
+        .partition(topic, partition)
+        .ok_or_else(|| unknown_topic(topic))?;
 
     let mut end = view.end_offset();
     if q.from >= end && q.wait_ms > 0 {
         let mut rx = view.subscribe();
         let from = q.from;
-        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(q.wait_ms), rx.wait_for(|e| *e > from)).await {
+        if let Ok(Ok(e)) =
+            tokio::time::timeout(Duration::from_millis(q.wait_ms), rx.wait_for(|e| *e > from)).await
+        {
             end = *e;
         }
     }
@@ -95,14 +104,18 @@ pub(super) async fn handle(
     let mut body = Vec::with_capacity(events.iter().map(|(_, v)| v.len() + 96).sum());
     let mut next = q.from;
     for (offset, bytes) in &events {
-        let record = Record::decode(bytes).map_err(|e| ApiError::internal("stored record is corrupt", &e))?;
+        let record = Record::decode(bytes)
+            .map_err(|e| ApiError::internal("stored record is corrupt", &e))?;
         write_line(&mut body, partition, *offset, &record);
         next = offset + 1;
     }
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
-    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/x-ndjson"));
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
     headers.insert("procd-next-offset", next.into());
     headers.insert("procd-end-offset", end.into());
     Ok(resp)
@@ -113,7 +126,11 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
     use std::io::Write as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     // Writing into a Vec cannot fail.
-    let _ = write!(out, "{{\"partition\":{partition},\"offset\":{offset},\"timestamp_ms\":{},", record.timestamp_ms);
+    let _ = write!(
+        out,
+        "{{\"partition\":{partition},\"offset\":{offset},\"timestamp_ms\":{},",
+        record.timestamp_ms
+    );
     match record.key.as_deref().map(std::str::from_utf8) {
         None => out.extend_from_slice(b"\"key\":null,"),
         Some(Ok(key)) => {
@@ -172,7 +189,12 @@ mod tests {
         assert_eq!(v["key_base64"], "/wA=");
         assert_eq!(v["value"]["a"][1], 2.5);
         assert_eq!(v["headers"]["x\"y"], "v");
-        let raw = Record { value: Payload::Bytes(vec![1, 2, 3]), key: None, id: None, ..record };
+        let raw = Record {
+            value: Payload::Bytes(vec![1, 2, 3]),
+            key: None,
+            id: None,
+            ..record
+        };
         out.clear();
         write_line(&mut out, 0, 0, &raw);
         let v: serde_json::Value = serde_json::from_slice(&out)?;

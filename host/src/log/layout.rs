@@ -54,13 +54,22 @@ pub enum LayoutError {
          cells={want_c} was requested; start with --partitions {have_p} --cells {have_c} (changing them is \
          resharding, which needs a new data directory)"
     )]
-    ShapeMismatch { dir: PathBuf, have_p: u32, have_c: u32, want_p: u32, want_c: u32 },
+    ShapeMismatch {
+        dir: PathBuf,
+        have_p: u32,
+        have_c: u32,
+        want_p: u32,
+        want_c: u32,
+    },
     /// The metadata file is unreadable or of an unknown format.
     #[error("data directory metadata {path} is invalid: {detail}")]
     BadMeta { path: PathBuf, detail: String },
     /// An I/O error on the directory.
-    #[error("data directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("data directory {path}: {cause}")]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// An opened data directory.
@@ -75,13 +84,16 @@ impl DataDir {
     pub fn open(root: &Path, shape: Shape) -> Result<Self, LayoutError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| LayoutError::Io { path, source }
+            move |cause| LayoutError::Io { path, cause }
         };
         std::fs::create_dir_all(root).map_err(io(root))?;
         let meta_path = root.join(META_FILE);
         match std::fs::read(&meta_path) {
             Ok(bytes) => {
-                let bad = |detail: String| LayoutError::BadMeta { path: meta_path.clone(), detail };
+                let bad = |detail: String| LayoutError::BadMeta {
+                    path: meta_path.clone(),
+                    detail,
+                };
                 let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
                 if meta.format != LAYOUT_FORMAT {
                     return Err(bad(format!("unknown layout format {}", meta.format)));
@@ -97,13 +109,23 @@ impl DataDir {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let meta = Meta { format: LAYOUT_FORMAT, partitions: shape.partitions, cells: shape.cells };
-                write_atomically(&meta_path, &serde_json::to_vec_pretty(&meta).unwrap_or_default())
-                    .map_err(io(&meta_path))?;
+                let meta = Meta {
+                    format: LAYOUT_FORMAT,
+                    partitions: shape.partitions,
+                    cells: shape.cells,
+                };
+                write_atomically(
+                    &meta_path,
+                    &serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+                )
+                .map_err(io(&meta_path))?;
             }
             Err(e) => return Err(io(&meta_path)(e)),
         }
-        Ok(Self { root: root.to_path_buf(), shape })
+        Ok(Self {
+            root: root.to_path_buf(),
+            shape,
+        })
     }
 
     /// The recorded shape.
@@ -146,7 +168,10 @@ mod tests {
 
     #[test]
     fn cells_own_partitions_modulo() {
-        let shape = Shape { partitions: 8, cells: 3 };
+        let shape = Shape {
+            partitions: 8,
+            cells: 3,
+        };
         assert_eq!(shape.partitions_of(0).collect::<Vec<_>>(), [0, 3, 6]);
         assert_eq!(shape.partitions_of(2).collect::<Vec<_>>(), [2, 5]);
         assert!((0..8).all(|p| shape.partitions_of(shape.cell_of(p)).any(|q| q == p)));
@@ -154,12 +179,31 @@ mod tests {
 
     #[test]
     fn reopening_with_another_shape_is_refused() -> Result<(), LayoutError> {
-        let dir = tempfile::tempdir().map_err(|source| LayoutError::Io { path: "tmp".into(), source })?;
-        let shape = Shape { partitions: 4, cells: 2 };
+        let dir = tempfile::tempdir().map_err(|cause| LayoutError::Io {
+            path: "tmp".into(),
+            cause,
+        })?;
+        let shape = Shape {
+            partitions: 4,
+            cells: 2,
+        };
         DataDir::open(dir.path(), shape)?;
         DataDir::open(dir.path(), shape)?;
-        let err = DataDir::open(dir.path(), Shape { partitions: 8, cells: 2 });
-        assert!(matches!(err, Err(LayoutError::ShapeMismatch { have_p: 4, want_p: 8, .. })));
+        let err = DataDir::open(
+            dir.path(),
+            Shape {
+                partitions: 8,
+                cells: 2,
+            },
+        );
+        assert!(matches!(
+            err,
+            Err(LayoutError::ShapeMismatch {
+                have_p: 4,
+                want_p: 8,
+                ..
+            })
+        ));
         Ok(())
     }
 }

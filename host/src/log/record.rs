@@ -94,7 +94,13 @@ impl Record {
         }
         let timestamp_ms = timestamp_of(bytes).ok_or(DecodeError::Truncated(bytes.len()))?;
         let body: Body = postcard::from_bytes(&rest[8..])?;
-        Ok(Self { timestamp_ms, key: body.key, value: body.value, headers: body.headers, id: body.id })
+        Ok(Self {
+            timestamp_ms,
+            key: body.key,
+            value: body.value,
+            headers: body.headers,
+            id: body.id,
+        })
     }
 }
 
@@ -160,15 +166,27 @@ mod tests {
         let mut bytes = sample().encode();
         set_timestamp(&mut bytes, 42);
         assert_eq!(timestamp_of(&bytes), Some(42));
-        assert_eq!(Record::decode(&bytes).map(|r| r.timestamp_ms).ok(), Some(42));
+        assert_eq!(
+            Record::decode(&bytes).map(|r| r.timestamp_ms).ok(),
+            Some(42)
+        );
     }
 
     #[test]
     fn rejects_unknown_versions_and_garbage() {
         let mut bytes = sample().encode();
         bytes[0] = 9;
-        assert!(matches!(Record::decode(&bytes), Err(DecodeError::UnknownVersion(9))));
-        assert!(matches!(Record::decode(&[1, 2]), Err(DecodeError::Truncated(2))));
-        assert!(matches!(Record::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 7]), Err(DecodeError::Body(_))));
+        assert!(matches!(
+            Record::decode(&bytes),
+            Err(DecodeError::UnknownVersion(9))
+        ));
+        assert!(matches!(
+            Record::decode(&[1, 2]),
+            Err(DecodeError::Truncated(2))
+        ));
+        assert!(matches!(
+            Record::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
+            Err(DecodeError::Body(_))
+        ));
     }
 }

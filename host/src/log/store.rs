@@ -4,11 +4,13 @@
 //! up to the offset the writer has published as durable). Nothing here is shared between cells.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 use serde::{Deserialize, Serialize};
 
-use super::keys::{dedup_keyspace, decode_offset_key, log_keyspace, offset_key};
+use super::keys::{decode_offset_key, dedup_keyspace, log_keyspace, offset_key};
 use super::record;
 
 /// Tuning of a cell's Database. Each cell opens its own, so these are per cell.
@@ -43,11 +45,18 @@ impl Default for StoreOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// fjall reported an error.
-    #[error("storage error in {dir}: {source}")]
-    Fjall { dir: PathBuf, source: fjall::Error },
+    #[error("storage error in {dir}: {cause}")]
+    Fjall { dir: PathBuf, cause: fjall::Error },
+    /// A fault injected for testing (`debug.fault_injection`) failed this write as an fsync error would.
+    #[error("injected write fault in {dir} (debug.fault_injection)")]
+    InjectedFault { dir: PathBuf },
     /// A stored record or key is not in any format procd wrote.
     #[error("corrupt data in {dir} keyspace {keyspace}: {detail}")]
-    Corrupt { dir: PathBuf, keyspace: String, detail: String },
+    Corrupt {
+        dir: PathBuf,
+        keyspace: String,
+        detail: String,
+    },
 }
 
 /// A cell's Database.
@@ -56,6 +65,9 @@ pub struct Store {
     db: Database,
     dir: PathBuf,
     options: StoreOptions,
+    /// Set by [`Store::inject_write_fault`]: every later commit fails. Tests use it to prove that a
+    /// storage fault stops one cell only.
+    fault: Arc<AtomicBool>,
 }
 
 /// One id remembered for deduplication, stored at the offset its event was given.
@@ -86,12 +98,23 @@ impl Store {
             // procd decides durability per batch: ingest batches are fsynced before they are acknowledged.
             .manual_journal_persist(true)
             .open()
-            .map_err(|source| StoreError::Fjall { dir: dir.to_path_buf(), source })?;
-        Ok(Self { db, dir: dir.to_path_buf(), options })
+            .map_err(|cause| StoreError::Fjall {
+                dir: dir.to_path_buf(),
+                cause,
+            })?;
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+            options,
+            fault: Arc::default(),
+        })
     }
 
     fn err(&self) -> impl Fn(fjall::Error) -> StoreError + '_ {
-        |source| StoreError::Fjall { dir: self.dir.clone(), source }
+        |cause| StoreError::Fjall {
+            dir: self.dir.clone(),
+            cause,
+        }
     }
 
     /// The Database directory.
@@ -103,9 +126,19 @@ impl Store {
     pub fn partition(&self, topic: &str, partition: u32) -> Result<PartitionLog, StoreError> {
         let memtable = self.options.max_memtable_bytes;
         let opts = move || KeyspaceCreateOptions::default().max_memtable_size(memtable);
-        let log = self.db.keyspace(&log_keyspace(topic, partition), opts).map_err(self.err())?;
-        let dedup = self.db.keyspace(&dedup_keyspace(topic, partition), opts).map_err(self.err())?;
-        Ok(PartitionLog { log, dedup, dir: self.dir.clone() })
+        let log = self
+            .db
+            .keyspace(&log_keyspace(topic, partition), opts)
+            .map_err(self.err())?;
+        let dedup = self
+            .db
+            .keyspace(&dedup_keyspace(topic, partition), opts)
+            .map_err(self.err())?;
+        Ok(PartitionLog {
+            log,
+            dedup,
+            dir: self.dir.clone(),
+        })
     }
 
     /// Deletes a topic partition's keyspaces and their data.
@@ -118,11 +151,16 @@ impl Store {
     /// deletion, and they must not resurface if a topic of the same name is created again.
     pub fn delete_orphans(&self, known: &[&str]) -> Result<(), StoreError> {
         for name in self.db.list_keyspace_names() {
-            let Some(topic) = keyspace_topic(&name) else { continue };
+            let Some(topic) = keyspace_topic(&name) else {
+                continue;
+            };
             if known.contains(&topic) {
                 continue;
             }
-            let ks = self.db.keyspace(&name, KeyspaceCreateOptions::default).map_err(self.err())?;
+            let ks = self
+                .db
+                .keyspace(&name, KeyspaceCreateOptions::default)
+                .map_err(self.err())?;
             tracing::warn!(dir = %self.dir.display(), keyspace = %&*name, "deleting keyspace of a deleted topic");
             self.db.delete_keyspace(ks).map_err(self.err())?;
         }
@@ -131,13 +169,33 @@ impl Store {
 
     /// Starts an atomic write batch.
     pub fn batch(&self) -> Batch {
-        Batch { inner: self.db.batch() }
+        Batch {
+            inner: self.db.batch(),
+        }
     }
 
     /// Commits a batch atomically; with `durable`, it is fsynced (`SyncData`) before this returns.
     pub fn commit(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
-        let mode = if durable { PersistMode::SyncData } else { PersistMode::Buffer };
-        batch.inner.durability(Some(mode)).commit().map_err(self.err())
+        if self.fault.load(Ordering::Acquire) {
+            return Err(StoreError::InjectedFault {
+                dir: self.dir.clone(),
+            });
+        }
+        let mode = if durable {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        batch
+            .inner
+            .durability(Some(mode))
+            .commit()
+            .map_err(self.err())
+    }
+
+    /// Makes every later commit fail as if the fsync had failed (test hook behind `debug.fault_injection`).
+    pub fn inject_write_fault(&self) {
+        self.fault.store(true, Ordering::Release);
     }
 
     /// Bytes of journal on disk; the writer rotates memtables when it grows, since fjall's own journal
@@ -163,7 +221,9 @@ impl Store {
 
 /// The topic a partition keyspace (`log-<topic>-<p>` or `dedup-<topic>-<p>`) belongs to.
 fn keyspace_topic(name: &str) -> Option<&str> {
-    let rest = name.strip_prefix("log-").or_else(|| name.strip_prefix("dedup-"))?;
+    let rest = name
+        .strip_prefix("log-")
+        .or_else(|| name.strip_prefix("dedup-"))?;
     let (topic, partition) = rest.rsplit_once('-')?;
     partition.parse::<u32>().ok()?;
     Some(topic)
@@ -177,13 +237,15 @@ pub struct Batch {
 impl Batch {
     /// Appends an encoded record at `offset`.
     pub fn append(&mut self, partition: &PartitionLog, offset: u64, record: Vec<u8>) {
-        self.inner.insert(&partition.log, offset_key(offset), record);
+        self.inner
+            .insert(&partition.log, offset_key(offset), record);
     }
 
     /// Remembers that the event at `offset` carried `entry.id`.
     pub fn remember_id(&mut self, partition: &PartitionLog, offset: u64, entry: &DedupEntry) {
         let bytes = postcard::to_allocvec(entry).unwrap_or_default();
-        self.inner.insert(&partition.dedup, offset_key(offset), bytes);
+        self.inner
+            .insert(&partition.dedup, offset_key(offset), bytes);
     }
 
     /// Forgets the id remembered at `offset` (it left the dedup window).
@@ -204,15 +266,23 @@ impl Batch {
 
 impl PartitionLog {
     fn err(&self) -> impl Fn(fjall::Error) -> StoreError + '_ {
-        |source| StoreError::Fjall { dir: self.dir.clone(), source }
+        |cause| StoreError::Fjall {
+            dir: self.dir.clone(),
+            cause,
+        }
     }
 
     fn corrupt(&self, ks: &Keyspace, detail: impl Into<String>) -> StoreError {
-        StoreError::Corrupt { dir: self.dir.clone(), keyspace: ks.name().to_string(), detail: detail.into() }
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            keyspace: ks.name().to_string(),
+            detail: detail.into(),
+        }
     }
 
     fn decode_key(&self, ks: &Keyspace, key: &[u8]) -> Result<u64, StoreError> {
-        decode_offset_key(key).ok_or_else(|| self.corrupt(ks, format!("key of {} bytes is not an offset", key.len())))
+        decode_offset_key(key)
+            .ok_or_else(|| self.corrupt(ks, format!("key of {} bytes is not an offset", key.len())))
     }
 
     /// The offset the next appended event will get: one past the last stored event.
@@ -227,13 +297,21 @@ impl PartitionLog {
     pub fn first_offset(&self) -> Result<Option<u64>, StoreError> {
         match self.log.first_key_value() {
             None => Ok(None),
-            Some(guard) => Ok(Some(self.decode_key(&self.log, &guard.key().map_err(self.err())?)?)),
+            Some(guard) => Ok(Some(
+                self.decode_key(&self.log, &guard.key().map_err(self.err())?)?,
+            )),
         }
     }
 
     /// Reads events with offsets in `[from, end)`, at most `max_count` of them and stopping once `max_bytes`
     /// have been read (at least one event is returned if any exists).
-    pub fn read(&self, from: u64, end: u64, max_count: usize, max_bytes: usize) -> Result<Vec<(u64, Slice)>, StoreError> {
+    pub fn read(
+        &self,
+        from: u64,
+        end: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Slice)>, StoreError> {
         let mut out = Vec::new();
         if from >= end {
             return Ok(out);
@@ -255,7 +333,9 @@ impl PartitionLog {
     pub fn timestamp_at(&self, offset: u64) -> Result<Option<u64>, StoreError> {
         match self.log.get(offset_key(offset)).map_err(self.err())? {
             None => Ok(None),
-            Some(v) => record::timestamp_of(&v).map(Some).ok_or_else(|| self.corrupt(&self.log, "truncated record")),
+            Some(v) => record::timestamp_of(&v)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(&self.log, "truncated record")),
         }
     }
 
@@ -265,7 +345,8 @@ impl PartitionLog {
         for guard in self.dedup.iter() {
             let (key, value) = guard.into_inner().map_err(self.err())?;
             let offset = self.decode_key(&self.dedup, &key)?;
-            let entry = postcard::from_bytes(&value).map_err(|e| self.corrupt(&self.dedup, e.to_string()))?;
+            let entry = postcard::from_bytes(&value)
+                .map_err(|e| self.corrupt(&self.dedup, e.to_string()))?;
             out.push((offset, entry));
         }
         Ok(out)
@@ -277,7 +358,15 @@ impl PartitionLog {
         if offset == 0 {
             return Ok(());
         }
-        self.log.tree.drop_range(offset_key(0)..offset_key(offset)).map_err(|e| self.err()(e.into()))
+        self.log
+            .tree
+            .drop_range(offset_key(0)..offset_key(offset))
+            .map_err(|e| self.err()(e.into()))
+    }
+
+    /// Seals the log's memtable so its events become a table that a later `drop_before` can drop whole.
+    pub fn seal(&self) -> Result<(), StoreError> {
+        self.log.rotate_memtable().map(|_| ()).map_err(self.err())
     }
 
     /// Approximate bytes this partition's log takes on disk (flushed tables only).
@@ -292,7 +381,14 @@ mod tests {
     use crate::log::{Payload, Record};
 
     fn record(ts: u64, n: u32) -> Vec<u8> {
-        Record { timestamp_ms: ts, key: None, value: Payload::Json(n.to_string()), headers: vec![], id: None }.encode()
+        Record {
+            timestamp_ms: ts,
+            key: None,
+            value: Payload::Json(n.to_string()),
+            headers: vec![],
+            id: None,
+        }
+        .encode()
     }
 
     #[test]
@@ -306,7 +402,14 @@ mod tests {
             for o in 0..300u32 {
                 batch.append(&p, u64::from(o), record(u64::from(o), o));
             }
-            batch.remember_id(&p, 7, &DedupEntry { id: "x".into(), timestamp_ms: 1 });
+            batch.remember_id(
+                &p,
+                7,
+                &DedupEntry {
+                    id: "x".into(),
+                    timestamp_ms: 1,
+                },
+            );
             store.commit(batch, true)?;
         }
         let store = Store::open(dir.path(), StoreOptions::default())?;
@@ -314,11 +417,23 @@ mod tests {
         assert_eq!(p.next_offset()?, 300);
         assert_eq!(p.first_offset()?, Some(0));
         let got = p.read(10, 300, 5, usize::MAX)?;
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [10, 11, 12, 13, 14]);
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            [10, 11, 12, 13, 14]
+        );
         assert_eq!(Record::decode(&got[0].1)?.value, Payload::Json("10".into()));
         assert_eq!(p.read(290, 295, 100, usize::MAX)?.len(), 5);
         assert_eq!(p.timestamp_at(42)?, Some(42));
-        assert_eq!(p.dedup_entries()?, vec![(7, DedupEntry { id: "x".into(), timestamp_ms: 1 })]);
+        assert_eq!(
+            p.dedup_entries()?,
+            vec![(
+                7,
+                DedupEntry {
+                    id: "x".into(),
+                    timestamp_ms: 1
+                }
+            )]
+        );
         Ok(())
     }
 }

@@ -1,0 +1,371 @@
+//! Ingest and read through the data plane: formats, routing, validation, limits, dedup, long-poll.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use procd::client::Client;
+use serde_json::{Value, json};
+
+use crate::harness::{TestHost, TestResult, ensure_status, ndjson};
+
+const PARTITIONS: u32 = 8;
+
+/// End offsets of every partition of a topic, from the control plane.
+async fn end_offsets(host: &TestHost, topic: &str) -> TestResult<Vec<u64>> {
+    let resp = host.admin()?.get(&format!("/v1/topics/{topic}")).await?;
+    ensure_status(&resp, 200)?;
+    let v = resp.json()?;
+    let parts = v["partition_offsets"]
+        .as_array()
+        .ok_or("no partition_offsets")?;
+    Ok(parts
+        .iter()
+        .map(|p| p["end_offset"].as_u64().unwrap_or(u64::MAX))
+        .collect())
+}
+
+fn results(resp: &procd::client::Response) -> TestResult<Vec<Value>> {
+    Ok(resp.json()?["results"]
+        .as_array()
+        .ok_or("no results")?
+        .clone())
+}
+
+#[tokio::test]
+async fn json_and_raw_events_round_trip_across_all_partitions() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+
+    // NDJSON with varied JSON values, 200 keys so every partition gets some.
+    let mut body = String::new();
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        let value = match i % 4 {
+            0 => json!({"n": i, "nested": {"list": [1, 2.5, "x", null, true]}}),
+            1 => json!(format!("string {i} with \"quotes\" and ünïcode")),
+            2 => json!(i),
+            _ => json!([i, {"a": null}]),
+        };
+        let event =
+            json!({"key": format!("key-{i}"), "value": value, "headers": {"h": format!("{i}")}});
+        body.push_str(&event.to_string());
+        body.push('\n');
+        sent.push(event);
+    }
+    let resp = data.post_ndjson("/v1/topics/t/events", body).await?;
+    ensure_status(&resp, 202)?;
+    let mut placed: Vec<(u64, u64)> = Vec::new();
+    for r in results(&resp)? {
+        placed.push((
+            r["partition"].as_u64().ok_or("partition")?,
+            r["offset"].as_u64().ok_or("offset")?,
+        ));
+    }
+
+    // A JSON array and a single JSON object.
+    let arr = json!([{"key": "arr-1", "value": {"a": 1}}, {"key": "arr-2", "value": "b"}]);
+    let resp = data.post_json("/v1/topics/t/events", &arr).await?;
+    ensure_status(&resp, 202)?;
+    assert_eq!(results(&resp)?.len(), 2);
+    let resp = data
+        .post_json("/v1/topics/t/events", &json!({"value": 7}))
+        .await?;
+    ensure_status(&resp, 202)?;
+
+    // Raw bytes, including bytes that are not UTF-8, come back byte-exact.
+    let raw: Vec<u8> = (0..=255u8).rev().collect();
+    let resp = data
+        .request(
+            hyper::Method::POST,
+            "/v1/topics/t/events",
+            &[
+                ("content-type", "application/octet-stream"),
+                ("procd-key", "raw-key"),
+            ],
+            raw.clone(),
+        )
+        .await?;
+    ensure_status(&resp, 202)?;
+    let r = &results(&resp)?[0];
+    let (raw_p, raw_o) = (
+        r["partition"].as_u64().ok_or("p")?,
+        r["offset"].as_u64().ok_or("o")?,
+    );
+
+    // Read everything back and compare per offset.
+    let mut by_place: HashMap<(u64, u64), Value> = HashMap::new();
+    let mut seen_partitions = 0;
+    for p in 0..PARTITIONS {
+        let events = host.read_all("t", p).await?;
+        if !events.is_empty() {
+            seen_partitions += 1;
+        }
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(
+                e["offset"].as_u64(),
+                Some(i as u64),
+                "offsets are dense from 0"
+            );
+            assert_eq!(e["partition"].as_u64(), Some(u64::from(p)));
+            by_place.insert((u64::from(p), i as u64), e.clone());
+        }
+    }
+    assert_eq!(
+        seen_partitions, PARTITIONS,
+        "200 keys reach every partition"
+    );
+    for (event, place) in sent.iter().zip(&placed) {
+        let got = by_place.get(place).ok_or("acknowledged event missing")?;
+        assert_eq!(got["key"], event["key"]);
+        assert_eq!(got["value"], event["value"]);
+        assert_eq!(got["headers"], event["headers"]);
+        assert!(
+            got["timestamp_ms"]
+                .as_u64()
+                .is_some_and(|t| t > 1_600_000_000_000)
+        );
+    }
+    let got_raw = by_place.get(&(raw_p, raw_o)).ok_or("raw event missing")?;
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(got_raw["value_base64"].as_str().ok_or("b64")?)?;
+    assert_eq!(decoded, raw);
+    assert_eq!(got_raw["key"], "raw-key");
+    Ok(())
+}
+
+/// `toPositive(murmur2(key)) % 8` for Apache Kafka's published murmur2 vectors.
+fn kafka_partition(hash: i32) -> u64 {
+    u64::from((hash as u32) & 0x7fff_ffff) % u64::from(PARTITIONS)
+}
+
+#[tokio::test]
+async fn keys_land_where_kafka_puts_them_every_time() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let vectors: [(&str, i32); 6] = [
+        ("21", -973_932_308),
+        ("foobar", -790_332_482),
+        ("a-little-bit-long-string", -985_981_536),
+        ("a-little-bit-longer-string", -1_486_304_829),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        ("abc", 479_470_107),
+    ];
+    for round in 0..3 {
+        let body: String = vectors
+            .iter()
+            .map(|(k, _)| format!("{{\"key\":\"{k}\",\"value\":{round}}}\n"))
+            .collect();
+        let resp = data.post_ndjson("/v1/topics/t/events", body).await?;
+        ensure_status(&resp, 202)?;
+        for ((key, hash), r) in vectors.iter().zip(results(&resp)?) {
+            assert_eq!(
+                r["partition"].as_u64(),
+                Some(kafka_partition(*hash)),
+                "key {key}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_ndjson_is_refused_whole_and_names_the_line() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let mut body: String = (0..16)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    body.push_str("{\"key\":\"k\",\"value\":\n");
+    body.push_str("{\"key\":\"k\",\"value\":1}\n");
+    let resp = data.post_ndjson("/v1/topics/t/events", body).await?;
+    ensure_status(&resp, 400)?;
+    let v = resp.json()?;
+    assert_eq!(v["error"], "invalid_event");
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("line 17:")),
+        "{v}"
+    );
+    assert_eq!(
+        end_offsets(&host, "t").await?,
+        vec![0; PARTITIONS as usize],
+        "nothing appended"
+    );
+    for p in 0..PARTITIONS {
+        assert!(host.read_all("t", p).await?.is_empty());
+    }
+
+    for (bad, why) in [
+        ("{\"value\":1,\"extra\":2}", "unknown field"),
+        ("{\"key\":1,\"value\":1}", "key must be a string"),
+        ("{\"key\":\"k\"}", "value is required"),
+        ("[1,2]", "not an object"),
+        (
+            "{\"value\":1,\"headers\":{\"h\":1}}",
+            "header values are strings",
+        ),
+    ] {
+        let resp = data.post_ndjson("/v1/topics/t/events", bad).await?;
+        assert_eq!(resp.status, 400, "{why}: {}", resp.error_line());
+    }
+    let resp = data
+        .request(
+            hyper::Method::POST,
+            "/v1/topics/t/events",
+            &[("content-type", "text/plain")],
+            "x",
+        )
+        .await?;
+    ensure_status(&resp, 415)?;
+    assert_eq!(end_offsets(&host, "t").await?, vec![0; PARTITIONS as usize]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_topics_and_partitions_are_404() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let resp = data
+        .post_ndjson("/v1/topics/nope/events", "{\"value\":1}")
+        .await?;
+    ensure_status(&resp, 404)?;
+    assert_eq!(resp.json()?["error"], "unknown_topic");
+    let resp = data.get("/v1/topics/nope/partitions/0/events").await?;
+    ensure_status(&resp, 404)?;
+    let resp = data.get("/v1/topics/t/partitions/8/events").await?;
+    ensure_status(&resp, 404)?;
+    assert_eq!(resp.json()?["error"], "unknown_partition");
+    let resp = data.get("/v1/topics/t/partitions/0/events?from=x").await?;
+    ensure_status(&resp, 400)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413_and_append_nothing() -> TestResult {
+    let host = TestHost::start_with(PARTITIONS, 2, &["ingest.max_body_bytes=4096"])?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let big: String = (0..200)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    assert!(big.len() > 4096);
+    let resp = data.post_ndjson("/v1/topics/t/events", big).await?;
+    ensure_status(&resp, 413)?;
+    assert_eq!(resp.json()?["error"], "body_too_large");
+    // Still serving, nothing appended.
+    let mut data = host.data()?;
+    let resp = data
+        .post_ndjson("/v1/topics/t/events", "{\"value\":1}")
+        .await?;
+    ensure_status(&resp, 202)?;
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_not_appended_again_even_after_restart() -> TestResult {
+    let mut host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    // A retry is the same event: same key (or none), same id. Dedup is per partition, so a retry must
+    // route where the original did; events without a key are routed by their id for that reason.
+    let body = "{\"key\":\"a\",\"value\":1,\"id\":\"e-1\"}\n{\"value\":2,\"id\":\"e-2\"}\n{\"key\":\"a\",\"value\":3,\"id\":\"e-1\"}\n";
+    let resp = data.post_ndjson("/v1/topics/t/events", body).await?;
+    ensure_status(&resp, 202)?;
+    let first = results(&resp)?;
+    assert_eq!(
+        first[2]["duplicate"], true,
+        "a repeated id within one request is a duplicate"
+    );
+    assert_eq!(first[2]["offset"], first[0]["offset"]);
+    assert_eq!(first[2]["partition"], first[0]["partition"]);
+
+    let retry = "{\"key\":\"a\",\"value\":1,\"id\":\"e-1\"}\n{\"value\":2,\"id\":\"e-2\"}\n";
+    let resp = data.post_ndjson("/v1/topics/t/events", retry).await?;
+    let again = results(&resp)?;
+    for (a, b) in again.iter().zip(&first) {
+        assert_eq!(a["duplicate"], true);
+        assert_eq!(
+            (&a["partition"], &a["offset"]),
+            (&b["partition"], &b["offset"])
+        );
+    }
+
+    host.restart()?;
+    let mut data = host.data()?;
+    let resp = data.post_ndjson("/v1/topics/t/events", retry).await?;
+    let after = results(&resp)?;
+    for (a, b) in after.iter().zip(&first) {
+        assert_eq!(a["duplicate"], true, "dedup window survives restart");
+        assert_eq!(
+            (&a["partition"], &a["offset"]),
+            (&b["partition"], &b["offset"])
+        );
+    }
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 2, "only the two distinct ids were appended");
+    Ok(())
+}
+
+#[tokio::test]
+async fn long_poll_returns_as_soon_as_data_arrives() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    // Find the partition of key "k" first.
+    let mut data = host.data()?;
+    let resp = data
+        .post_ndjson("/v1/topics/t/events", "{\"key\":\"k\",\"value\":0}")
+        .await?;
+    let p = results(&resp)?[0]["partition"].as_u64().ok_or("p")?;
+
+    let url = host.url.clone();
+    let started = Instant::now();
+    let poll = tokio::spawn(async move {
+        let mut reader = Client::new(&url)?;
+        let resp = reader
+            .get(&format!(
+                "/v1/topics/t/partitions/{p}/events?from=1&wait_ms=20000"
+            ))
+            .await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((resp, started.elapsed()))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !poll.is_finished(),
+        "the poll waits while there is nothing at `from`"
+    );
+    let resp = data
+        .post_ndjson("/v1/topics/t/events", "{\"key\":\"k\",\"value\":1}")
+        .await?;
+    ensure_status(&resp, 202)?;
+    let (got, waited) = poll.await??;
+    ensure_status(&got, 200)?;
+    let events = ndjson(&got)?;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["value"], 1);
+    assert!(
+        waited < Duration::from_secs(15),
+        "returned on arrival, not at wait_ms ({waited:?})"
+    );
+
+    // With nothing arriving, it returns empty at wait_ms.
+    let resp = data
+        .get(&format!(
+            "/v1/topics/t/partitions/{p}/events?from=2&wait_ms=100"
+        ))
+        .await?;
+    ensure_status(&resp, 200)?;
+    assert!(resp.body.is_empty());
+    assert_eq!(resp.header("procd-next-offset"), Some("2"));
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Server lifecycle: restarts, shape checks, graceful shutdown, cell faults, retention.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{TestHost, TestResult, ensure_status};
+
+#[tokio::test]
+async fn events_survive_a_clean_restart() -> TestResult {
+    let mut host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let body: String = (0..100)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    ensure_status(
+        &host
+            .data()?
+            .post_ndjson("/v1/topics/t/events", body.clone())
+            .await?,
+        202,
+    )?;
+    assert_eq!(host.stop()?, 0, "SIGINT exits cleanly");
+    host.restart()?;
+    let mut count = 0;
+    for p in 0..8 {
+        count += host.read_all("t", p).await?.len();
+    }
+    assert_eq!(count, 100);
+    // Offsets continue where they were.
+    let resp = host
+        .data()?
+        .post_ndjson("/v1/topics/t/events", body)
+        .await?;
+    ensure_status(&resp, 202)?;
+    let mut count = 0;
+    for p in 0..8 {
+        let events = host.read_all("t", p).await?;
+        assert!(
+            events
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e["offset"].as_u64() == Some(i as u64))
+        );
+        count += events.len();
+    }
+    assert_eq!(count, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reopening_with_another_shape_is_refused() -> TestResult {
+    let mut host = TestHost::start_with(8, 2, &[])?;
+    host.stop()?;
+    let (code, stderr) = host.start_failing(&["--partitions", "16", "--cells", "2"])?;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("partitions=8 cells=2") && stderr.contains("--partitions 8 --cells 2"),
+        "{stderr}"
+    );
+    let (code, stderr) = host.start_failing(&["--partitions", "8", "--cells", "4"])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("resharding"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_one_line_naming_the_key() -> TestResult {
+    let host = TestHost::start()?;
+    let (code, stderr) = host.start_failing(&["--set", "ingest.max_body_bytes=0"])?;
+    assert_ne!(code, 0);
+    assert_eq!(
+        stderr.trim(),
+        "error: ingest.max_body_bytes must be in 1..=1073741824; got 0"
+    );
+    let (code, stderr) = host.start_failing(&["--cells", "9", "--partitions", "8"])?;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("cells must not exceed partitions"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_storage_fault_stops_only_its_cell() -> TestResult {
+    let host = TestHost::start_with(8, 2, &["debug.fault_injection=true"])?;
+    host.create_topic("t").await?;
+    let mut admin = host.admin()?;
+    ensure_status(
+        &admin
+            .request(
+                hyper::Method::POST,
+                "/v1/debug/cells/0/fail-writes",
+                &[],
+                "",
+            )
+            .await?,
+        200,
+    )?;
+
+    let body: String = (0..64)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    let resp = host
+        .data()?
+        .post_ndjson("/v1/topics/t/events", body)
+        .await?;
+    ensure_status(&resp, 207)?;
+    let results = resp.json()?["results"].as_array().ok_or("results")?.clone();
+    let mut accepted = 0;
+    for r in &results {
+        let p = r["partition"].as_u64().ok_or("p")?;
+        if p % 2 == 0 {
+            assert_eq!(r["error"], "cell_unavailable", "{r}");
+            assert!(r["retry_after_ms"].as_u64().is_some());
+        } else {
+            assert!(r["offset"].as_u64().is_some(), "{r}");
+            accepted += 1;
+        }
+    }
+    assert!(accepted > 0 && accepted < 64);
+
+    // Only cell 0's partitions: 503 with Retry-After.
+    let resp = host
+        .data()?
+        .post_ndjson("/v1/topics/t/events", "{\"key\":\"21\",\"value\":1}")
+        .await?;
+    let partition = resp.json()?["results"][0]["partition"]
+        .as_u64()
+        .ok_or("p")?;
+    if partition % 2 == 0 {
+        ensure_status(&resp, 503)?;
+        assert!(resp.header("retry-after").is_some());
+    }
+    let ready = admin.get("/readyz").await?;
+    ensure_status(&ready, 503)?;
+    assert_eq!(ready.json()?["failed"][0]["cell"], 0);
+    // Cell 1 keeps serving reads and writes.
+    for _ in 0..5 {
+        let resp = host
+            .data()?
+            .post_ndjson("/v1/topics/t/events", "{\"key\":\"foobar\",\"value\":1}")
+            .await?;
+        let r = &resp.json()?["results"][0];
+        if r["partition"].as_u64().is_some_and(|p| p % 2 == 1) {
+            ensure_status(&resp, 202)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_by_age_drops_old_ranges() -> TestResult {
+    let host = TestHost::start_with(1, 1, &["cell.maintenance_interval_ms=50"])?;
+    let mut admin = host.admin()?;
+    let spec = json!({"name": "t", "retention": {"max_age_ms": 300}});
+    ensure_status(&admin.post_json("/v1/topics", &spec).await?, 201)?;
+    let mut data = host.data()?;
+    let old: String = (0..50).map(|i| format!("{{\"value\":{i}}}\n")).collect();
+    ensure_status(&data.post_ndjson("/v1/topics/t/events", old).await?, 202)?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ensure_status(
+        &data
+            .post_ndjson("/v1/topics/t/events", "{\"value\":\"new\"}")
+            .await?,
+        202,
+    )?;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let show = admin.get("/v1/topics/t").await?.json()?;
+        let start = show["partition_offsets"][0]["start_offset"].as_u64();
+        if start == Some(50) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old events were not dropped: start_offset {start:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = host.read_all("t", 0).await?;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["offset"], 50);
+    assert_eq!(events[0]["value"], "new");
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_never_drops_the_last_event() -> TestResult {
+    let mut host = TestHost::start_with(1, 1, &["cell.maintenance_interval_ms=50"])?;
+    let spec = json!({"name": "t", "retention": {"max_age_ms": 1}});
+    ensure_status(&host.admin()?.post_json("/v1/topics", &spec).await?, 201)?;
+    let old: String = (0..10).map(|i| format!("{{\"value\":{i}}}\n")).collect();
+    ensure_status(
+        &host.data()?.post_ndjson("/v1/topics/t/events", old).await?,
+        202,
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    host.restart()?;
+    // Offsets are recovered from the last event, so they never restart at 0.
+    let resp = host
+        .data()?
+        .post_ndjson("/v1/topics/t/events", "{\"value\":\"after\"}")
+        .await?;
+    ensure_status(&resp, 202)?;
+    assert_eq!(resp.json()?["results"][0]["offset"], 10);
+    Ok(())
+}
