@@ -29,6 +29,8 @@ pub struct AppState {
     /// Serializes control-plane changes (create, delete) so each is applied whole. Never taken by the
     /// data plane.
     pub admin_lock: tokio::sync::Mutex<()>,
+    /// Turns true when shutdown begins: long-polls return at once instead of holding shutdown up.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ pub enum StartError {
 /// An opened server, ready to run.
 pub struct Server {
     state: Arc<AppState>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -79,14 +82,19 @@ impl Server {
         let cells = (0..shape.cells)
             .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &topics, &options))
             .collect::<Result<Vec<_>, _>>()?;
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let admin_lock = tokio::sync::Mutex::new(());
+        let state = AppState {
+            config,
+            shape,
+            catalog,
+            cells,
+            admin_lock,
+            stopping,
+        };
         Ok(Self {
-            state: Arc::new(AppState {
-                config,
-                shape,
-                catalog,
-                cells,
-                admin_lock: tokio::sync::Mutex::new(()),
-            }),
+            state: Arc::new(state),
+            stop,
         })
     }
 
@@ -130,7 +138,7 @@ impl Server {
         if let Ok(addr) = admin.local_addr() {
             tracing::info!(%addr, "control plane listening");
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_rx = self.stop.subscribe();
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -152,7 +160,7 @@ impl Server {
         ));
         shutdown.await;
         tracing::info!("shutting down: no new connections; answering requests in flight");
-        let _ = stop_tx.send(true);
+        self.stop.send_replace(true);
         let _ = data_task.await;
         let _ = admin_task.await;
         let state = self.state;

@@ -91,7 +91,9 @@ async fn topics_produce_and_consume_from_the_command_line() -> TestResult {
 async fn cli_errors_are_one_line_with_a_non_zero_exit() -> TestResult {
     let host = TestHost::start()?;
     let bad_input = b"{\"value\":1}\n\n{\"value\":\n";
-    let cases: Vec<(Option<&TestHost>, Vec<&str>, &[u8], &str)> = vec![
+    // (server, args, stdin, expected in the error line)
+    type Case<'a> = (Option<&'a TestHost>, Vec<&'a str>, &'a [u8], &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             None,
             vec!["--url", "http://127.0.0.1:1", "produce", "t"],

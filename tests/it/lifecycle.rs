@@ -209,3 +209,62 @@ async fn retention_never_drops_the_last_event() -> TestResult {
     assert_eq!(resp.json()?["results"][0]["offset"], 10);
     Ok(())
 }
+
+#[tokio::test]
+async fn sigint_answers_requests_in_flight_and_exits_cleanly() -> TestResult {
+    let mut host = TestHost::start()?;
+    host.create_topic("t").await?;
+    // A long-poll that would wait a minute, and producers appending in a loop.
+    let url = host.url.clone();
+    let poll = tokio::spawn(async move {
+        let mut c = procd::client::Client::new(&url)?;
+        let resp = c
+            .get("/v1/topics/t/partitions/0/events?from=1000000&wait_ms=60000")
+            .await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(resp.status)
+    });
+    let mut producers = Vec::new();
+    for n in 0..3 {
+        let url = host.url.clone();
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let Ok(mut c) = procd::client::Client::new(&url) else {
+                return acked;
+            };
+            for i in 0.. {
+                let body = format!("{{\"key\":\"p{n}-{i}\",\"value\":\"p{n}-{i}\"}}");
+                match c.post_ndjson("/v1/topics/t/events", body).await {
+                    Ok(r) if r.status == 202 => acked.push(format!("p{n}-{i}")),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    assert_eq!(host.stop()?, 0, "SIGINT exits with 0");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "a long-poll does not hold shutdown up"
+    );
+    assert_eq!(poll.await??, 200, "the long-poll was answered");
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await?);
+    }
+    assert!(!acked.is_empty());
+    host.restart()?;
+    let mut stored = std::collections::HashSet::new();
+    for p in 0..8 {
+        for e in host.read_all("t", p).await? {
+            stored.insert(e["value"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert!(
+        acked.iter().all(|v| stored.contains(v)),
+        "every acknowledged event survived shutdown"
+    );
+    Ok(())
+}

@@ -87,10 +87,8 @@ pub(crate) fn retention_cut(
     }
     // Keep the last event: the next offset is recovered from it after a restart.
     cut = cut.min(end - 1);
-    if !retention.drop_unconsumed {
-        if let Some(floor) = consumer_floor {
-            cut = cut.min(floor);
-        }
+    if let Some(floor) = consumer_floor.filter(|_| !retention.drop_unconsumed) {
+        cut = cut.min(floor);
     }
     Ok((cut > first).then_some(cut))
 }

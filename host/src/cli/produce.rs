@@ -81,21 +81,18 @@ async fn send(
         let Some(results) = results else {
             // A whole-request error: translate "line K" of the batch into the file's line number.
             let mut line = resp.error_line();
-            if let Some(detail) = json.as_ref().and_then(|j| j["detail"].as_str()) {
-                if let Some((n, rest)) =
-                    detail.strip_prefix("line ").and_then(|d| d.split_once(':'))
-                {
-                    if let Some((file_line, _)) = n
-                        .parse::<usize>()
-                        .ok()
-                        .and_then(|k| batch.get(k.wrapping_sub(1)))
-                    {
-                        line = format!(
-                            "HTTP {} invalid_event: input line {file_line}:{rest}",
-                            resp.status
-                        );
-                    }
-                }
+            let file_line = json
+                .as_ref()
+                .and_then(|j| j["detail"].as_str())
+                .and_then(|d| d.strip_prefix("line "))
+                .and_then(|d| d.split_once(':'))
+                .and_then(|(n, rest)| Some((n.parse::<usize>().ok()?, rest)))
+                .and_then(|(k, rest)| Some((batch.get(k.checked_sub(1)?)?.0, rest)));
+            if let Some((file_line, rest)) = file_line {
+                line = format!(
+                    "HTTP {} invalid_event: input line {file_line}:{rest}",
+                    resp.status
+                );
             }
             bail!(line);
         };

@@ -199,9 +199,8 @@ async fn append(
         }
     }
     for (indices, rx) in pending {
-        let reply = rx
-            .await
-            .unwrap_or_else(|_| Err(CellError::ShuttingDown { cell: 0 }));
+        // A dropped reply means the writer is gone: the server is shutting down.
+        let reply = rx.await.unwrap_or(Err(CellError::ShuttingDown { cell: 0 }));
         match reply {
             Ok(appended) => {
                 for (i, a) in indices.into_iter().zip(appended) {

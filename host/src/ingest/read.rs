@@ -86,11 +86,18 @@ pub(super) async fn handle(
     let mut end = view.end_offset();
     if q.from >= end && q.wait_ms > 0 {
         let mut rx = view.subscribe();
+        let mut stopping = state.stopping.clone();
         let from = q.from;
-        if let Ok(Ok(e)) =
-            tokio::time::timeout(Duration::from_millis(q.wait_ms), rx.wait_for(|e| *e > from)).await
-        {
-            end = *e;
+        let arrived =
+            tokio::time::timeout(Duration::from_millis(q.wait_ms), rx.wait_for(|e| *e > from));
+        tokio::select! {
+            waited = arrived => {
+                if let Ok(Ok(e)) = waited {
+                    end = *e;
+                }
+            }
+            // Shutdown answers long-polls at once (empty) rather than waiting out their wait_ms.
+            _ = stopping.wait_for(|stop| *stop) => {}
         }
     }
     let max_bytes = state.config.read.max_response_bytes;
