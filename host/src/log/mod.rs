@@ -5,10 +5,12 @@
 //! per cell ([`Store`]). It knows nothing of HTTP, wasm or threads: `cell` decides *when* to write, `log`
 //! decides *how* bytes are laid out.
 
+pub mod consumer;
 pub mod keys;
 pub mod layout;
 pub mod record;
 mod store;
 
+pub use consumer::{Committed, ConsumerLog, DlqEntry};
 pub use record::{Payload, Record};
 pub use store::{Batch, DedupEntry, PartitionLog, Store, StoreError, StoreOptions};

@@ -141,6 +141,26 @@ impl Store {
         })
     }
 
+    pub(super) fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    pub(super) fn keyspace(&self, name: &str, opts: impl FnOnce() -> KeyspaceCreateOptions) -> Result<Keyspace, StoreError> {
+        self.db.keyspace(name, opts).map_err(self.err())
+    }
+
+    pub(super) fn delete_keyspace(&self, ks: Keyspace) -> Result<(), StoreError> {
+        self.db.delete_keyspace(ks).map_err(self.err())
+    }
+
+    pub(super) fn fjall_err(&self, cause: fjall::Error) -> StoreError {
+        StoreError::Fjall { dir: self.dir.clone(), cause }
+    }
+
+    pub(super) fn corrupt(&self, ks: &Keyspace, detail: String) -> StoreError {
+        StoreError::Corrupt { dir: self.dir.clone(), keyspace: ks.name().to_string(), detail }
+    }
+
     /// Deletes a topic partition's keyspaces and their data.
     pub fn delete_partition(&self, partition: PartitionLog) -> Result<(), StoreError> {
         self.db.delete_keyspace(partition.log).map_err(self.err())?;
@@ -251,6 +271,14 @@ impl Batch {
     /// Forgets the id remembered at `offset` (it left the dedup window).
     pub fn forget_id(&mut self, partition: &PartitionLog, offset: u64) {
         self.inner.remove(&partition.dedup, offset_key(offset));
+    }
+
+    pub(super) fn insert_raw(&mut self, ks: &Keyspace, key: Vec<u8>, value: Vec<u8>) {
+        self.inner.insert(ks, key, value);
+    }
+
+    pub(super) fn remove_raw(&mut self, ks: &Keyspace, key: Vec<u8>) {
+        self.inner.remove(ks, key);
     }
 
     /// Number of writes in the batch.

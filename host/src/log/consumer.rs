@@ -1,0 +1,194 @@
+//! Storage of a handler on one partition (a "consumer" of its input topic): its committed offset, its
+//! partition-local state and its dead-letter log. Lives in the cell's Database beside the logs, so the
+//! handler's outputs, state writes and offset commit in one atomic batch.
+//!
+//! Keyspaces: `state-<handler>-<p>` (user key → value), `dlq-<handler>-<p>` (sequence number as
+//! big-endian u64 → [`DlqEntry`]), and one `offsets` keyspace per cell (`<handler>/<p>` → [`Committed`]).
+//! Values are postcard behind a format-version byte. This is an on-disk contract.
+
+use fjall::{Keyspace, KeyspaceCreateOptions};
+use serde::{Deserialize, Serialize};
+
+use super::keys::{decode_offset_key, offset_key};
+use super::store::{Batch, Store, StoreError};
+
+const FORMAT_V1: u8 = 1;
+
+/// Where a handler stands on a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// The next input offset to process.
+    pub offset: u64,
+    /// The handler version that committed it.
+    pub version: u32,
+    /// The reset generation this offset belongs to (a reset of the handler increments it).
+    pub reset_generation: u64,
+}
+
+/// An event a handler could not process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqEntry {
+    /// Its offset in the input topic's partition.
+    pub offset: u64,
+    /// The handler version that failed on it.
+    pub version: u32,
+    /// Why.
+    pub error: String,
+    /// When it was dead-lettered, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The event, as stored in the input log.
+    pub record: Vec<u8>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let out = vec![FORMAT_V1];
+    match postcard::to_extend(value, out) {
+        Ok(bytes) => bytes,
+        Err(e) => unreachable!("postcard cannot fail to encode plain data into a Vec: {e}"),
+    }
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown format version {v}")),
+        None => Err("empty value".into()),
+    }
+}
+
+/// The keyspaces of one handler on one partition.
+#[derive(Clone)]
+pub struct ConsumerLog {
+    state: Keyspace,
+    dlq: Keyspace,
+    offsets: Keyspace,
+    offset_key: Vec<u8>,
+    store: Store,
+}
+
+impl Store {
+    /// Opens (creating if needed) the storage of `handler` on `partition`.
+    pub fn consumer(&self, handler: &str, partition: u32) -> Result<ConsumerLog, StoreError> {
+        let memtable = self.options().max_memtable_bytes;
+        let opts = move || KeyspaceCreateOptions::default().max_memtable_size(memtable);
+        let state = self.keyspace(&format!("state-{handler}-{partition}"), opts)?;
+        let dlq = self.keyspace(&format!("dlq-{handler}-{partition}"), opts)?;
+        let offsets = self.keyspace("offsets", opts)?;
+        Ok(ConsumerLog { state, dlq, offsets, offset_key: format!("{handler}/{partition}").into_bytes(), store: self.clone() })
+    }
+
+    /// Deletes a handler's storage on a partition: state, dead letters and committed offset.
+    pub fn delete_consumer(&self, consumer: ConsumerLog) -> Result<(), StoreError> {
+        let mut batch = self.batch();
+        batch.remove_raw(&consumer.offsets, consumer.offset_key.clone());
+        self.commit(batch, true)?;
+        self.delete_keyspace(consumer.state)?;
+        self.delete_keyspace(consumer.dlq)
+    }
+}
+
+impl ConsumerLog {
+    /// The committed position, if the handler ever committed on this partition.
+    pub fn committed(&self) -> Result<Option<Committed>, StoreError> {
+        match self.offsets.get(&self.offset_key).map_err(|e| self.store.fjall_err(e))? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes).map(Some).map_err(|d| self.store.corrupt(&self.offsets, d)),
+        }
+    }
+
+    /// The committed value of a state key.
+    pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.get(key).map_err(|e| self.store.fjall_err(e))?.map(|v| v.to_vec()))
+    }
+
+    /// Number of state keys (approximate for large states).
+    pub fn state_len(&self) -> usize {
+        self.state.approximate_len()
+    }
+
+    /// Removes every state key (a reset with `clear_state`).
+    pub fn clear_state(&self) -> Result<(), StoreError> {
+        self.state.clear().map_err(|e| self.store.fjall_err(e))
+    }
+
+    /// The sequence number the next dead letter gets.
+    pub fn dlq_next_seq(&self) -> Result<u64, StoreError> {
+        match self.dlq.last_key_value() {
+            None => Ok(0),
+            Some(guard) => {
+                let key = guard.key().map_err(|e| self.store.fjall_err(e))?;
+                let seq = decode_offset_key(&key).ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
+                Ok(seq + 1)
+            }
+        }
+    }
+
+    /// Dead letters from sequence `from`, at most `limit`.
+    pub fn dlq_list(&self, from: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.dlq.range(offset_key(from)..) {
+            let (key, value) = guard.into_inner().map_err(|e| self.store.fjall_err(e))?;
+            let seq = decode_offset_key(&key).ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
+            out.push((seq, decode(&value).map_err(|d| self.store.corrupt(&self.dlq, d))?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of dead letters held.
+    pub fn dlq_len(&self) -> usize {
+        self.dlq.approximate_len()
+    }
+}
+
+impl Batch {
+    /// Stores (`Some`) or deletes (`None`) a state key.
+    pub fn set_state(&mut self, consumer: &ConsumerLog, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => self.insert_raw(&consumer.state, key, v),
+            None => self.remove_raw(&consumer.state, key),
+        }
+    }
+
+    /// Records the handler's new committed position.
+    pub fn commit_offset(&mut self, consumer: &ConsumerLog, committed: &Committed) {
+        self.insert_raw(&consumer.offsets, consumer.offset_key.clone(), encode(committed));
+    }
+
+    /// Appends a dead letter under sequence number `seq`.
+    pub fn dead_letter(&mut self, consumer: &ConsumerLog, seq: u64, entry: &DlqEntry) {
+        self.insert_raw(&consumer.dlq, offset_key(seq).to_vec(), encode(entry));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::StoreOptions;
+
+    #[test]
+    fn offsets_state_and_dead_letters_commit_together_and_persist() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        {
+            let store = Store::open(dir.path(), StoreOptions::default())?;
+            let c = store.consumer("h", 3)?;
+            assert_eq!(c.committed()?, None);
+            let mut batch = store.batch();
+            batch.set_state(&c, b"k".to_vec(), Some(b"1".to_vec()));
+            batch.commit_offset(&c, &Committed { offset: 10, version: 2, reset_generation: 0 });
+            let entry = DlqEntry { offset: 4, version: 2, error: "bad".into(), time_ms: 1, record: vec![1] };
+            batch.dead_letter(&c, c.dlq_next_seq()?, &entry);
+            store.commit(batch, true)?;
+        }
+        let store = Store::open(dir.path(), StoreOptions::default())?;
+        let c = store.consumer("h", 3)?;
+        assert_eq!(c.committed()?, Some(Committed { offset: 10, version: 2, reset_generation: 0 }));
+        assert_eq!(c.state_get(b"k")?, Some(b"1".to_vec()));
+        assert_eq!(c.dlq_next_seq()?, 1);
+        assert_eq!(c.dlq_list(0, 10)?[0].1.error, "bad");
+        assert!(store.consumer("h", 4)?.committed()?.is_none(), "partitions are separate");
+        Ok(())
+    }
+}
