@@ -42,6 +42,127 @@ pub struct Topic {
     pub created_ms: u64,
 }
 
+/// Where a handler starts reading a partition it has never committed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest retained event.
+    Earliest,
+    /// Only events appended after the handler first runs on the partition.
+    Latest,
+    /// A given offset (clamped to what is retained).
+    Offset(u64),
+}
+
+impl std::str::FromStr for StartPosition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            n => n
+                .parse()
+                .map(Self::Offset)
+                .map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
+        }
+    }
+}
+
+impl std::fmt::Display for StartPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Earliest => f.write_str("earliest"),
+            Self::Latest => f.write_str("latest"),
+            Self::Offset(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for StartPosition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StartPosition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a reset moves a handler's offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetTo {
+    /// The oldest retained event.
+    Earliest,
+    /// The current end of each partition.
+    Latest,
+    /// A given offset on every partition.
+    Offset(u64),
+    /// The first event at or after a time (ms since the Unix epoch) on each partition.
+    Timestamp(u64),
+}
+
+/// A requested reset, applied by each partition's processor at its next batch boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reset {
+    /// Increases with every reset; a partition applies a reset whose generation it has not committed.
+    pub generation: u64,
+    /// Target position.
+    pub to: ResetTo,
+    /// Also delete the handler's state.
+    pub clear_state: bool,
+}
+
+/// One deployed version of a handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerVersion {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Output topics, in the order the handler refers to them by index.
+    pub outputs: Vec<String>,
+    /// Configuration passed to `init`.
+    pub config: Vec<(String, String)>,
+    /// Component size.
+    pub size_bytes: u64,
+    /// Deploy time, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// A deployed handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerDef {
+    /// Unique name, same rule as topic names.
+    pub name: String,
+    /// Input topic.
+    pub input: String,
+    /// Where new partitions start.
+    pub start: StartPosition,
+    /// Every version kept, oldest first (for rollback).
+    pub versions: Vec<HandlerVersion>,
+    /// The version that runs.
+    pub active: u32,
+    /// Paused handlers process nothing.
+    pub paused: bool,
+    /// The latest reset, if any.
+    pub reset: Option<Reset>,
+    /// Creation time.
+    pub created_ms: u64,
+}
+
+impl HandlerDef {
+    /// The definition of a version.
+    pub fn version(&self, version: u32) -> Option<&HandlerVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// The running version's definition.
+    pub fn active_version(&self) -> Option<&HandlerVersion> {
+        self.version(self.active)
+    }
+}
+
 /// A catalog operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -53,6 +174,9 @@ pub enum CatalogError {
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
     Exists(String),
+    /// No handler of that name.
+    #[error("handler {0:?} does not exist")]
+    HandlerNotFound(String),
     /// No topic of that name.
     #[error("topic {0:?} does not exist")]
     NotFound(String),
@@ -86,8 +210,18 @@ pub fn validate_topic_name(name: &str) -> Result<(), CatalogError> {
 pub struct Catalog {
     db: Database,
     topics_ks: Keyspace,
+    handlers_ks: Keyspace,
+    components_ks: Keyspace,
     dir: PathBuf,
     topics: ArcSwap<HashMap<String, Arc<Topic>>>,
+    handlers: ArcSwap<HashMap<String, Arc<HandlerDef>>>,
+}
+
+fn component_key(name: &str, version: u32) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
 }
 
 impl Catalog {
@@ -119,11 +253,32 @@ impl Catalog {
                 })?;
             topics.insert(name, Arc::new(topic));
         }
+        let handlers_ks = db
+            .keyspace("handlers", KeyspaceCreateOptions::default)
+            .map_err(storage)?;
+        let components_ks = db
+            .keyspace("components", KeyspaceCreateOptions::default)
+            .map_err(storage)?;
+        let mut handlers = HashMap::new();
+        for guard in handlers_ks.iter() {
+            let (key, value) = guard.into_inner().map_err(storage)?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let def: HandlerDef =
+                serde_json::from_slice(&value).map_err(|e| CatalogError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    name: name.clone(),
+                    detail: e.to_string(),
+                })?;
+            handlers.insert(name, Arc::new(def));
+        }
         Ok(Self {
             db,
             topics_ks,
+            handlers_ks,
+            components_ks,
             dir: dir.to_path_buf(),
             topics: ArcSwap::from_pointee(topics),
+            handlers: ArcSwap::from_pointee(handlers),
         })
     }
 
@@ -171,6 +326,74 @@ impl Catalog {
             map
         });
         Ok(topic)
+    }
+
+    /// A handler's definition, without locking.
+    pub fn handler(&self, name: &str) -> Option<Arc<HandlerDef>> {
+        self.handlers.load().get(name).cloned()
+    }
+
+    /// Every handler, as one consistent snapshot.
+    pub fn handlers(&self) -> Arc<HashMap<String, Arc<HandlerDef>>> {
+        self.handlers.load_full()
+    }
+
+    /// Durably stores a handler definition (and, for a deploy, the new version's component) and makes it
+    /// visible. Callers serialize changes (the control plane's lock).
+    pub fn put_handler(
+        &self,
+        def: HandlerDef,
+        component: Option<(u32, &[u8])>,
+    ) -> Result<(), CatalogError> {
+        validate_topic_name(&def.name)?;
+        let bytes = serde_json::to_vec(&def).unwrap_or_default();
+        self.write(|batch| {
+            batch.insert(&self.handlers_ks, def.name.as_bytes(), bytes);
+            if let Some((version, component)) = component {
+                batch.insert(
+                    &self.components_ks,
+                    component_key(&def.name, version),
+                    component,
+                );
+            }
+        })?;
+        self.handlers.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(def.name.clone(), Arc::new(def.clone()));
+            map
+        });
+        Ok(())
+    }
+
+    /// The component bytes of a handler version.
+    pub fn component(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, CatalogError> {
+        let value = self
+            .components_ks
+            .get(component_key(name, version))
+            .map_err(|cause| CatalogError::Storage {
+                dir: self.dir.clone(),
+                cause,
+            })?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    /// Removes a handler and all its versions.
+    pub fn remove_handler(&self, name: &str) -> Result<Arc<HandlerDef>, CatalogError> {
+        let def = self
+            .handler(name)
+            .ok_or_else(|| CatalogError::HandlerNotFound(name.to_string()))?;
+        self.write(|batch| {
+            batch.remove(&self.handlers_ks, name.as_bytes());
+            for v in &def.versions {
+                batch.remove(&self.components_ks, component_key(name, v.version));
+            }
+        })?;
+        self.handlers.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(name);
+            map
+        });
+        Ok(def)
     }
 
     fn write(&self, f: impl FnOnce(&mut fjall::OwnedWriteBatch)) -> Result<(), CatalogError> {
