@@ -74,7 +74,13 @@ impl Store {
         let state = self.keyspace(&format!("state-{handler}-{partition}"), opts)?;
         let dlq = self.keyspace(&format!("dlq-{handler}-{partition}"), opts)?;
         let offsets = self.keyspace("offsets", opts)?;
-        Ok(ConsumerLog { state, dlq, offsets, offset_key: format!("{handler}/{partition}").into_bytes(), store: self.clone() })
+        Ok(ConsumerLog {
+            state,
+            dlq,
+            offsets,
+            offset_key: format!("{handler}/{partition}").into_bytes(),
+            store: self.clone(),
+        })
     }
 
     /// Deletes a handler's storage on a partition: state, dead letters and committed offset.
@@ -90,15 +96,25 @@ impl Store {
 impl ConsumerLog {
     /// The committed position, if the handler ever committed on this partition.
     pub fn committed(&self) -> Result<Option<Committed>, StoreError> {
-        match self.offsets.get(&self.offset_key).map_err(|e| self.store.fjall_err(e))? {
+        match self
+            .offsets
+            .get(&self.offset_key)
+            .map_err(|e| self.store.fjall_err(e))?
+        {
             None => Ok(None),
-            Some(bytes) => decode(&bytes).map(Some).map_err(|d| self.store.corrupt(&self.offsets, d)),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|d| self.store.corrupt(&self.offsets, d)),
         }
     }
 
     /// The committed value of a state key.
     pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.state.get(key).map_err(|e| self.store.fjall_err(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .state
+            .get(key)
+            .map_err(|e| self.store.fjall_err(e))?
+            .map(|v| v.to_vec()))
     }
 
     /// Number of state keys (approximate for large states).
@@ -117,7 +133,8 @@ impl ConsumerLog {
             None => Ok(0),
             Some(guard) => {
                 let key = guard.key().map_err(|e| self.store.fjall_err(e))?;
-                let seq = decode_offset_key(&key).ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
+                let seq = decode_offset_key(&key)
+                    .ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
                 Ok(seq + 1)
             }
         }
@@ -128,8 +145,12 @@ impl ConsumerLog {
         let mut out = Vec::new();
         for guard in self.dlq.range(offset_key(from)..) {
             let (key, value) = guard.into_inner().map_err(|e| self.store.fjall_err(e))?;
-            let seq = decode_offset_key(&key).ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
-            out.push((seq, decode(&value).map_err(|d| self.store.corrupt(&self.dlq, d))?));
+            let seq = decode_offset_key(&key)
+                .ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?;
+            out.push((
+                seq,
+                decode(&value).map_err(|d| self.store.corrupt(&self.dlq, d))?,
+            ));
             if out.len() >= limit {
                 break;
             }
@@ -154,7 +175,11 @@ impl Batch {
 
     /// Records the handler's new committed position.
     pub fn commit_offset(&mut self, consumer: &ConsumerLog, committed: &Committed) {
-        self.insert_raw(&consumer.offsets, consumer.offset_key.clone(), encode(committed));
+        self.insert_raw(
+            &consumer.offsets,
+            consumer.offset_key.clone(),
+            encode(committed),
+        );
     }
 
     /// Appends a dead letter under sequence number `seq`.
@@ -169,7 +194,8 @@ mod tests {
     use crate::log::StoreOptions;
 
     #[test]
-    fn offsets_state_and_dead_letters_commit_together_and_persist() -> Result<(), Box<dyn std::error::Error>> {
+    fn offsets_state_and_dead_letters_commit_together_and_persist()
+    -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         {
             let store = Store::open(dir.path(), StoreOptions::default())?;
@@ -177,18 +203,41 @@ mod tests {
             assert_eq!(c.committed()?, None);
             let mut batch = store.batch();
             batch.set_state(&c, b"k".to_vec(), Some(b"1".to_vec()));
-            batch.commit_offset(&c, &Committed { offset: 10, version: 2, reset_generation: 0 });
-            let entry = DlqEntry { offset: 4, version: 2, error: "bad".into(), time_ms: 1, record: vec![1] };
+            batch.commit_offset(
+                &c,
+                &Committed {
+                    offset: 10,
+                    version: 2,
+                    reset_generation: 0,
+                },
+            );
+            let entry = DlqEntry {
+                offset: 4,
+                version: 2,
+                error: "bad".into(),
+                time_ms: 1,
+                record: vec![1],
+            };
             batch.dead_letter(&c, c.dlq_next_seq()?, &entry);
             store.commit(batch, true)?;
         }
         let store = Store::open(dir.path(), StoreOptions::default())?;
         let c = store.consumer("h", 3)?;
-        assert_eq!(c.committed()?, Some(Committed { offset: 10, version: 2, reset_generation: 0 }));
+        assert_eq!(
+            c.committed()?,
+            Some(Committed {
+                offset: 10,
+                version: 2,
+                reset_generation: 0
+            })
+        );
         assert_eq!(c.state_get(b"k")?, Some(b"1".to_vec()));
         assert_eq!(c.dlq_next_seq()?, 1);
         assert_eq!(c.dlq_list(0, 10)?[0].1.error, "bad");
-        assert!(store.consumer("h", 4)?.committed()?.is_none(), "partitions are separate");
+        assert!(
+            store.consumer("h", 4)?.committed()?.is_none(),
+            "partitions are separate"
+        );
         Ok(())
     }
 }

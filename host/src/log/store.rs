@@ -145,7 +145,11 @@ impl Store {
         &self.options
     }
 
-    pub(super) fn keyspace(&self, name: &str, opts: impl FnOnce() -> KeyspaceCreateOptions) -> Result<Keyspace, StoreError> {
+    pub(super) fn keyspace(
+        &self,
+        name: &str,
+        opts: impl FnOnce() -> KeyspaceCreateOptions,
+    ) -> Result<Keyspace, StoreError> {
         self.db.keyspace(name, opts).map_err(self.err())
     }
 
@@ -154,11 +158,18 @@ impl Store {
     }
 
     pub(super) fn fjall_err(&self, cause: fjall::Error) -> StoreError {
-        StoreError::Fjall { dir: self.dir.clone(), cause }
+        StoreError::Fjall {
+            dir: self.dir.clone(),
+            cause,
+        }
     }
 
     pub(super) fn corrupt(&self, ks: &Keyspace, detail: String) -> StoreError {
-        StoreError::Corrupt { dir: self.dir.clone(), keyspace: ks.name().to_string(), detail }
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            keyspace: ks.name().to_string(),
+            detail,
+        }
     }
 
     /// Deletes a topic partition's keyspaces and their data.
