@@ -35,8 +35,42 @@ pub struct Config {
     pub cell: CellConfig,
     /// Read API bounds.
     pub read: ReadConfig,
+    /// Handlers: limits and batching.
+    pub handler: HandlerConfig,
     /// Test hooks; all off by default.
     pub debug: DebugConfig,
+}
+
+/// Handler limits and batching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerConfig {
+    /// Largest component accepted by a deploy (`413` above).
+    pub max_component_bytes: usize,
+    /// Linear memory an instance may use.
+    pub max_memory_bytes: usize,
+    /// Wall-clock time one batch may take.
+    pub deadline_ms: u64,
+    /// Events per batch at most.
+    pub batch_max_events: usize,
+    /// Largest state value.
+    pub max_state_value_bytes: usize,
+    /// Log lines per second per instance.
+    pub log_lines_per_sec: u32,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        let limits = crate::runtime::Limits::default();
+        Self {
+            max_component_bytes: 10 * 1024 * 1024,
+            max_memory_bytes: limits.max_memory_bytes,
+            deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(1000),
+            batch_max_events: 1000,
+            max_state_value_bytes: limits.max_state_value_bytes,
+            log_lines_per_sec: limits.log_lines_per_sec,
+        }
+    }
 }
 
 /// Test hooks.
@@ -112,6 +146,7 @@ impl Default for Config {
             dedup: DedupConfig::default(),
             cell: CellConfig::default(),
             read: ReadConfig::default(),
+            handler: HandlerConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -343,6 +378,42 @@ impl Config {
         )?;
         range("cell.cache_bytes", self.cell.cache_bytes, 1 << 20, 1 << 40)?;
         range("read.max_limit", self.read.max_limit, 1, 1_000_000)?;
+        range(
+            "handler.max_component_bytes",
+            self.handler.max_component_bytes,
+            1024,
+            1 << 30,
+        )?;
+        range(
+            "handler.max_memory_bytes",
+            self.handler.max_memory_bytes,
+            1 << 20,
+            4 << 30,
+        )?;
+        range(
+            "handler.deadline_ms",
+            self.handler.deadline_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "handler.batch_max_events",
+            self.handler.batch_max_events,
+            1,
+            100_000,
+        )?;
+        range(
+            "handler.max_state_value_bytes",
+            self.handler.max_state_value_bytes,
+            1,
+            64 << 20,
+        )?;
+        range(
+            "handler.log_lines_per_sec",
+            self.handler.log_lines_per_sec,
+            1,
+            1_000_000,
+        )?;
         range("read.max_wait_ms", self.read.max_wait_ms, 0, 3_600_000)?;
         range(
             "read.max_response_bytes",
@@ -366,6 +437,20 @@ impl Config {
             dedup_window_ms: self.dedup.window_ms,
             dedup_max_ids: self.dedup.max_ids,
             maintenance_interval_ms: self.cell.maintenance_interval_ms,
+            processor: crate::cell::ProcessorOptions {
+                limits: self.handler_limits(),
+                batch_max_events: self.handler.batch_max_events,
+            },
+        }
+    }
+
+    /// The instance limits these settings give.
+    pub fn handler_limits(&self) -> crate::runtime::Limits {
+        crate::runtime::Limits {
+            max_memory_bytes: self.handler.max_memory_bytes,
+            deadline: Duration::from_millis(self.handler.deadline_ms),
+            max_state_value_bytes: self.handler.max_state_value_bytes,
+            log_lines_per_sec: self.handler.log_lines_per_sec,
         }
     }
 

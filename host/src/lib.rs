@@ -4,7 +4,8 @@
 //! - [`log`]: durable partitioned storage on fjall, its on-disk encodings and the data-directory layout.
 //! - [`cell`]: a cell owns a set of partitions: its Database, its writer thread (group commit,
 //!   offsets, dedup) and its retention; nothing is shared between cells.
-//! - [`catalog`]: topics, persisted in the control Database.
+//! - [`runtime`]: the wasmtime engine, handler components (compiled, cached) and sandboxed instances.
+//! - [`catalog`]: topics and handlers, persisted in the control Database.
 //! - [`ingest`]: the HTTP data plane (append and read events), and the partitioner.
 //! - [`admin`]: the HTTP control plane (topics, health).
 //! - [`http`]: what both listeners share: error bodies, body limits, connection serving.
@@ -22,4 +23,5 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod log;
+pub mod runtime;
 pub mod server;

@@ -15,6 +15,7 @@ use crate::cell::{Cell, OpenError};
 use crate::config::Config;
 use crate::http::ListenerLimits;
 use crate::log::layout::{DataDir, LayoutError, Shape};
+use crate::runtime::{Runtime, RuntimeError};
 
 /// Everything both listeners share.
 pub struct AppState {
@@ -22,8 +23,10 @@ pub struct AppState {
     pub config: Config,
     /// Partitions and cells.
     pub shape: Shape,
-    /// Topics.
-    pub catalog: Catalog,
+    /// Topics and handlers.
+    pub catalog: Arc<Catalog>,
+    /// The wasm runtime (one engine per process).
+    pub runtime: Arc<Runtime>,
     /// Cells, indexed by cell number.
     pub cells: Vec<Cell>,
     /// Serializes control-plane changes (create, delete) so each is applied whole. Never taken by the
@@ -53,6 +56,9 @@ pub enum StartError {
     /// A cell could not be opened.
     #[error(transparent)]
     Cell(#[from] OpenError),
+    /// The wasm runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({key}): {cause}")]
     Bind {
@@ -76,11 +82,11 @@ impl Server {
             cells: config.cells,
         };
         let dir = DataDir::open(&config.data_dir, shape)?;
-        let catalog = Catalog::open(&dir.control_dir())?;
-        let topics = catalog.list();
+        let catalog = Arc::new(Catalog::open(&dir.control_dir())?);
+        let runtime = Arc::new(Runtime::new(&dir.root().join("compiled"))?);
         let options = config.cell_options();
         let cells = (0..shape.cells)
-            .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &topics, &options))
+            .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &catalog, &runtime, &options))
             .collect::<Result<Vec<_>, _>>()?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let admin_lock = tokio::sync::Mutex::new(());
@@ -88,6 +94,7 @@ impl Server {
             config,
             shape,
             catalog,
+            runtime,
             cells,
             admin_lock,
             stopping,

@@ -1,6 +1,7 @@
 //! The control plane (`admin_listen`, default `127.0.0.1:8081`): topics and health. It runs on its own
 //! listener so admin traffic and data traffic cannot starve each other.
 
+mod handlers;
 mod topics;
 
 use std::sync::Arc;
@@ -25,6 +26,36 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
         (&Method::DELETE, ["v1", "topics", name]) => {
             let name = name.to_string();
             topics::delete(&state, &name).await
+        }
+        (&Method::PUT, ["v1", "handlers", name]) => {
+            let name = name.to_string();
+            handlers::deploy(&state, &name, req).await
+        }
+        (&Method::GET, ["v1", "handlers"]) => Ok(handlers::list(&state)),
+        (&Method::GET, ["v1", "handlers", name]) => handlers::show(&state, name),
+        (&Method::DELETE, ["v1", "handlers", name]) => {
+            let name = name.to_string();
+            handlers::remove(&state, &name).await
+        }
+        (&Method::POST, ["v1", "handlers", name, "pause"]) => {
+            let name = name.to_string();
+            handlers::set_paused(&state, &name, true).await
+        }
+        (&Method::POST, ["v1", "handlers", name, "resume"]) => {
+            let name = name.to_string();
+            handlers::set_paused(&state, &name, false).await
+        }
+        (&Method::POST, ["v1", "handlers", name, "rollback"]) => {
+            let name = name.to_string();
+            handlers::rollback(&state, &name, req).await
+        }
+        (&Method::POST, ["v1", "handlers", name, "reset"]) => {
+            let name = name.to_string();
+            handlers::reset(&state, &name, req).await
+        }
+        (&Method::GET, ["v1", "handlers", name, "dlq"]) => {
+            let name = name.to_string();
+            handlers::dead_letters(&state, &name, req.uri().query()).await
         }
         (&Method::POST, ["v1", "debug", "cells", cell, "fail-writes"])
             if state.config.debug.fault_injection =>

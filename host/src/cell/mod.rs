@@ -8,6 +8,7 @@
 //! so nothing is ever served that a crash could take back.
 
 mod dedup;
+mod processor;
 mod retention;
 mod writer;
 
@@ -20,11 +21,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, watch};
 
-use crate::catalog::Topic;
+use crate::catalog::{Catalog, Topic};
 use crate::log::layout::Shape;
+use crate::log::{Committed, ConsumerLog, DlqEntry};
 use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
+use crate::runtime::Runtime;
 
 pub use dedup::DedupIndex;
+pub use processor::{ProcessorOptions, TaskStatus};
+pub(crate) use processor::{append_event, build_batch, to_records};
 
 /// Settings shared by every cell.
 #[derive(Debug, Clone)]
@@ -42,6 +47,8 @@ pub struct CellOptions {
     pub dedup_max_ids: usize,
     /// How often retention and journal upkeep run.
     pub maintenance_interval_ms: u64,
+    /// Handler processing.
+    pub processor: ProcessorOptions,
 }
 
 impl Default for CellOptions {
@@ -53,6 +60,7 @@ impl Default for CellOptions {
             dedup_window_ms: 10 * 60 * 1000,
             dedup_max_ids: 100_000,
             maintenance_interval_ms: 10_000,
+            processor: ProcessorOptions::default(),
         }
     }
 }
@@ -104,6 +112,11 @@ enum Command {
         events: Vec<AppendEvent>,
         reply: oneshot::Sender<AppendReply>,
     },
+    Process(ProcessCommit),
+    DropConsumer {
+        consumer: ConsumerLog,
+        reply: oneshot::Sender<Result<(), CellError>>,
+    },
     CreateTopic {
         topic: Arc<Topic>,
         reply: oneshot::Sender<Result<(), CellError>>,
@@ -113,6 +126,21 @@ enum Command {
         reply: oneshot::Sender<Result<(), CellError>>,
     },
     Shutdown,
+}
+
+/// The effects of one processed batch of one handler on one partition, committed atomically.
+struct ProcessCommit {
+    consumer: ConsumerLog,
+    partition: u32,
+    /// Encoded records per output topic (all to `partition`).
+    outputs: Vec<(Arc<str>, Vec<u8>)>,
+    /// State writes (`None` deletes).
+    state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    committed: Committed,
+    dead_letters: Vec<(u64, DlqEntry)>,
+    /// Clear the handler's state first (a reset).
+    clear_state: bool,
+    reply: oneshot::Sender<Result<(), CellError>>,
 }
 
 /// The read side of one partition: its log and the durable end offset the writer publishes.
@@ -174,9 +202,25 @@ impl Health {
 /// State shared by a cell's threads and its readers.
 struct Shared {
     index: u32,
+    shape: Shape,
     store: Store,
     health: Health,
     topics: ArcSwap<HashMap<Arc<str>, Arc<TopicPartitions>>>,
+    /// The processor thread, which the writer wakes when new input is durable.
+    processor: std::sync::OnceLock<std::thread::Thread>,
+    /// What each (handler, partition) task is doing; written by the processor, read by status requests.
+    statuses: Mutex<HashMap<(String, u32), TaskStatus>>,
+}
+
+impl Shared {
+    fn view(&self, topic: &str, partition: u32) -> Option<Arc<PartitionView>> {
+        self.topics
+            .load()
+            .get(topic)?
+            .by_partition
+            .get(&partition)
+            .cloned()
+    }
 }
 
 /// A running cell.
@@ -185,6 +229,8 @@ pub struct Cell {
     tx: flume::Sender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_maintenance: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    stop_processor: Arc<AtomicBool>,
+    processor_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Opening a cell failed.
@@ -199,29 +245,35 @@ pub enum OpenError {
 }
 
 impl Cell {
-    /// Opens cell `index` of `shape` in `dir`, recovering the partitions of `topics`, and starts its threads.
+    /// Opens cell `index` of `shape` in `dir`, recovering the partitions of `topics`, and starts its
+    /// writer, maintenance and processor threads. The processor runs the catalog's handlers on `runtime`.
     pub fn open(
         index: u32,
         dir: &std::path::Path,
         shape: Shape,
-        topics: &[Arc<Topic>],
+        catalog: &Arc<Catalog>,
+        runtime: &Arc<Runtime>,
         options: &CellOptions,
     ) -> Result<Self, OpenError> {
+        let topics = catalog.list();
         let store_err = |cause| OpenError::Store { cell: index, cause };
         let store = Store::open(dir, options.store.clone()).map_err(store_err)?;
         let known: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
         store.delete_orphans(&known).map_err(store_err)?;
         let mut writer = writer::Writer::new(index, shape, store.clone(), options);
         let mut views = HashMap::new();
-        for topic in topics {
+        for topic in &topics {
             let partitions = writer.open_topic(topic).map_err(store_err)?;
             views.insert(Arc::from(topic.name.as_str()), partitions);
         }
         let shared = Arc::new(Shared {
             index,
+            shape,
             store,
             health: Health::default(),
             topics: ArcSwap::from_pointee(views),
+            processor: std::sync::OnceLock::new(),
+            statuses: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };
@@ -241,11 +293,27 @@ impl Cell {
                 move || retention::run(&shared, interval, &stop_rx)
             })
             .map_err(thread_err)?;
+        let stop_processor = Arc::new(AtomicBool::new(false));
+        let processor = processor::Processor::new(
+            shared.clone(),
+            tx.clone(),
+            catalog.clone(),
+            runtime.clone(),
+            options.processor.clone(),
+            stop_processor.clone(),
+        );
+        let processor_thread = std::thread::Builder::new()
+            .name(format!("procd-cell-{index}-processor"))
+            .spawn(move || processor.run())
+            .map_err(thread_err)?;
+        let _ = shared.processor.set(processor_thread.thread().clone());
         Ok(Self {
             shared,
             tx,
             threads: Mutex::new(vec![writer_thread, maintenance_thread]),
             stop_maintenance: Mutex::new(Some(stop_tx)),
+            stop_processor,
+            processor_thread: Mutex::new(Some(processor_thread)),
         })
     }
 
@@ -320,6 +388,28 @@ impl Cell {
         rx.await.map_err(|_| CellError::ShuttingDown { cell })?
     }
 
+    /// What each handler is doing on this cell's partitions.
+    pub fn task_statuses(&self, handler: &str) -> Vec<TaskStatus> {
+        let statuses = self
+            .shared
+            .statuses
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let mut out: Vec<TaskStatus> = statuses
+            .into_iter()
+            .filter(|((h, _), _)| h == handler)
+            .map(|(_, s)| s)
+            .collect();
+        out.sort_by_key(|s| s.partition);
+        out
+    }
+
+    /// Storage of a handler on one of this cell's partitions (dead letters, committed offset).
+    pub fn consumer(&self, handler: &str, partition: u32) -> Result<ConsumerLog, StoreError> {
+        self.shared.store.consumer(handler, partition)
+    }
+
     /// The read side of a partition of a topic, if this cell has it.
     pub fn partition(&self, topic: &str, partition: u32) -> Option<Arc<PartitionView>> {
         self.shared
@@ -334,6 +424,14 @@ impl Cell {
     /// Stops the cell: the writer finishes every request already queued, then the threads exit and the
     /// Database is closed when the last handle is dropped.
     pub fn shutdown(&self) {
+        // The processor first: it commits through the writer, which must still be running.
+        self.stop_processor.store(true, Ordering::Release);
+        if let Some(thread) = self.processor_thread.lock().ok().and_then(|mut t| t.take()) {
+            thread.thread().unpark();
+            if thread.join().is_err() {
+                tracing::error!(cell = self.shared.index, "the processor thread panicked");
+            }
+        }
         if let Ok(mut stop) = self.stop_maintenance.lock() {
             stop.take();
         }

@@ -18,12 +18,12 @@ use tokio::sync::{oneshot, watch};
 
 use super::{
     AppendEvent, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex, PartitionView,
-    Shared, TopicPartitions, now_ms,
+    ProcessCommit, Shared, TopicPartitions, now_ms,
 };
 use crate::catalog::Topic;
 use crate::log::layout::Shape;
 use crate::log::record::set_timestamp;
-use crate::log::{DedupEntry, Store, StoreError};
+use crate::log::{Batch, DedupEntry, Store, StoreError};
 
 struct PartitionState {
     view: Arc<PartitionView>,
@@ -47,6 +47,66 @@ struct PendingAppend {
     topic: Arc<str>,
     events: Vec<AppendEvent>,
     reply: oneshot::Sender<AppendReply>,
+}
+
+/// A request in a group commit.
+enum Pending {
+    Append(PendingAppend),
+    Process(ProcessCommit),
+}
+
+impl Pending {
+    /// How much a request counts toward the group's event budget.
+    fn weight(&self) -> usize {
+        match self {
+            Pending::Append(a) => a.events.len(),
+            Pending::Process(p) => p.outputs.len().max(1),
+        }
+    }
+
+    fn refuse(self, err: CellError) {
+        match self {
+            Pending::Append(a) => {
+                let _ = a.reply.send(Err(err));
+            }
+            Pending::Process(p) => {
+                let _ = p.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// The reply owed to a request once its group is committed (or failed).
+enum Answer {
+    Append(oneshot::Sender<AppendReply>, AppendReply),
+    Process(
+        oneshot::Sender<Result<(), CellError>>,
+        Result<(), CellError>,
+    ),
+}
+
+impl Answer {
+    fn send(self) {
+        match self {
+            Answer::Append(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+            Answer::Process(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn fail(self, err: CellError) {
+        match self {
+            Answer::Append(reply, _) => {
+                let _ = reply.send(Err(err));
+            }
+            Answer::Process(reply, _) => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -124,40 +184,30 @@ impl Writer {
                     events,
                     reply,
                 } => {
-                    let mut group = vec![PendingAppend {
+                    let first = Pending::Append(PendingAppend {
                         topic,
                         events,
                         reply,
-                    }];
-                    let mut count = group[0].events.len();
-                    while count < self.group_max_events {
-                        match rx.try_recv() {
-                            Ok(Command::Append {
-                                topic,
-                                events,
-                                reply,
-                            }) => {
-                                count += events.len();
-                                group.push(PendingAppend {
-                                    topic,
-                                    events,
-                                    reply,
-                                });
-                            }
-                            Ok(other) => {
-                                deferred = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.commit_group(shared, group);
+                    });
+                    deferred = self.collect_and_commit(shared, &rx, first);
+                }
+                Command::Process(commit) => {
+                    deferred = self.collect_and_commit(shared, &rx, Pending::Process(commit));
                 }
                 Command::CreateTopic { topic, reply } => {
                     let _ = reply.send(self.create_topic(shared, topic));
                 }
                 Command::DeleteTopic { name, reply } => {
                     let _ = reply.send(self.delete_topic(shared, &name));
+                }
+                Command::DropConsumer { consumer, reply } => {
+                    let _ = reply.send(self.store.delete_consumer(consumer).map_err(|e| {
+                        shared.health.fail(self.index, e.to_string());
+                        CellError::Unavailable {
+                            cell: self.index,
+                            reason: e.to_string(),
+                        }
+                    }));
                 }
                 Command::Shutdown => {
                     // Answer everything still queued: nothing in flight is left without a reply.
@@ -168,17 +218,22 @@ impl Writer {
                                 events,
                                 reply,
                             } => {
-                                self.commit_group(
-                                    shared,
-                                    vec![PendingAppend {
-                                        topic,
-                                        events,
-                                        reply,
-                                    }],
-                                );
+                                let pending = Pending::Append(PendingAppend {
+                                    topic,
+                                    events,
+                                    reply,
+                                });
+                                self.commit_group(shared, vec![pending]);
+                            }
+                            Command::Process(commit) => {
+                                self.commit_group(shared, vec![Pending::Process(commit)])
                             }
                             Command::CreateTopic { reply, .. }
                             | Command::DeleteTopic { reply, .. } => {
+                                let _ =
+                                    reply.send(Err(CellError::ShuttingDown { cell: self.index }));
+                            }
+                            Command::DropConsumer { reply, .. } => {
                                 let _ =
                                     reply.send(Err(CellError::ShuttingDown { cell: self.index }));
                             }
@@ -191,6 +246,47 @@ impl Writer {
         }
     }
 
+    /// Collects the appends and process commits already waiting behind `first` into one group (up to
+    /// `group_max_events`) and commits it. Returns a control command met on the way, to run next.
+    fn collect_and_commit(
+        &mut self,
+        shared: &Shared,
+        rx: &flume::Receiver<Command>,
+        first: Pending,
+    ) -> Option<Command> {
+        let mut count = first.weight();
+        let mut group = vec![first];
+        let mut deferred = None;
+        while count < self.group_max_events {
+            match rx.try_recv() {
+                Ok(Command::Append {
+                    topic,
+                    events,
+                    reply,
+                }) => {
+                    count += events.len();
+                    group.push(Pending::Append(PendingAppend {
+                        topic,
+                        events,
+                        reply,
+                    }));
+                }
+                Ok(Command::Process(commit)) => {
+                    let pending = Pending::Process(commit);
+                    count += pending.weight();
+                    group.push(pending);
+                }
+                Ok(other) => {
+                    deferred = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.commit_group(shared, group);
+        deferred
+    }
+
     fn unavailable(&self, shared: &Shared) -> Option<CellError> {
         shared
             .health
@@ -201,79 +297,57 @@ impl Writer {
             })
     }
 
-    fn commit_group(&mut self, shared: &Shared, group: Vec<PendingAppend>) {
+    /// Appends an encoded record to a partition this writer owns, stamping log-append time.
+    fn append_record(
+        batch: &mut Batch,
+        state: &mut PartitionState,
+        now: u64,
+        mut record: Vec<u8>,
+        id: Option<String>,
+    ) -> Appended {
+        if !state.touched {
+            for offset in state.dedup.evict(now) {
+                batch.forget_id(state.view.log(), offset);
+            }
+        }
+        state.touched = true;
+        if let Some(original) = id.as_deref().and_then(|id| state.dedup.lookup(id)) {
+            return Appended::Duplicate(original);
+        }
+        let offset = state.next_offset;
+        state.next_offset += 1;
+        // Log-append time, kept non-decreasing within the partition even if the clock steps back, so
+        // retention can binary-search by time.
+        let timestamp_ms = now.max(state.last_timestamp_ms);
+        state.last_timestamp_ms = timestamp_ms;
+        set_timestamp(&mut record, timestamp_ms);
+        batch.append(state.view.log(), offset, record);
+        if let Some(id) = id {
+            let entry = DedupEntry { id, timestamp_ms };
+            batch.remember_id(state.view.log(), offset, &entry);
+            state.dedup.insert(&entry.id, offset, timestamp_ms);
+        }
+        Appended::New(offset)
+    }
+
+    fn commit_group(&mut self, shared: &Shared, group: Vec<Pending>) {
         let _span =
             tracing::debug_span!("procd.cell.group_commit", requests = group.len()).entered();
         if let Some(err) = self.unavailable(shared) {
             for pending in group {
-                let _ = pending.reply.send(Err(err.clone()));
+                pending.refuse(err.clone());
             }
             return;
         }
         let now = now_ms();
         let mut batch = self.store.batch();
-        let mut answers: Vec<(oneshot::Sender<AppendReply>, AppendReply)> =
-            Vec::with_capacity(group.len());
-        for PendingAppend {
-            topic,
-            events,
-            reply,
-        } in group
-        {
-            let Some(partitions) = self.topics.get_mut(&topic) else {
-                answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
-                continue;
-            };
-            // Validate ownership before touching state, so a bad request changes nothing.
-            if let Some(bad) = events
-                .iter()
-                .find(|e| !partitions.contains_key(&e.partition))
-            {
-                tracing::error!(
-                    partition = bad.partition,
-                    "append routed to a cell that does not own the partition"
-                );
-                answers.push((reply, Err(CellError::UnknownTopic(topic.to_string()))));
-                continue;
+        let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
+        for pending in group {
+            match pending {
+                Pending::Append(append) => answers.push(self.add_append(&mut batch, now, append)),
+                Pending::Process(commit) => answers.push(self.add_process(&mut batch, now, commit)),
             }
-            let mut results = Vec::with_capacity(events.len());
-            for AppendEvent {
-                partition,
-                mut record,
-                id,
-            } in events
-            {
-                let Some(state) = partitions.get_mut(&partition) else {
-                    continue;
-                };
-                if !state.touched {
-                    for offset in state.dedup.evict(now) {
-                        batch.forget_id(state.view.log(), offset);
-                    }
-                }
-                state.touched = true;
-                if let Some(original) = id.as_deref().and_then(|id| state.dedup.lookup(id)) {
-                    results.push(Appended::Duplicate(original));
-                    continue;
-                }
-                let offset = state.next_offset;
-                state.next_offset += 1;
-                // Log-append time, kept non-decreasing within the partition even if the clock steps back,
-                // so retention can binary-search by time.
-                let timestamp_ms = now.max(state.last_timestamp_ms);
-                state.last_timestamp_ms = timestamp_ms;
-                set_timestamp(&mut record, timestamp_ms);
-                batch.append(state.view.log(), offset, record);
-                if let Some(id) = id {
-                    let entry = DedupEntry { id, timestamp_ms };
-                    batch.remember_id(state.view.log(), offset, &entry);
-                    state.dedup.insert(&entry.id, offset, timestamp_ms);
-                }
-                results.push(Appended::New(offset));
-            }
-            answers.push((reply, Ok(results)));
         }
-
         let outcome = if batch.is_empty() {
             Ok(())
         } else {
@@ -287,8 +361,12 @@ impl Writer {
                         state.view.durable_end.send_replace(state.next_offset);
                     }
                 }
-                for (reply, answer) in answers {
-                    let _ = reply.send(answer);
+                for answer in answers {
+                    answer.send();
+                }
+                // New input may be waiting for a handler of this cell.
+                if let Some(processor) = shared.processor.get() {
+                    processor.unpark();
                 }
             }
             Err(e) => {
@@ -297,11 +375,97 @@ impl Writer {
                     cell: self.index,
                     reason: e.to_string(),
                 };
-                for (reply, _) in answers {
-                    let _ = reply.send(Err(err.clone()));
+                for answer in answers {
+                    answer.fail(err.clone());
                 }
             }
         }
+    }
+
+    fn add_append(&mut self, batch: &mut Batch, now: u64, append: PendingAppend) -> Answer {
+        let PendingAppend {
+            topic,
+            events,
+            reply,
+        } = append;
+        let Some(partitions) = self.topics.get_mut(&topic) else {
+            return Answer::Append(reply, Err(CellError::UnknownTopic(topic.to_string())));
+        };
+        // Validate ownership before touching state, so a bad request changes nothing.
+        if let Some(bad) = events
+            .iter()
+            .find(|e| !partitions.contains_key(&e.partition))
+        {
+            tracing::error!(
+                partition = bad.partition,
+                "append routed to a cell that does not own the partition"
+            );
+            return Answer::Append(reply, Err(CellError::UnknownTopic(topic.to_string())));
+        }
+        let mut results = Vec::with_capacity(events.len());
+        for AppendEvent {
+            partition,
+            record,
+            id,
+        } in events
+        {
+            if let Some(state) = partitions.get_mut(&partition) {
+                results.push(Self::append_record(batch, state, now, record, id));
+            }
+        }
+        Answer::Append(reply, Ok(results))
+    }
+
+    fn add_process(&mut self, batch: &mut Batch, now: u64, commit: ProcessCommit) -> Answer {
+        let ProcessCommit {
+            consumer,
+            partition,
+            outputs,
+            state,
+            committed,
+            dead_letters,
+            clear_state,
+            reply,
+        } = commit;
+        // Every output topic must exist here before anything is written.
+        if let Some((missing, _)) = outputs.iter().find(|(topic, _)| {
+            !self
+                .topics
+                .get(topic)
+                .is_some_and(|p| p.contains_key(&partition))
+        }) {
+            return Answer::Process(reply, Err(CellError::UnknownTopic(missing.to_string())));
+        }
+        if clear_state {
+            // Not part of the atomic batch (fjall clears a keyspace on its own); the offset commit that
+            // follows makes the reset effective, and a crash in between only re-applies the reset.
+            if let Err(e) = consumer.clear_state() {
+                return Answer::Process(
+                    reply,
+                    Err(CellError::Unavailable {
+                        cell: self.index,
+                        reason: e.to_string(),
+                    }),
+                );
+            }
+        }
+        for (topic, record) in outputs {
+            if let Some(state) = self
+                .topics
+                .get_mut(&topic)
+                .and_then(|p| p.get_mut(&partition))
+            {
+                Self::append_record(batch, state, now, record, None);
+            }
+        }
+        for (key, value) in state {
+            batch.set_state(&consumer, key, value);
+        }
+        for (seq, entry) in dead_letters {
+            batch.dead_letter(&consumer, seq, &entry);
+        }
+        batch.commit_offset(&consumer, &committed);
+        Answer::Process(reply, Ok(()))
     }
 
     fn create_topic(&mut self, shared: &Shared, topic: Arc<Topic>) -> Result<(), CellError> {

@@ -1,0 +1,796 @@
+//! The cell processor: runs every handler on every partition the cell owns, one batch at a time.
+//!
+//! For each (handler, partition) it reads a batch from the committed offset (only durable input), calls
+//! the handler's instance under its limits, and sends the cell writer ONE commit holding the output
+//! records (appended to the output topics' same partition, which this cell owns), the state writes and
+//! the new committed offset. The writer commits it atomically, so a crash leaves either all of a batch's
+//! effects or none: processing is exactly-once within the cell. It waits for that commit before the next
+//! batch of the same partition, so state reads always see committed state.
+//!
+//! Version swaps happen between batches: each batch runs entirely on one version (recorded with its
+//! offset), state carries over because it lives host-side. Failures:
+//! - the handler reports event `i` failed: the events before it are run again (handlers are deterministic)
+//!   and committed together with a dead letter for event `i` and the offset after it;
+//! - a trap or deadline (which does not say which event was at fault): the instance is rebuilt and the
+//!   batch is processed one event at a time; an event that fails alone is dead-lettered.
+//!
+//! Processing never blocks ingest: it runs on its own thread and only talks to the writer through the
+//! same bounded queue as ingest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::{CellError, Command, PartitionView, ProcessCommit, Shared, now_ms};
+use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
+use crate::log::{Committed, ConsumerLog, DlqEntry, Payload, Record, StoreError};
+use crate::runtime::{
+    Batch, CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime,
+    StateStore,
+};
+
+/// How long a task waits before retrying after a failure it cannot fix itself (bad init, missing topic).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long the processor sleeps when no partition has work (the writer wakes it on new input).
+const IDLE_PARK: Duration = Duration::from_millis(50);
+/// Bytes of input read per batch at most.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Settings of the processor.
+#[derive(Debug, Clone)]
+pub struct ProcessorOptions {
+    /// Limits of every instance.
+    pub limits: Limits,
+    /// Events per batch at most.
+    pub batch_max_events: usize,
+}
+
+impl Default for ProcessorOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            batch_max_events: 1000,
+        }
+    }
+}
+
+/// What one handler is doing on one partition, for status and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskStatus {
+    /// Partition.
+    pub partition: u32,
+    /// Version running (0 before the first instance).
+    pub version: u32,
+    /// Next input offset to process.
+    pub committed_offset: u64,
+    /// One past the last durable input offset.
+    pub end_offset: u64,
+    /// `running`, `idle`, `paused`, `waiting` or `failed`.
+    pub status: &'static str,
+    /// Why it is waiting or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Events processed since the server started.
+    pub events_processed: u64,
+    /// Dead letters written since the server started.
+    pub dead_letters: u64,
+}
+
+/// The committed state of one handler on one partition, read by its instance.
+struct ConsumerState(ConsumerLog);
+
+impl StateStore for ConsumerState {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        self.0.state_get(key).map_err(|e| e.to_string())
+    }
+}
+
+struct Task {
+    handler: Arc<str>,
+    /// Identity of the handler definition this task belongs to (a re-created handler is another).
+    created_ms: u64,
+    partition: u32,
+    consumer: ConsumerLog,
+    committed: Option<Committed>,
+    instance: Option<(u32, Instance)>,
+    dlq_next: Option<u64>,
+    retry_at: Option<Instant>,
+    status: TaskStatus,
+}
+
+pub(super) struct Processor {
+    shared: Arc<Shared>,
+    tx: flume::Sender<Command>,
+    catalog: Arc<Catalog>,
+    runtime: Arc<Runtime>,
+    options: ProcessorOptions,
+    compiled: HashMap<(Arc<str>, u32), Compiled>,
+    tasks: BTreeMap<(Arc<str>, u32), Task>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A task step failed in a way the task reports and retries later.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cell(#[from] CellError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Processor {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        tx: flume::Sender<Command>,
+        catalog: Arc<Catalog>,
+        runtime: Arc<Runtime>,
+        options: ProcessorOptions,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            shared,
+            tx,
+            catalog,
+            runtime,
+            options,
+            compiled: HashMap::new(),
+            tasks: BTreeMap::new(),
+            stop,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let _span = tracing::info_span!("procd.cell.processor", cell = self.shared.index).entered();
+        while !self.stop.load(Ordering::Acquire) {
+            let defs = self.catalog.handlers();
+            self.sync_tasks(&defs);
+            let mut worked = false;
+            let keys: Vec<(Arc<str>, u32)> = self.tasks.keys().cloned().collect();
+            for key in keys {
+                if self.stop.load(Ordering::Acquire) || self.shared.health.failure().is_some() {
+                    break;
+                }
+                let Some(mut task) = self.tasks.remove(&key) else {
+                    continue;
+                };
+                if let Some(def) = defs.get(&*task.handler) {
+                    match self.step(&mut task, def) {
+                        Ok(did) => worked |= did,
+                        Err(e) => {
+                            tracing::warn!(handler = %task.handler, partition = task.partition, error = %e, "handler task failed; retrying");
+                            task.status.status = "failed";
+                            task.status.detail = Some(e.to_string());
+                            task.retry_at = Some(Instant::now() + RETRY_AFTER);
+                            task.instance = None;
+                        }
+                    }
+                }
+                self.publish(&task);
+                self.tasks.insert(key, task);
+            }
+            if !worked {
+                std::thread::park_timeout(IDLE_PARK);
+            }
+        }
+    }
+
+    fn publish(&self, task: &Task) {
+        if let Ok(mut statuses) = self.shared.statuses.lock() {
+            statuses.insert(
+                (task.handler.to_string(), task.partition),
+                task.status.clone(),
+            );
+        }
+    }
+
+    /// Creates tasks for new handlers and drops (and deletes the storage of) removed ones.
+    fn sync_tasks(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
+        let gone: Vec<(Arc<str>, u32)> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                defs.get(&*t.handler)
+                    .is_none_or(|d| d.created_ms != t.created_ms)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(task) = self.tasks.remove(&key) {
+                if let Ok(mut statuses) = self.shared.statuses.lock() {
+                    statuses.remove(&(task.handler.to_string(), task.partition));
+                }
+                self.compiled.retain(|(name, _), _| *name != task.handler);
+                let (reply, rx) = oneshot::channel();
+                if self
+                    .tx
+                    .send(Command::DropConsumer {
+                        consumer: task.consumer,
+                        reply,
+                    })
+                    .is_ok()
+                {
+                    let _ = rx.blocking_recv();
+                }
+            }
+        }
+        for def in defs.values() {
+            let name: Arc<str> = Arc::from(def.name.as_str());
+            for partition in self.shared.shape.partitions_of(self.shared.index) {
+                if self.tasks.contains_key(&(name.clone(), partition)) {
+                    continue;
+                }
+                match self.shared.store.consumer(&def.name, partition) {
+                    Ok(consumer) => {
+                        let status = TaskStatus {
+                            partition,
+                            version: 0,
+                            committed_offset: 0,
+                            end_offset: 0,
+                            status: "idle",
+                            detail: None,
+                            events_processed: 0,
+                            dead_letters: 0,
+                        };
+                        let task = Task {
+                            handler: name.clone(),
+                            created_ms: def.created_ms,
+                            partition,
+                            consumer,
+                            committed: None,
+                            instance: None,
+                            dlq_next: None,
+                            retry_at: None,
+                            status,
+                        };
+                        self.tasks.insert((name.clone(), partition), task);
+                    }
+                    Err(e) => {
+                        self.shared.health.fail(self.shared.index, e.to_string());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn compiled(&mut self, name: &Arc<str>, version: u32) -> Result<Compiled, StepError> {
+        if let Some(c) = self.compiled.get(&(name.clone(), version)) {
+            return Ok(c.clone());
+        }
+        let bytes = self
+            .catalog
+            .component(name, version)
+            .map_err(|e| StepError::Other(e.to_string()))?
+            .ok_or_else(|| {
+                StepError::Other(format!("component of {name} v{version} is missing"))
+            })?;
+        let compiled = self
+            .runtime
+            .compile(&bytes)
+            .map_err(|e| StepError::Other(e.to_string()))?;
+        self.compiled
+            .insert((name.clone(), version), compiled.clone());
+        Ok(compiled)
+    }
+
+    fn instantiate(
+        &mut self,
+        task: &Task,
+        version: &HandlerVersion,
+    ) -> Result<Instance, StepError> {
+        let compiled = self.compiled(&task.handler, version.version)?;
+        let label = LogLabel {
+            handler: task.handler.clone(),
+            version: version.version,
+            partition: task.partition,
+        };
+        self.runtime
+            .instantiate(
+                &compiled,
+                &self.options.limits,
+                Box::new(ConsumerState(task.consumer.clone())),
+                &version.config,
+                label,
+            )
+            .map_err(|e| StepError::Other(e.to_string()))
+    }
+
+    /// Sends a commit to the writer and waits until it is durable.
+    fn commit(&self, task: &mut Task, commit: PendingCommit) -> Result<(), StepError> {
+        let (reply, rx) = oneshot::channel();
+        let committed = commit.committed;
+        let dead = commit.dead_letters.len() as u64;
+        let command = Command::Process(ProcessCommit {
+            consumer: task.consumer.clone(),
+            partition: task.partition,
+            outputs: commit.outputs,
+            state: commit.state,
+            committed,
+            dead_letters: commit.dead_letters,
+            clear_state: commit.clear_state,
+            reply,
+        });
+        self.tx.send(command).map_err(|_| CellError::ShuttingDown {
+            cell: self.shared.index,
+        })?;
+        rx.blocking_recv().map_err(|_| CellError::ShuttingDown {
+            cell: self.shared.index,
+        })??;
+        task.status.events_processed += committed
+            .offset
+            .saturating_sub(task.committed.map_or(committed.offset, |c| c.offset));
+        task.status.dead_letters += dead;
+        if let Some(next) = task.dlq_next.as_mut() {
+            *next += dead;
+        }
+        task.committed = Some(committed);
+        task.status.committed_offset = committed.offset;
+        Ok(())
+    }
+
+    /// One batch of one task. Returns whether it did any work.
+    fn step(&mut self, task: &mut Task, def: &HandlerDef) -> Result<bool, StepError> {
+        if def.paused {
+            task.status.status = "paused";
+            task.status.detail = None;
+            task.instance = None;
+            return Ok(false);
+        }
+        if task.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(false);
+        }
+        task.retry_at = None;
+        let Some(view) = self.shared.view(&def.input, task.partition) else {
+            task.status.status = "waiting";
+            task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
+            return Ok(false);
+        };
+        let end = view.end_offset();
+        task.status.end_offset = end;
+        let generation = def.reset.map_or(0, |r| r.generation);
+
+        // First run on this partition: start where the handler asked, and record it.
+        if task.committed.is_none() {
+            task.committed = task.consumer.committed()?;
+            task.status.committed_offset = task.committed.map_or(0, |c| c.offset);
+        }
+        let committed = match task.committed {
+            Some(c) => c,
+            None => {
+                let offset = match def.start {
+                    StartPosition::Earliest => view.log().first_offset()?.unwrap_or(end),
+                    StartPosition::Latest => end,
+                    StartPosition::Offset(n) => n,
+                };
+                let committed = Committed {
+                    offset,
+                    version: def.active,
+                    reset_generation: generation,
+                };
+                self.commit(task, PendingCommit::offset_only(committed))?;
+                return Ok(true);
+            }
+        };
+        if let Some(reset) = def
+            .reset
+            .filter(|r| r.generation > committed.reset_generation)
+        {
+            let offset = match reset.to {
+                ResetTo::Earliest => view.log().first_offset()?.unwrap_or(end),
+                ResetTo::Latest => end,
+                ResetTo::Offset(n) => n,
+                ResetTo::Timestamp(ts) => first_at_or_after(&view, ts)?,
+            };
+            let committed = Committed {
+                offset,
+                version: committed.version,
+                reset_generation: reset.generation,
+            };
+            let mut commit = PendingCommit::offset_only(committed);
+            commit.clear_state = reset.clear_state;
+            task.instance = None;
+            self.commit(task, commit)?;
+            tracing::info!(handler = %task.handler, partition = task.partition, offset, "handler reset");
+            return Ok(true);
+        }
+
+        let version = def.active_version().ok_or_else(|| {
+            StepError::Other(format!("active version v{} is missing", def.active))
+        })?;
+        if task
+            .instance
+            .as_ref()
+            .is_none_or(|(v, i)| *v != version.version || i.is_poisoned())
+        {
+            task.instance = None;
+            let instance = self.instantiate(task, version)?;
+            task.instance = Some((version.version, instance));
+        }
+        task.status.version = version.version;
+        if committed.offset >= end {
+            task.status.status = "idle";
+            task.status.detail = None;
+            return Ok(false);
+        }
+        task.status.status = "running";
+        task.status.detail = None;
+
+        let records = view.log().read(
+            committed.offset,
+            end,
+            self.options.batch_max_events,
+            MAX_BATCH_BYTES,
+        )?;
+        let Some(&(last, _)) = records.last() else {
+            // Nothing stored at or after the committed offset below `end`: it was dropped by retention.
+            let first = view.log().first_offset()?.unwrap_or(end);
+            self.commit(
+                task,
+                PendingCommit::offset_only(Committed {
+                    offset: first.max(committed.offset),
+                    ..committed
+                }),
+            )?;
+            return Ok(true);
+        };
+        let events: Vec<(u64, Vec<u8>, Record)> = records
+            .into_iter()
+            .map(|(offset, bytes)| {
+                let record = Record::decode(&bytes)
+                    .map_err(|e| StepError::Other(format!("input offset {offset}: {e}")))?;
+                Ok((offset, bytes.to_vec(), record))
+            })
+            .collect::<Result<_, StepError>>()?;
+        let base = Committed {
+            offset: last + 1,
+            version: version.version,
+            reset_generation: committed.reset_generation,
+        };
+        self.process(task, version, &events, base)?;
+        Ok(true)
+    }
+
+    /// Runs the handler over `events` and commits the result, isolating failing events.
+    fn process(
+        &mut self,
+        task: &mut Task,
+        version: &HandlerVersion,
+        events: &[(u64, Vec<u8>, Record)],
+        after: Committed,
+    ) -> Result<(), StepError> {
+        let batch = build_batch(task.partition, events);
+        let outcome = self.call(task, version, &batch);
+        match outcome {
+            Ok(HandleOutcome::Outputs(outputs)) => {
+                let state = self.take_writes(task);
+                match to_records(&outputs, version) {
+                    Ok(outputs) => self.commit(
+                        task,
+                        PendingCommit {
+                            outputs,
+                            state,
+                            committed: after,
+                            dead_letters: vec![],
+                            clear_state: false,
+                        },
+                    ),
+                    // The handler named an output it did not declare: a fault of the whole batch.
+                    Err(message) => self.one_by_one(task, version, events, after, Some(message)),
+                }
+            }
+            Ok(HandleOutcome::EventFailed { index, message }) => {
+                self.discard_writes(task);
+                let index = index as usize;
+                let Some((failed_offset, failed_bytes, _)) = events.get(index) else {
+                    return self.one_by_one(
+                        task,
+                        version,
+                        events,
+                        after,
+                        Some(format!(
+                            "handler reported event index {index} of a {}-event batch",
+                            events.len()
+                        )),
+                    );
+                };
+                // Re-run the events before the failing one: a deterministic handler gives their effects.
+                let (outputs, state) = if index == 0 {
+                    (vec![], vec![])
+                } else {
+                    let prefix = build_batch(task.partition, &events[..index]);
+                    match self.call(task, version, &prefix) {
+                        Ok(HandleOutcome::Outputs(out)) => match to_records(&out, version) {
+                            Ok(records) => (records, self.take_writes(task)),
+                            Err(m) => {
+                                return self.one_by_one(task, version, events, after, Some(m));
+                            }
+                        },
+                        // Not deterministic after all: fall back to isolating every event.
+                        _ => {
+                            self.discard_writes(task);
+                            return self.one_by_one(task, version, events, after, None);
+                        }
+                    }
+                };
+                let seq = self.dlq_seq(task)?;
+                let entry = dead_letter(*failed_offset, version.version, message, failed_bytes);
+                let committed = Committed {
+                    offset: failed_offset + 1,
+                    ..after
+                };
+                self.commit(
+                    task,
+                    PendingCommit {
+                        outputs,
+                        state,
+                        committed,
+                        dead_letters: vec![(seq, entry)],
+                        clear_state: false,
+                    },
+                )
+            }
+            Err(trap) => {
+                tracing::warn!(handler = %task.handler, partition = task.partition, error = %trap, "batch trapped; isolating events one by one");
+                self.one_by_one(task, version, events, after, None)
+            }
+        }
+    }
+
+    /// Processes each event alone, dead-lettering those that fail alone.
+    fn one_by_one(
+        &mut self,
+        task: &mut Task,
+        version: &HandlerVersion,
+        events: &[(u64, Vec<u8>, Record)],
+        after: Committed,
+        batch_error: Option<String>,
+    ) -> Result<(), StepError> {
+        let _ = batch_error;
+        for (i, (offset, bytes, _)) in events.iter().enumerate() {
+            let committed = Committed {
+                offset: offset + 1,
+                ..after
+            };
+            let single = build_batch(task.partition, &events[i..=i]);
+            let outcome = self.call(task, version, &single);
+            let failure = match outcome {
+                Ok(HandleOutcome::Outputs(outputs)) => match to_records(&outputs, version) {
+                    Ok(outputs) => {
+                        let state = self.take_writes(task);
+                        self.commit(
+                            task,
+                            PendingCommit {
+                                outputs,
+                                state,
+                                committed,
+                                dead_letters: vec![],
+                                clear_state: false,
+                            },
+                        )?;
+                        continue;
+                    }
+                    Err(message) => message,
+                },
+                Ok(HandleOutcome::EventFailed { message, .. }) => message,
+                Err(trap) => trap.to_string(),
+            };
+            self.discard_writes(task);
+            let seq = self.dlq_seq(task)?;
+            let entry = dead_letter(*offset, version.version, failure, bytes);
+            self.commit(
+                task,
+                PendingCommit {
+                    outputs: vec![],
+                    state: vec![],
+                    committed,
+                    dead_letters: vec![(seq, entry)],
+                    clear_state: false,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Calls the task's instance, rebuilding it first if an earlier trap poisoned it.
+    fn call(
+        &mut self,
+        task: &mut Task,
+        version: &HandlerVersion,
+        batch: &Batch,
+    ) -> Result<HandleOutcome, CallError> {
+        if task.instance.as_ref().is_none_or(|(_, i)| i.is_poisoned()) {
+            task.instance = None;
+            match self.instantiate(task, version) {
+                Ok(instance) => task.instance = Some((version.version, instance)),
+                Err(e) => return Err(CallError::Trap(e.to_string())),
+            }
+        }
+        match task.instance.as_mut() {
+            Some((_, instance)) => instance.handle(batch),
+            None => Err(CallError::Trap("no instance".into())),
+        }
+    }
+
+    fn take_writes(&mut self, task: &mut Task) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        task.instance
+            .as_mut()
+            .map(|(_, i)| i.take_writes())
+            .unwrap_or_default()
+    }
+
+    fn discard_writes(&mut self, task: &mut Task) {
+        if let Some((_, i)) = task.instance.as_mut() {
+            i.discard_writes();
+        }
+    }
+
+    fn dlq_seq(&self, task: &mut Task) -> Result<u64, StepError> {
+        match task.dlq_next {
+            Some(seq) => Ok(seq),
+            None => {
+                let seq = task.consumer.dlq_next_seq()?;
+                task.dlq_next = Some(seq);
+                Ok(seq)
+            }
+        }
+    }
+}
+
+/// What a batch commits, before it is sent to the writer.
+struct PendingCommit {
+    outputs: Vec<(Arc<str>, Vec<u8>)>,
+    state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    committed: Committed,
+    dead_letters: Vec<(u64, DlqEntry)>,
+    clear_state: bool,
+}
+
+impl PendingCommit {
+    fn offset_only(committed: Committed) -> Self {
+        Self {
+            outputs: vec![],
+            state: vec![],
+            committed,
+            dead_letters: vec![],
+            clear_state: false,
+        }
+    }
+}
+
+fn dead_letter(offset: u64, version: u32, error: String, record: &[u8]) -> DlqEntry {
+    DlqEntry {
+        offset,
+        version,
+        error,
+        time_ms: now_ms(),
+        record: record.to_vec(),
+    }
+}
+
+/// The first offset at or after `ts` (log-append time is non-decreasing within a partition).
+fn first_at_or_after(view: &PartitionView, ts: u64) -> Result<u64, StoreError> {
+    let end = view.end_offset();
+    let mut lo = view.log().first_offset()?.unwrap_or(end);
+    let mut hi = end;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match view.log().timestamp_at(mid)? {
+            Some(t) if t >= ts => hi = mid,
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(lo)
+}
+
+fn end_u32(len: usize) -> u32 {
+    // Batches are bounded by MAX_BATCH_BYTES (4 MiB), far below u32::MAX.
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// Lays events out column-wise for the guest.
+pub(crate) fn build_batch(partition: u32, events: &[(u64, Vec<u8>, Record)]) -> Batch {
+    let n = events.len();
+    let mut batch = Batch {
+        partition,
+        offsets: Vec::with_capacity(n),
+        timestamps_ms: Vec::with_capacity(n),
+        keys: Vec::new(),
+        key_ends: Vec::with_capacity(n),
+        values: Vec::new(),
+        value_ends: Vec::with_capacity(n),
+        headers: Vec::new(),
+        header_ends: Vec::with_capacity(n),
+    };
+    for (offset, _, record) in events {
+        append_event(&mut batch, *offset, record);
+    }
+    batch
+}
+
+/// Appends one event to a batch's columns.
+pub(crate) fn append_event(batch: &mut Batch, offset: u64, record: &Record) {
+    batch.offsets.push(offset);
+    batch.timestamps_ms.push(record.timestamp_ms);
+    batch
+        .keys
+        .extend_from_slice(record.key.as_deref().unwrap_or_default());
+    batch.key_ends.push(end_u32(batch.keys.len()));
+    match &record.value {
+        Payload::Json(text) => batch.values.extend_from_slice(text.as_bytes()),
+        Payload::Bytes(bytes) => batch.values.extend_from_slice(bytes),
+    }
+    batch.value_ends.push(end_u32(batch.values.len()));
+    for (name, value) in &record.headers {
+        batch
+            .headers
+            .extend_from_slice(&end_u32(name.len()).to_le_bytes());
+        batch.headers.extend_from_slice(name.as_bytes());
+        batch
+            .headers
+            .extend_from_slice(&end_u32(value.len()).to_le_bytes());
+        batch.headers.extend_from_slice(value.as_bytes());
+    }
+    batch.header_ends.push(end_u32(batch.headers.len()));
+}
+
+/// Turns a handler's columnar outputs into encoded records per output topic. A value that is valid JSON
+/// is stored as JSON (so it reads back as a JSON value), anything else as bytes.
+pub(crate) fn to_records(
+    outputs: &OutputBatch,
+    version: &HandlerVersion,
+) -> Result<Vec<(Arc<str>, Vec<u8>)>, String> {
+    let n = outputs.topics.len();
+    if outputs.key_ends.len() != n || outputs.value_ends.len() != n {
+        return Err(format!(
+            "output columns disagree: {n} topics, {} keys, {} values",
+            outputs.key_ends.len(),
+            outputs.value_ends.len()
+        ));
+    }
+    let topics: Vec<Arc<str>> = version
+        .outputs
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
+    let mut records = Vec::with_capacity(n);
+    let (mut key_start, mut value_start) = (0usize, 0usize);
+    for i in 0..n {
+        let topic = topics.get(outputs.topics[i] as usize).ok_or_else(|| {
+            format!(
+                "output topic index {} is not declared (outputs: {:?})",
+                outputs.topics[i], version.outputs
+            )
+        })?;
+        let (key_end, value_end) = (outputs.key_ends[i] as usize, outputs.value_ends[i] as usize);
+        let key = outputs
+            .keys
+            .get(key_start..key_end)
+            .ok_or("output key offsets are out of range")?;
+        let value = outputs
+            .values
+            .get(value_start..value_end)
+            .ok_or("output value offsets are out of range")?;
+        (key_start, value_start) = (key_end, value_end);
+        let value = match std::str::from_utf8(value) {
+            Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+                Payload::Json(text.to_string())
+            }
+            _ => Payload::Bytes(value.to_vec()),
+        };
+        let record = Record {
+            timestamp_ms: 0,
+            key: (!key.is_empty()).then(|| key.to_vec()),
+            value,
+            headers: vec![],
+            id: None,
+        };
+        records.push((topic.clone(), record.encode()));
+    }
+    Ok(records)
+}

@@ -1,0 +1,394 @@
+//! One sandboxed handler instance: a `Store` with its limits, the instantiated component, and the
+//! host side of procd's imports (state overlay, rate-limited log).
+//!
+//! State writes of a batch go to an overlay in the store's data, which reads consult first (so a guest
+//! reads its own writes); the cell takes them after a successful batch and commits them atomically with
+//! the outputs and the offset, or discards them. A trap poisons the store: the instance must be rebuilt
+//! (about 60 µs), which is why the state that matters lives host-side.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+
+use super::bindings::procd::handler::{log, state, types};
+use super::bindings::{Batch, Handler, Level, OutputBatch, StateValues};
+use super::{Compiled, EPOCH_TICK, Limits, Runtime};
+
+/// Committed state of one handler on one partition, as the cell stores it.
+pub trait StateStore: Send {
+    /// The committed value of `key`; `Err` describes a storage failure.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// One state change of a batch: a value to store, or `None` to delete.
+pub type StateWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// Who is logging, for log lines.
+#[derive(Debug, Clone)]
+pub struct LogLabel {
+    /// Handler name.
+    pub handler: Arc<str>,
+    /// Handler version.
+    pub version: u32,
+    /// Partition.
+    pub partition: u32,
+}
+
+struct LogLimiter {
+    label: LogLabel,
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl LogLimiter {
+    fn admit(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+/// The data of an instance's store.
+pub struct HostState {
+    limits: StoreLimits,
+    committed: Box<dyn StateStore>,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    max_state_value_bytes: usize,
+    log: LogLimiter,
+}
+
+/// Splits a column blob by its end offsets; a guest sending inconsistent columns gets a trap.
+fn columns<'a>(blob: &'a [u8], ends: &[u32]) -> wasmtime::Result<Vec<&'a [u8]>> {
+    let mut out = Vec::with_capacity(ends.len());
+    let mut start = 0usize;
+    for &end in ends {
+        let end = end as usize;
+        let Some(slice) = blob.get(start..end) else {
+            wasmtime::bail!(
+                "column end offsets are out of range or not ascending ({start}..{end} of {})",
+                blob.len()
+            );
+        };
+        out.push(slice);
+        start = end;
+    }
+    Ok(out)
+}
+
+impl HostState {
+    fn read(&self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        self.committed
+            .get(key)
+            .map_err(|e| wasmtime::format_err!("state read failed: {e}"))
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), String> {
+        if value.len() > self.max_state_value_bytes {
+            return Err(format!(
+                "state value of {} bytes exceeds the limit of {} bytes",
+                value.len(),
+                self.max_state_value_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl types::Host for HostState {}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.read(&key)
+    }
+
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        if let Err(e) = self.check_value(&value) {
+            return Ok(Err(e));
+        }
+        self.overlay.insert(key, Some(value));
+        Ok(Ok(()))
+    }
+
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<()> {
+        self.overlay.insert(key, None);
+        Ok(())
+    }
+
+    fn get_many(&mut self, keys: Vec<u8>, key_ends: Vec<u32>) -> wasmtime::Result<StateValues> {
+        let keys = columns(&keys, &key_ends)?;
+        let mut out = StateValues {
+            values: Vec::new(),
+            value_ends: Vec::with_capacity(keys.len()),
+            found: Vec::with_capacity(keys.len()),
+        };
+        for key in keys {
+            let value = self.read(key)?;
+            out.found.push(value.is_some());
+            out.values
+                .extend_from_slice(value.as_deref().unwrap_or_default());
+            out.value_ends.push(
+                u32::try_from(out.values.len())
+                    .map_err(|_| wasmtime::format_err!("state values exceed 4 GiB"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn set_many(
+        &mut self,
+        keys: Vec<u8>,
+        key_ends: Vec<u32>,
+        values: Vec<u8>,
+        value_ends: Vec<u32>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        if key_ends.len() != value_ends.len() {
+            wasmtime::bail!(
+                "set-many got {} keys but {} values",
+                key_ends.len(),
+                value_ends.len()
+            );
+        }
+        let keys = columns(&keys, &key_ends)?;
+        let values = columns(&values, &value_ends)?;
+        if let Some(Err(e)) = values
+            .iter()
+            .map(|v| self.check_value(v))
+            .find(Result::is_err)
+        {
+            return Ok(Err(e));
+        }
+        for (k, v) in keys.into_iter().zip(values) {
+            self.overlay.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        Ok(Ok(()))
+    }
+
+    fn delete_many(&mut self, keys: Vec<u8>, key_ends: Vec<u32>) -> wasmtime::Result<()> {
+        for key in columns(&keys, &key_ends)? {
+            self.overlay.insert(key.to_vec(), None);
+        }
+        Ok(())
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        if !self.log.admit() {
+            return;
+        }
+        let l = &self.log.label;
+        let (handler, version, partition) = (&*l.handler, l.version, l.partition);
+        match level {
+            Level::Trace => {
+                tracing::trace!(target: "procd::handler", handler, version, partition, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "procd::handler", handler, version, partition, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "procd::handler", handler, version, partition, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "procd::handler", handler, version, partition, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "procd::handler", handler, version, partition, "{message}")
+            }
+        }
+    }
+}
+
+/// Links procd's imports (and nothing else) for every instance.
+pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// An instance could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// Instantiation failed (e.g. the memory limit is below the component's minimum).
+    #[error("cannot instantiate handler: {0}")]
+    Instantiate(String),
+    /// The handler's `init` refused its configuration.
+    #[error("handler init failed: {0}")]
+    Init(String),
+    /// `init` trapped.
+    #[error("handler init trapped: {0}")]
+    Trap(String),
+}
+
+/// A `handle` call did not return normally. The instance is poisoned and must be rebuilt.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The call ran past its deadline.
+    #[error("deadline of {0} ms exceeded")]
+    Deadline(u128),
+    /// The guest tried to grow memory past its limit.
+    #[error("memory limit {0} MiB exceeded")]
+    Memory(usize),
+    /// Any other trap (a panic in the guest, unreachable, stack overflow, a host-side failure).
+    #[error("trap: {0}")]
+    Trap(String),
+}
+
+/// What a successful `handle` call returned.
+#[derive(Debug)]
+pub enum HandleOutcome {
+    /// Every event was processed; these are the outputs.
+    Outputs(OutputBatch),
+    /// Event `index` of the batch failed; nothing of the batch may be committed as is.
+    EventFailed {
+        /// Index in the batch.
+        index: u32,
+        /// The handler's message.
+        message: String,
+    },
+}
+
+/// An instantiated handler for one partition.
+pub struct Instance {
+    store: Store<HostState>,
+    bindings: Handler,
+    deadline: Duration,
+    max_memory_bytes: usize,
+    poisoned: bool,
+}
+
+impl Runtime {
+    /// Instantiates `compiled` under `limits`, reading committed state from `committed`, and calls its
+    /// `init` with `config`.
+    pub fn instantiate(
+        &self,
+        compiled: &Compiled,
+        limits: &Limits,
+        committed: Box<dyn StateStore>,
+        config: &[(String, String)],
+        label: LogLabel,
+    ) -> Result<Instance, InstanceError> {
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory_bytes)
+            .instances(16)
+            .tables(16)
+            .table_elements(1 << 20)
+            .memories(4)
+            .trap_on_grow_failure(true)
+            .build();
+        let per_sec = f64::from(limits.log_lines_per_sec.max(1));
+        let data = HostState {
+            limits: store_limits,
+            committed,
+            overlay: BTreeMap::new(),
+            max_state_value_bytes: limits.max_state_value_bytes,
+            log: LogLimiter {
+                label,
+                per_sec,
+                tokens: per_sec,
+                last: Instant::now(),
+                dropped: 0,
+            },
+        };
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(limits.deadline));
+        let bindings = compiled
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| InstanceError::Instantiate(format!("{e:#}")))?;
+        let mut instance = Instance {
+            store,
+            bindings,
+            deadline: limits.deadline,
+            max_memory_bytes: limits.max_memory_bytes,
+            poisoned: false,
+        };
+        instance.store.set_epoch_deadline(ticks(limits.deadline));
+        match instance.bindings.call_init(&mut instance.store, config) {
+            Ok(Ok(())) => Ok(instance),
+            Ok(Err(message)) => Err(InstanceError::Init(message)),
+            Err(e) => Err(InstanceError::Trap(instance.describe(&e).to_string())),
+        }
+    }
+}
+
+fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+}
+
+impl Instance {
+    fn describe(&self, e: &wasmtime::Error) -> CallError {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Deadline(self.deadline.as_millis()),
+            _ => {
+                let text = format!("{e:#}");
+                if text.contains("forcing a memory growth failure to be a trap") {
+                    CallError::Memory(self.max_memory_bytes / (1024 * 1024))
+                } else {
+                    CallError::Trap(text)
+                }
+            }
+        }
+    }
+
+    /// Runs the handler over one batch. State writes stay in the overlay until [`Instance::take_writes`]
+    /// or [`Instance::discard_writes`].
+    pub fn handle(&mut self, batch: &Batch) -> Result<HandleOutcome, CallError> {
+        if self.poisoned {
+            return Err(CallError::Trap(
+                "instance was poisoned by an earlier trap".into(),
+            ));
+        }
+        self.store.set_epoch_deadline(ticks(self.deadline));
+        match self.bindings.call_handle(&mut self.store, batch) {
+            Ok(Ok(outputs)) => Ok(HandleOutcome::Outputs(outputs)),
+            Ok(Err(e)) => Ok(HandleOutcome::EventFailed {
+                index: e.index,
+                message: e.message,
+            }),
+            Err(e) => {
+                self.poisoned = true;
+                Err(self.describe(&e))
+            }
+        }
+    }
+
+    /// Whether a trap made this instance unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Takes the state writes of the batch just handled, in key order.
+    pub fn take_writes(&mut self) -> Vec<StateWrite> {
+        std::mem::take(&mut self.store.data_mut().overlay)
+            .into_iter()
+            .collect()
+    }
+
+    /// Drops the state writes of the batch just handled.
+    pub fn discard_writes(&mut self) {
+        self.store.data_mut().overlay.clear();
+    }
+
+    /// Log lines dropped by the rate limit so far.
+    pub fn dropped_log_lines(&self) -> u64 {
+        self.store.data().log.dropped
+    }
+}
