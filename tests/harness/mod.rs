@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod guests;
+
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -254,4 +256,49 @@ pub fn ndjson(resp: &Response) -> TestResult<Vec<serde_json::Value>> {
         .filter(|l| !l.is_empty())
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?)
+}
+
+impl TestHost {
+    /// Deploys component `bytes` as handler `name` reading `input` and writing `outputs`, with extra
+    /// query parameters (e.g. `config=k=v`, `from=latest`); returns the response.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        input: &str,
+        outputs: &[&str],
+        extra: &[&str],
+    ) -> TestResult<Response> {
+        let mut query = format!("input={input}");
+        for o in outputs {
+            query.push_str(&format!("&output={o}"));
+        }
+        for e in extra {
+            query.push('&');
+            query.push_str(e);
+        }
+        let path = format!("/v1/handlers/{name}?{query}");
+        Ok(self.admin()?.request(hyper::Method::PUT, &path, &[("content-type", "application/wasm")], bytes).await?)
+    }
+
+    /// Waits until handler `name` has processed everything (lag 0 on every partition) or `timeout`.
+    pub async fn wait_caught_up(&self, name: &str, timeout: Duration) -> TestResult {
+        let deadline = Instant::now() + timeout;
+        let mut admin = self.admin()?;
+        loop {
+            let resp = admin.get(&format!("/v1/handlers/{name}")).await?;
+            ensure_status(&resp, 200)?;
+            let v = resp.json()?;
+            let parts = v["partitions"].as_array().cloned().unwrap_or_default();
+            let caught_up = !parts.is_empty()
+                && parts.iter().all(|p| p["lag"] == 0 && p["end_offset"].as_u64().is_some() && p["status"] != "failed");
+            if caught_up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("handler {name} did not catch up within {timeout:?}: {v}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -1,0 +1,59 @@
+//! Builds the example handlers in `guest-examples/` as real wasm components, once per test process.
+//!
+//! Tests never use committed `.wasm` files: they run `cargo build --release --target wasm32-wasip2` in
+//! `guest-examples/` with its own target directory (so the host's build lock is not contended), and
+//! read the components from there.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The example handlers.
+pub const EXAMPLES: [&str; 4] = ["passthrough", "filter", "enrich", "counter"];
+
+fn repo_root() -> PathBuf {
+    // host/ is the package directory of these tests.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Builds every example (once) and returns the directory holding `<name>.wasm`.
+pub fn examples_dir() -> Result<PathBuf, String> {
+    BUILT
+        .get_or_init(|| {
+            let dir = repo_root().join("guest-examples");
+            let target = dir.join("target");
+            let out = Command::new(env!("CARGO"))
+                .current_dir(&dir)
+                .args(["build", "--release", "--target", "wasm32-wasip2", "-j", "2"])
+                .env("CARGO_TARGET_DIR", &target)
+                // Cargo sets these for the test process; the guest build must not inherit them.
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("CARGO_BUILD_TARGET")
+                .output()
+                .map_err(|e| format!("cannot run cargo to build guest-examples: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building guest-examples failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(target.join("wasm32-wasip2").join("release"))
+        })
+        .clone()
+}
+
+/// The component bytes of example `name`.
+pub fn example(name: &str) -> Result<Vec<u8>, String> {
+    let path = examples_dir()?.join(format!("{name}.wasm"));
+    std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The path of example `name`'s component.
+pub fn example_path(name: &str) -> Result<PathBuf, String> {
+    Ok(examples_dir()?.join(format!("{name}.wasm")))
+}
