@@ -210,6 +210,8 @@ struct Shared {
     processor: std::sync::OnceLock<std::thread::Thread>,
     /// What each (handler, partition) task is doing; written by the processor, read by status requests.
     statuses: Mutex<HashMap<(String, u32), TaskStatus>>,
+    /// Handler definitions (read-only here): retention must not drop what a handler has not processed.
+    catalog: Arc<Catalog>,
 }
 
 impl Shared {
@@ -274,6 +276,7 @@ impl Cell {
             topics: ArcSwap::from_pointee(views),
             processor: std::sync::OnceLock::new(),
             statuses: Mutex::new(HashMap::new()),
+            catalog: catalog.clone(),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };

@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use super::{PartitionView, Shared, now_ms};
-use crate::catalog::Retention;
+use crate::catalog::{Retention, StartPosition};
 use crate::log::StoreError;
 
 pub(super) fn run(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
@@ -35,8 +35,8 @@ fn tick(shared: &Shared) -> Result<(), StoreError> {
     for tp in topics.values() {
         for view in tp.by_partition.values() {
             logs.push(view.log().clone());
-            // No handler commits offsets yet, so no consumer floor applies; handlers will supply one.
-            if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), None)? {
+            let floor = consumer_floor(shared, &tp.topic.name, view.partition)?;
+            if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), floor)? {
                 tracing::debug!(topic = %tp.topic.name, partition = view.partition, cut, "retention: dropping");
                 view.log().drop_before(cut)?;
                 // Events below the cut still in the memtable (or in a table reaching past the cut) stay;
@@ -52,6 +52,26 @@ fn tick(shared: &Shared) -> Result<(), StoreError> {
         shared.store.rotate_memtables(&logs)?;
     }
     Ok(())
+}
+
+/// The lowest offset a handler reading `topic` still needs on `partition`: its committed offset, or 0 for
+/// a handler that has not started there yet and starts from the earliest event.
+fn consumer_floor(shared: &Shared, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+    let mut floor: Option<u64> = None;
+    for def in shared
+        .catalog
+        .handlers()
+        .values()
+        .filter(|d| d.input == topic)
+    {
+        let needed = match shared.store.consumer(&def.name, partition)?.committed()? {
+            Some(c) => c.offset,
+            None if def.start == StartPosition::Earliest => 0,
+            None => continue,
+        };
+        floor = Some(floor.map_or(needed, |f| f.min(needed)));
+    }
+    Ok(floor)
 }
 
 /// The offset below which events may be dropped, if any. `consumer_floor` is the lowest committed offset
