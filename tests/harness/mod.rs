@@ -278,7 +278,15 @@ impl TestHost {
             query.push_str(e);
         }
         let path = format!("/v1/handlers/{name}?{query}");
-        Ok(self.admin()?.request(hyper::Method::PUT, &path, &[("content-type", "application/wasm")], bytes).await?)
+        Ok(self
+            .admin()?
+            .request(
+                hyper::Method::PUT,
+                &path,
+                &[("content-type", "application/wasm")],
+                bytes,
+            )
+            .await?)
     }
 
     /// Waits until handler `name` has processed everything (lag 0 on every partition) or `timeout`.
@@ -291,12 +299,16 @@ impl TestHost {
             let v = resp.json()?;
             let parts = v["partitions"].as_array().cloned().unwrap_or_default();
             let caught_up = !parts.is_empty()
-                && parts.iter().all(|p| p["lag"] == 0 && p["end_offset"].as_u64().is_some() && p["status"] != "failed");
+                && parts.iter().all(|p| {
+                    p["lag"] == 0 && p["end_offset"].as_u64().is_some() && p["status"] != "failed"
+                });
             if caught_up {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("handler {name} did not catch up within {timeout:?}: {v}").into());
+                return Err(
+                    format!("handler {name} did not catch up within {timeout:?}: {v}").into(),
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
