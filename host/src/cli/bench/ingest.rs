@@ -1,0 +1,781 @@
+//! `procd bench ingest`: how much of the storage's durable append rate survives the HTTP data plane.
+//!
+//! Two phases write the same events: event `i` has key `k<i>` and, as its value, a JSON string of exactly
+//! `--value-bytes` bytes (quotes included) generated from `i`, so both phases store the same bytes and the
+//! values compress no better than real ones would.
+//!
+//! - **(a) raw**: the events are routed by the server's partitioner over the same partitions, encoded as
+//!   [`Record`]s *before* the clock starts, and appended straight to fjall by one writer thread per cell,
+//!   each with its own [`Store`] (the cells' own options) owning the partitions `p % C == k`. Each writer
+//!   commits one atomic batch and one fsync (`SyncData`) per group, and forms its groups as a cell writer
+//!   does when its queue never runs dry: each request's share for the cell is added whole until the group
+//!   holds at least `cell.group_commit_max_events` events. That is the best the server's writers can do
+//!   with none of the work in front of them: the ceiling.
+//! - **(b) http**: an in-process [`Server`] (defaults plus `--set`) on a fresh data directory, and
+//!   `--connections` keep-alive clients posting NDJSON bodies of `--batch` events, built before the clock
+//!   starts. Everything the server does is timed: HTTP, parsing, routing, encoding, queueing, group commit,
+//!   the response, and the client reading it.
+//!
+//! Both phases write the same records to the same kind of Database on the same disk with the same
+//! durability and the same group-size rule, and both are timed from the first append to the last
+//! acknowledgement, so (b)/(a) is the share of the storage ceiling the server delivers. The client runs in
+//! this process and shares the CPUs with the server, as a load generator on the same host would.
+//!
+//! fsync latency on shared or virtual disks drifts by a factor of two within seconds, so the phases run
+//! interleaved for `--rounds` rounds, each on fresh directories, and the figures are totals over rounds:
+//! drift then weighs on both phases alike instead of on whichever ran during a slow spell.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use clap::Args;
+use serde::Deserialize;
+
+use crate::client::Client;
+use crate::config::{Config, Overrides};
+use crate::ingest::partitioner;
+use crate::log::layout::Shape;
+use crate::log::{PartitionLog, Payload, Record, Store};
+use crate::server::{AppState, Server};
+
+/// The topic both phases write.
+const TOPIC: &str = "bench";
+/// The acceptance target: HTTP ingest should reach this share of the raw append rate.
+const TARGET_RATIO: f64 = 0.8;
+/// Value characters: JSON-safe (no escaping), 64 of them so each takes 6 random bits.
+const VALUE_ALPHABET: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// `procd bench ingest` flags.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Events each phase writes in each round.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Rounds of (a) then (b); figures are totals over all rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Events per HTTP request in phase (b).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// Concurrent keep-alive HTTP connections in phase (b).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Partitions of the topic (both phases).
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// Cells of the server in (b), and raw writer threads in (a).
+    #[arg(long, default_value_t = 2)]
+    cells: u32,
+    /// Where the temporary data directories go (removed afterwards) [default: the system temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Any server config key, as KEY=VALUE (e.g. --set cell.group_commit_max_events=4000); phase (a)
+    /// follows the cell keys too. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// Validated settings of a run.
+#[derive(Debug, Clone)]
+struct Plan {
+    events: usize,
+    rounds: usize,
+    batch: usize,
+    value_bytes: usize,
+    connections: usize,
+    /// The server's configuration; phase (a) takes its shape and cell options from it too.
+    config: Config,
+    /// The `--set` overrides it was built with, for the parameter block.
+    set: Vec<String>,
+    parent: PathBuf,
+}
+
+impl Plan {
+    fn new(args: IngestArgs) -> anyhow::Result<Self> {
+        fn range(flag: &str, value: usize, lo: usize, hi: usize) -> anyhow::Result<()> {
+            if !(lo..=hi).contains(&value) {
+                bail!("{flag} must be in {lo}..={hi}; got {value}");
+            }
+            Ok(())
+        }
+        range("--events", args.events, 1, 100_000_000)?;
+        range("--rounds", args.rounds, 1, 1000)?;
+        range("--batch", args.batch, 1, 1_000_000)?;
+        range("--value-bytes", args.value_bytes, 2, 1 << 20)?;
+        range("--connections", args.connections, 1, 1024)?;
+        // Built like `procd serve` builds it, minus procd.toml and PROCD_*: a benchmark must not depend
+        // on the directory it is run from.
+        let mut flags = Overrides::default();
+        flags.set("partitions", args.partitions.to_string(), "--partitions");
+        flags.set("cells", args.cells.to_string(), "--cells");
+        flags.set("listen", "127.0.0.1:0", "the benchmark");
+        flags.set("admin_listen", "127.0.0.1:0", "the benchmark");
+        for kv in &args.set {
+            let (key, value) = kv
+                .split_once('=')
+                .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            flags.set(key.trim(), value, format!("--set {key}"));
+        }
+        let config = Config::load(None, Vec::new(), flags)?;
+        // The longest line is the last one (longest key); a body of `batch` of them must be accepted.
+        let body_bytes = ndjson_line(args.events - 1, args.value_bytes)
+            .len()
+            .saturating_mul(args.batch);
+        if body_bytes > config.ingest.max_body_bytes {
+            bail!(
+                "--batch {} of {}-byte values makes {body_bytes}-byte bodies, over the server's \
+                 ingest.max_body_bytes ({}); lower --batch or --value-bytes",
+                args.batch,
+                args.value_bytes,
+                config.ingest.max_body_bytes
+            );
+        }
+        Ok(Self {
+            events: args.events,
+            rounds: args.rounds,
+            batch: args.batch,
+            value_bytes: args.value_bytes,
+            connections: args.connections,
+            config,
+            set: args.set,
+            parent: args.dir.unwrap_or_else(std::env::temp_dir),
+        })
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            partitions: self.config.partitions,
+            cells: self.config.cells,
+        }
+    }
+
+    fn group_events(&self) -> usize {
+        self.config.cell.group_commit_max_events.max(1)
+    }
+
+    /// The event numbers of each request, in order: `--batch` at a time.
+    fn requests(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
+        let (events, batch) = (self.events, self.batch);
+        (0..events)
+            .step_by(batch)
+            .map(move |start| start..(start + batch).min(events))
+    }
+}
+
+/// What a phase measured, summed over rounds.
+#[derive(Default)]
+struct Measured {
+    events: usize,
+    elapsed: Duration,
+    /// CPU time of the whole process (server, client, storage threads) while the clock ran; `None` where
+    /// it cannot be read.
+    cpu: Option<Duration>,
+    /// Per group commit in (a), per request in (b).
+    latencies: Vec<Duration>,
+}
+
+impl Measured {
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    fn add(&mut self, round: Measured) {
+        self.events += round.events;
+        self.elapsed += round.elapsed;
+        self.cpu = if self.latencies.is_empty() {
+            round.cpu
+        } else {
+            self.cpu.zip(round.cpu).map(|(a, b)| a + b)
+        };
+        self.latencies.extend(round.latencies);
+    }
+}
+
+/// CPU time this process has used so far, all threads included (exited ones too), from
+/// `/proc/self/stat`; `None` off Linux.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields 3.. follow its last `)`.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // In USER_HZ, which Linux fixes at 100 on the architectures procd builds for.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// CPU used since `before`, if both readings exist.
+fn cpu_since(before: Option<Duration>) -> Option<Duration> {
+    process_cpu()
+        .zip(before)
+        .map(|(now, before)| now.saturating_sub(before))
+}
+
+pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
+    let plan = Plan::new(args)?;
+    let scratch = Scratch::create(&plan.parent)?;
+    print_parameters(&plan, scratch.path());
+
+    // Bodies are built once, before any clock starts, so the client's cost is sending and checking only.
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        plan.requests()
+            .map(|events| {
+                Bytes::from(
+                    events
+                        .map(|i| ndjson_line(i, plan.value_bytes))
+                        .collect::<String>(),
+                )
+            })
+            .collect(),
+    );
+    let (mut raw, mut http) = (Measured::default(), Measured::default());
+    let mut ratios = Vec::with_capacity(plan.rounds);
+    for round in 0..plan.rounds {
+        let raw_dir = Scratch::create(scratch.path())?;
+        let raw_round = {
+            let (plan, dir) = (plan.clone(), raw_dir.path().to_path_buf());
+            tokio::task::spawn_blocking(move || raw_phase(&plan, &dir))
+                .await
+                .context("phase (a) panicked")??
+        };
+        drop(raw_dir);
+        let server_dir = Scratch::create(scratch.path())?;
+        let http_round = http_phase(&plan, server_dir.path().to_path_buf(), bodies.clone())
+            .await
+            .with_context(|| format!("phase (b), round {}", round + 1))?;
+        drop(server_dir);
+        ratios
+            .push(http_round.events_per_sec() / raw_round.events_per_sec().max(f64::MIN_POSITIVE));
+        raw.add(raw_round);
+        http.add(http_round);
+    }
+    print_results(&plan, &raw, &http, &ratios);
+    Ok(())
+}
+
+/// Key of event `i`.
+fn event_key(i: usize) -> String {
+    format!("k{i}")
+}
+
+/// Value of event `i`: a JSON string of exactly `value_bytes` bytes, pseudo-random but reproducible.
+fn event_value(i: usize, value_bytes: usize) -> String {
+    let mut out = String::with_capacity(value_bytes);
+    out.push('"');
+    // splitmix64 seeded by the event number, 6 bits per character.
+    let mut state = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    let mut bits = 0u64;
+    let mut bits_left = 0;
+    for _ in 0..value_bytes.saturating_sub(2) {
+        if bits_left < 6 {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            bits = z ^ (z >> 31);
+            bits_left = 64;
+        }
+        out.push(char::from(VALUE_ALPHABET[(bits & 63) as usize]));
+        bits >>= 6;
+        bits_left -= 6;
+    }
+    out.push('"');
+    out
+}
+
+/// Event `i` as an NDJSON line, newline included.
+fn ndjson_line(i: usize, value_bytes: usize) -> String {
+    format!(
+        "{{\"key\":\"{}\",\"value\":{}}}\n",
+        event_key(i),
+        event_value(i, value_bytes)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------
+// (a) raw fjall append
+
+/// One raw writer: a cell's Database, its partitions, and the groups it will commit.
+struct RawWriter {
+    store: Store,
+    logs: HashMap<u32, PartitionLog>,
+    groups: Vec<Vec<(u32, Vec<u8>)>>,
+}
+
+impl RawWriter {
+    /// Commits every group, one fsync each, like a cell writer; returns each commit's duration.
+    fn run(&mut self) -> anyhow::Result<Vec<Duration>> {
+        let mut next_offsets: HashMap<u32, u64> = HashMap::new();
+        let mut commits = Vec::with_capacity(self.groups.len());
+        for group in std::mem::take(&mut self.groups) {
+            let started = Instant::now();
+            let mut batch = self.store.batch();
+            for (partition, record) in group {
+                let log = self.logs.get(&partition).ok_or_else(|| {
+                    anyhow!("event routed to partition {partition}, which this writer does not own")
+                })?;
+                let offset = next_offsets.entry(partition).or_insert(0);
+                batch.append(log, *offset, record);
+                *offset += 1;
+            }
+            self.store.commit(batch, true)?;
+            commits.push(started.elapsed());
+        }
+        Ok(commits)
+    }
+}
+
+fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
+    let shape = plan.shape();
+    let options = plan.config.cell_options();
+    let group_events = plan.group_events();
+    let mut writers = Vec::new();
+    for cell in 0..shape.cells {
+        let store = Store::open(&root.join(format!("cell-{cell}")), options.store.clone())?;
+        let mut logs = HashMap::new();
+        for partition in shape.partitions_of(cell) {
+            logs.insert(partition, store.partition(TOPIC, partition)?);
+        }
+        writers.push(RawWriter {
+            store,
+            logs,
+            groups: Vec::new(),
+        });
+    }
+
+    // Route and encode everything up front: (a) times storage alone. Groups are formed the way a cell
+    // writer forms them when its queue is never empty: each request's share for the cell is added whole,
+    // until the group holds at least `cell.group_commit_max_events` events.
+    let timestamp_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut filling: Vec<Vec<(u32, Vec<u8>)>> = writers.iter().map(|_| Vec::new()).collect();
+    for request in plan.requests() {
+        for i in request {
+            let key = event_key(i);
+            let partition = partitioner::route(Some(key.as_bytes()), None, shape.partitions);
+            let record = Record {
+                timestamp_ms,
+                key: Some(key.into_bytes()),
+                value: Payload::Json(event_value(i, plan.value_bytes)),
+                headers: Vec::new(),
+                id: None,
+            }
+            .encode();
+            let cell = shape.cell_of(partition) as usize;
+            let Some(group) = filling.get_mut(cell) else {
+                bail!(
+                    "partition {partition} maps to cell {cell}, but there are {} cells",
+                    shape.cells
+                );
+            };
+            group.push((partition, record));
+        }
+        // The request's shares are in; close every group that reached the cap.
+        for (writer, group) in writers.iter_mut().zip(filling.iter_mut()) {
+            if group.len() >= group_events {
+                writer.groups.push(std::mem::take(group));
+            }
+        }
+    }
+    for (writer, rest) in writers.iter_mut().zip(filling) {
+        if !rest.is_empty() {
+            writer.groups.push(rest);
+        }
+    }
+
+    // Every writer waits at the gate until all are started, so the clock covers only the appends.
+    let gate = RwLock::new(());
+    let (elapsed, cpu, outcomes) = std::thread::scope(|scope| {
+        let closed = gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut handles = Vec::new();
+        let mut spawn_error = None;
+        for (cell, writer) in writers.iter_mut().enumerate() {
+            let gate = &gate;
+            let spawned = std::thread::Builder::new()
+                .name(format!("bench-raw-{cell}"))
+                .spawn_scoped(scope, move || {
+                    drop(gate.read().unwrap_or_else(PoisonError::into_inner));
+                    writer.run()
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let cpu_before = process_cpu();
+        let started = Instant::now();
+        drop(closed);
+        let mut outcomes: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        let (elapsed, cpu) = (started.elapsed(), cpu_since(cpu_before));
+        if let Some(e) = spawn_error {
+            outcomes.push(Ok(Err(
+                anyhow!(e).context("cannot start a raw writer thread")
+            )));
+        }
+        (elapsed, cpu, outcomes)
+    });
+    // The Databases close only now, after the clock, as the server's close only after its clock stops;
+    // closing waits for fjall's background workers to stop, so none of them runs on into phase (b).
+    drop(writers);
+    let mut latencies = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Ok(commits) => latencies.extend(commits?),
+            Err(_) => bail!("a raw writer thread panicked"),
+        }
+    }
+    Ok(Measured {
+        events: plan.events,
+        elapsed,
+        cpu,
+        latencies,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// (b) HTTP ingest
+
+/// The part of an append response the benchmark checks.
+#[derive(Deserialize)]
+struct AppendResults {
+    results: Vec<AppendOutcome>,
+}
+
+#[derive(Deserialize)]
+struct AppendOutcome {
+    offset: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+}
+
+async fn http_phase(
+    plan: &Plan,
+    data_dir: PathBuf,
+    bodies: Arc<Vec<Bytes>>,
+) -> anyhow::Result<Measured> {
+    let config = Config {
+        data_dir,
+        ..plan.config.clone()
+    };
+    let server = Server::open(config).context("cannot open the benchmark server")?;
+    let state = server.state().clone();
+    let (data, admin) = server.bind().await?;
+    let data_url = format!("http://{}", data.local_addr()?);
+    let admin_url = format!("http://{}", admin.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(data, admin, async move {
+        let _ = stopped.await;
+    }));
+
+    let measured = drive_http(plan, &data_url, &admin_url, bodies).await;
+    let stored = stored_events(&state);
+
+    let _ = stop.send(());
+    running.await.context("the benchmark server panicked")?;
+    // The last handle on the cells: their Databases close here, before the directory is removed.
+    drop(state);
+
+    let measured = measured?;
+    if stored != plan.events as u64 {
+        bail!(
+            "the server acknowledged {} events but its partitions hold {stored}",
+            plan.events
+        );
+    }
+    Ok(measured)
+}
+
+/// Events durable in the benchmark topic, summed over its partitions.
+fn stored_events(state: &AppState) -> u64 {
+    (0..state.shape.partitions)
+        .filter_map(|p| state.cell_for(p).partition(TOPIC, p))
+        .map(|view| view.end_offset())
+        .sum()
+}
+
+async fn drive_http(
+    plan: &Plan,
+    data_url: &str,
+    admin_url: &str,
+    bodies: Arc<Vec<Bytes>>,
+) -> anyhow::Result<Measured> {
+    let created = Client::new(admin_url)?
+        .post_json("/v1/topics", &serde_json::json!({ "name": TOPIC }))
+        .await?;
+    crate::cli::check(created).context("cannot create the benchmark topic")?;
+    let path: Arc<str> = Arc::from(format!("/v1/topics/{TOPIC}/events"));
+    // Connections take the next body from a shared cursor, so they all finish together.
+    let next = Arc::new(AtomicUsize::new(0));
+
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let mut connections = tokio::task::JoinSet::new();
+    for _ in 0..plan.connections {
+        let mut client = Client::new(data_url)?;
+        let (bodies, path, next) = (bodies.clone(), path.clone(), next.clone());
+        connections.spawn(async move {
+            let mut accepted = 0usize;
+            let mut latencies = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(index) else { break };
+                let sent = Instant::now();
+                let resp = client.post_ndjson(&path, body.clone()).await?;
+                latencies.push(sent.elapsed());
+                if resp.status != 202 {
+                    bail!("request {index} was answered {}; a benchmark run needs every event accepted", resp.error_line());
+                }
+                let answer: AppendResults =
+                    serde_json::from_slice(&resp.body).with_context(|| format!("request {index}: unexpected answer"))?;
+                accepted += answer.results.iter().filter(|o| o.offset.is_some() && !o.duplicate).count();
+            }
+            anyhow::Ok((accepted, latencies))
+        });
+    }
+    let mut accepted = 0;
+    let mut latencies = Vec::with_capacity(bodies.len());
+    while let Some(joined) = connections.join_next().await {
+        let (count, lat) = joined.context("a benchmark connection panicked")??;
+        accepted += count;
+        latencies.extend(lat);
+    }
+    let (elapsed, cpu) = (started.elapsed(), cpu_since(cpu_before));
+    if accepted != plan.events {
+        bail!("{accepted} of {} events were accepted as new", plan.events);
+    }
+    Ok(Measured {
+        events: accepted,
+        elapsed,
+        cpu,
+        latencies,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Output
+
+fn print_parameters(plan: &Plan, dir: &Path) {
+    let shape = plan.shape();
+    let sample: Vec<usize> = (0..plan.events)
+        .step_by((plan.events / 1000).max(1))
+        .map(|i| ndjson_line(i, plan.value_bytes).len())
+        .collect();
+    let avg_line = sample.iter().sum::<usize>() / sample.len().max(1);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("procd bench ingest");
+    println!(
+        "  events        {} per phase per round, {} rounds of (a) then (b), fresh directories each",
+        plan.events, plan.rounds
+    );
+    println!(
+        "  event         key \"k<i>\", value a {}-byte JSON string; NDJSON line ~{avg_line} B",
+        plan.value_bytes
+    );
+    println!(
+        "  shape         {} partitions over {} cells, Kafka murmur2 partitioner on the key",
+        shape.partitions, shape.cells
+    );
+    println!(
+        "  group commit  one writer thread per cell; a group takes whole request shares until it holds \
+         >= {} events; one fsync (SyncData) per group",
+        plan.group_events()
+    );
+    println!(
+        "  (a) raw       {} writer threads, one fjall Database each (partitions p % {} == k), records pre-encoded",
+        shape.cells, shape.cells
+    );
+    println!(
+        "  (b) http      {} keep-alive connections, {} NDJSON requests of {} events per round, bodies \
+         pre-built, client in-process",
+        plan.connections,
+        plan.events.div_ceil(plan.batch),
+        plan.batch
+    );
+    let set = if plan.set.is_empty() {
+        "none".to_string()
+    } else {
+        plan.set.join(" ")
+    };
+    println!("  server        defaults, procd.toml and PROCD_* not read; --set: {set}");
+    println!("  data dir      {} (removed afterwards)", dir.display());
+    // Other work on the machine takes CPU and disk from both phases, but more from (b), which needs more
+    // CPU per event: say how busy the machine was, so a low ratio can be read for what it is.
+    match load_average() {
+        Some(load) => println!("  machine       {cpus} CPUs; load average {load} (1 min) at start"),
+        None => println!("  machine       {cpus} CPUs"),
+    }
+    println!();
+}
+
+fn print_results(plan: &Plan, raw: &Measured, http: &Measured, ratios: &[f64]) {
+    let mb_per_sec = |m: &Measured| m.events_per_sec() * plan.value_bytes as f64 / 1e6;
+    let cores = |m: &Measured| match m.cpu {
+        Some(cpu) => format!(
+            "{:.2}",
+            cpu.as_secs_f64() / m.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+        ),
+        None => "-".into(),
+    };
+    println!(
+        "{:<24} {:>10} {:>9} {:>12} {:>10} {:>9}",
+        "phase", "events", "seconds", "events/s", "value MB/s", "CPU busy"
+    );
+    for (name, m) in [
+        ("(a) raw fjall append", raw),
+        ("(b) http ndjson ingest", http),
+    ] {
+        println!(
+            "{name:<24} {:>10} {:>9.3} {:>12.0} {:>10.1} {:>9}",
+            m.events,
+            m.elapsed.as_secs_f64(),
+            m.events_per_sec(),
+            mb_per_sec(m),
+            cores(m)
+        );
+    }
+    println!(
+        "(CPU busy: CPU time of the whole process while the clock ran, in cores; MB/s: 10^6 value bytes)"
+    );
+    println!();
+    let ratio = http.events_per_sec() / raw.events_per_sec().max(f64::MIN_POSITIVE);
+    let verdict = if ratio >= TARGET_RATIO {
+        "met"
+    } else {
+        "NOT met"
+    };
+    let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    println!(
+        "(b)/(a) = {ratio:.2}   target >= {TARGET_RATIO:.2}: {verdict}   (per round: {})",
+        per_round.join(" ")
+    );
+    let per_commit = raw.events as f64 / raw.latencies.len().max(1) as f64;
+    println!(
+        "(a) commit:  {}; {per_commit:.0} events per commit on average",
+        latency_line(&raw.latencies, "commits")
+    );
+    println!("(b) request: {}", latency_line(&http.latencies, "requests"));
+}
+
+fn latency_line(latencies: &[Duration], what: &str) -> String {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let mut line = String::new();
+    for (label, q) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+        let _ = write!(
+            line,
+            "{label} {:.2} ms, ",
+            percentile(&sorted, q).as_secs_f64() * 1e3
+        );
+    }
+    let _ = write!(line, "over {} {what}", sorted.len());
+    line
+}
+
+/// The 1-minute load average from `/proc/loadavg`; `None` off Linux.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next().map(str::to_string)
+}
+
+/// The `q` quantile of sorted samples (nearest rank).
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scratch directories
+
+/// A fresh directory, removed with its contents when dropped (also when the run fails).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create(parent: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = parent.join(format!("procd-bench-{}-{nanos}", std::process::id()));
+        // `create_dir`, not `create_dir_all`: never adopt (and later delete) a directory that exists.
+        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove the benchmark's data; delete it by hand");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_json_strings_of_the_requested_size() {
+        for size in [2, 3, 17, 256] {
+            let value = event_value(7, size);
+            assert_eq!(value.len(), size);
+            assert!(matches!(serde_json::from_str::<String>(&value), Ok(s) if s.len() == size - 2));
+        }
+        assert_ne!(event_value(1, 64), event_value(2, 64));
+        assert_eq!(event_value(3, 64), event_value(3, 64));
+    }
+
+    #[test]
+    fn ndjson_lines_parse_as_the_server_expects() -> Result<(), String> {
+        let events = crate::ingest::parse::ndjson(ndjson_line(42, 256).as_bytes())?;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].key.as_deref(), Some("k42"));
+        assert_eq!(events[0].value, Payload::Json(event_value(42, 256)));
+        Ok(())
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&samples, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&samples, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn requests_cover_every_event_once_in_batches() {
+        let args = IngestArgs {
+            events: 2500,
+            rounds: 1,
+            batch: 1000,
+            value_bytes: 16,
+            connections: 1,
+            partitions: 4,
+            cells: 2,
+            dir: None,
+            set: vec![],
+        };
+        let plan = Plan::new(args).map_err(|e| e.to_string());
+        let requests: Vec<_> = plan.iter().flat_map(Plan::requests).collect();
+        assert_eq!(requests, vec![0..1000, 1000..2000, 2000..2500]);
+    }
+}
