@@ -29,7 +29,7 @@ use crate::runtime::Runtime;
 
 pub use dedup::DedupIndex;
 pub use processor::{ProcessorOptions, TaskStatus};
-pub(crate) use processor::{append_event, build_batch, to_records};
+pub(crate) use processor::{build_batch, to_records};
 
 /// Settings shared by every cell.
 #[derive(Debug, Clone)]

@@ -642,9 +642,12 @@ impl Processor {
     }
 }
 
+/// Encoded output records, each with the output topic it goes to.
+pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<u8>)>;
+
 /// What a batch commits, before it is sent to the writer.
 struct PendingCommit {
-    outputs: Vec<(Arc<str>, Vec<u8>)>,
+    outputs: EncodedOutputs,
     state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     committed: Committed,
     dead_letters: Vec<(u64, DlqEntry)>,
@@ -714,7 +717,7 @@ pub(crate) fn build_batch(partition: u32, events: &[(u64, Vec<u8>, Record)]) -> 
 }
 
 /// Appends one event to a batch's columns.
-pub(crate) fn append_event(batch: &mut Batch, offset: u64, record: &Record) {
+fn append_event(batch: &mut Batch, offset: u64, record: &Record) {
     batch.offsets.push(offset);
     batch.timestamps_ms.push(record.timestamp_ms);
     batch
@@ -744,7 +747,7 @@ pub(crate) fn append_event(batch: &mut Batch, offset: u64, record: &Record) {
 pub(crate) fn to_records(
     outputs: &OutputBatch,
     version: &HandlerVersion,
-) -> Result<Vec<(Arc<str>, Vec<u8>)>, String> {
+) -> Result<EncodedOutputs, String> {
     let n = outputs.topics.len();
     if outputs.key_ends.len() != n || outputs.value_ends.len() != n {
         return Err(format!(

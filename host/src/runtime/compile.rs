@@ -69,10 +69,12 @@ impl Runtime {
                 let component = Component::new(&self.engine, bytes)
                     .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
                 self.link(&component)?;
-                if let Ok(serialized) = component.serialize() {
-                    if let Err(e) = write_atomically(&path, &serialized) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled component");
-                    }
+                if let Err(e) = component
+                    .serialize()
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| write_atomically(&path, &bytes).map_err(|e| e.to_string()))
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled component");
                 }
                 component
             }
