@@ -284,7 +284,21 @@ impl Cell {
             .name(format!("procd-cell-{index}-writer"))
             .spawn({
                 let shared = shared.clone();
-                move || writer.run(&shared, rx)
+                move || {
+                    // A panic here is a bug; it must still fail the cell visibly rather than leave its
+                    // queue without a reader.
+                    let run = std::panic::AssertUnwindSafe(|| writer.run(&shared, rx));
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        shared
+                            .health
+                            .fail(index, format!("writer thread panicked: {what}"));
+                    }
+                }
             })
             .map_err(thread_err)?;
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();

@@ -38,7 +38,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long the processor sleeps when no partition has work (the writer wakes it on new input).
 const IDLE_PARK: Duration = Duration::from_millis(50);
 /// Bytes of input read per batch at most.
-const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Settings of the processor.
 #[derive(Debug, Clone)]

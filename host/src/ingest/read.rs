@@ -153,7 +153,7 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
     match &record.value {
         Payload::Json(text) => {
             out.extend_from_slice(b"\"value\":");
-            out.extend_from_slice(text.as_bytes());
+            write_json_one_line(out, text);
         }
         Payload::Bytes(bytes) => {
             let _ = write!(out, "\"value_base64\":\"{}\"", b64.encode(bytes));
@@ -176,9 +176,50 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
     out.extend_from_slice(b"}\n");
 }
 
+/// Writes valid JSON text on one line: whitespace outside strings is dropped only when the text spans
+/// lines (pretty-printed values), so numbers and strings stay exactly as stored.
+fn write_json_one_line(out: &mut Vec<u8>, text: &str) {
+    if !text.contains(['\n', '\r']) {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        }
+        out.push(b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pretty_values_are_written_on_one_line_unchanged() -> Result<(), serde_json::Error> {
+        let text = "{\n  \"a b\": [1.50, \"x\\\" \\n y\"],\r\n  \"c\": {}\n}";
+        let mut out = Vec::new();
+        write_json_one_line(&mut out, text);
+        assert!(!out.contains(&b'\n'));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "{\"a b\":[1.50,\"x\\\" \\n y\"],\"c\":{}}"
+        );
+        let again: serde_json::Value = serde_json::from_slice(&out)?;
+        assert_eq!(again, serde_json::from_str::<serde_json::Value>(text)?);
+        Ok(())
+    }
 
     #[test]
     fn lines_are_valid_json_with_exact_values() -> Result<(), serde_json::Error> {

@@ -2,7 +2,8 @@
 //! partition-local state and its dead-letter log. Lives in the cell's Database beside the logs, so the
 //! handler's outputs, state writes and offset commit in one atomic batch.
 //!
-//! Keyspaces: `state-<handler>-<p>` (user key → value), `dlq-<handler>-<p>` (sequence number as
+//! Keyspaces: `state-<handler>-<p>` (`0x01` + user key → value; the prefix lets a handler use the empty
+//! key, which fjall does not accept), `dlq-<handler>-<p>` (sequence number as
 //! big-endian u64 → [`DlqEntry`]), and one `offsets` keyspace per cell (`<handler>/<p>` → [`Committed`]).
 //! Values are postcard behind a format-version byte. This is an on-disk contract.
 
@@ -13,6 +14,19 @@ use super::keys::{decode_offset_key, offset_key};
 use super::store::{Batch, Store, StoreError};
 
 const FORMAT_V1: u8 = 1;
+
+/// Prefix of every stored state key (on-disk contract).
+const STATE_KEY_PREFIX: u8 = 1;
+
+/// Longest user state key: fjall keys are at most 65 535 bytes, and the prefix takes one.
+pub const MAX_STATE_KEY_BYTES: usize = u16::MAX as usize - 1;
+
+fn state_key(key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(key.len() + 1);
+    stored.push(STATE_KEY_PREFIX);
+    stored.extend_from_slice(key);
+    stored
+}
 
 /// Where a handler stands on a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,9 +124,12 @@ impl ConsumerLog {
 
     /// The committed value of a state key.
     pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.len() > MAX_STATE_KEY_BYTES {
+            return Ok(None);
+        }
         Ok(self
             .state
-            .get(key)
+            .get(state_key(key))
             .map_err(|e| self.store.fjall_err(e))?
             .map(|v| v.to_vec()))
     }
@@ -166,10 +183,14 @@ impl ConsumerLog {
 
 impl Batch {
     /// Stores (`Some`) or deletes (`None`) a state key.
+    /// Keys longer than [`MAX_STATE_KEY_BYTES`] must be refused before (the runtime does).
     pub fn set_state(&mut self, consumer: &ConsumerLog, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if key.len() > MAX_STATE_KEY_BYTES {
+            return;
+        }
         match value {
-            Some(v) => self.insert_raw(&consumer.state, key, v),
-            None => self.remove_raw(&consumer.state, key),
+            Some(v) => self.insert_raw(&consumer.state, state_key(&key), v),
+            None => self.remove_raw(&consumer.state, state_key(&key)),
         }
     }
 
@@ -203,6 +224,7 @@ mod tests {
             assert_eq!(c.committed()?, None);
             let mut batch = store.batch();
             batch.set_state(&c, b"k".to_vec(), Some(b"1".to_vec()));
+            batch.set_state(&c, Vec::new(), Some(b"empty key".to_vec()));
             batch.commit_offset(
                 &c,
                 &Committed {
@@ -232,6 +254,7 @@ mod tests {
             })
         );
         assert_eq!(c.state_get(b"k")?, Some(b"1".to_vec()));
+        assert_eq!(c.state_get(b"")?, Some(b"empty key".to_vec()));
         assert_eq!(c.dlq_next_seq()?, 1);
         assert_eq!(c.dlq_list(0, 10)?[0].1.error, "bad");
         assert!(

@@ -17,6 +17,9 @@ use super::bindings::procd::handler::{log, state, types};
 use super::bindings::{Batch, Handler, Level, OutputBatch, StateValues};
 use super::{Compiled, EPOCH_TICK, Limits, Runtime};
 
+/// Longest state key a handler may use. Well under the storage engine's own key limit (64 KiB).
+pub const MAX_STATE_KEY_BYTES: usize = 16 * 1024;
+
 /// Committed state of one handler on one partition, as the cell stores it.
 pub trait StateStore: Send {
     /// The committed value of `key`; `Err` describes a storage failure.
@@ -98,6 +101,16 @@ impl HostState {
             .map_err(|e| wasmtime::format_err!("state read failed: {e}"))
     }
 
+    fn check_key(key: &[u8]) -> Result<(), String> {
+        if key.len() > MAX_STATE_KEY_BYTES {
+            return Err(format!(
+                "state key of {} bytes exceeds the limit of {MAX_STATE_KEY_BYTES} bytes",
+                key.len()
+            ));
+        }
+        Ok(())
+    }
+
     fn check_value(&self, value: &[u8]) -> Result<(), String> {
         if value.len() > self.max_state_value_bytes {
             return Err(format!(
@@ -118,7 +131,7 @@ impl state::Host for HostState {
     }
 
     fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
-        if let Err(e) = self.check_value(&value) {
+        if let Err(e) = Self::check_key(&key).and_then(|()| self.check_value(&value)) {
             return Ok(Err(e));
         }
         self.overlay.insert(key, Some(value));
