@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod cli_handlers;
 mod ingest;
 mod lifecycle;
 mod topics;

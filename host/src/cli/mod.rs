@@ -3,7 +3,10 @@
 
 mod bench;
 mod consume;
+mod deploy;
+mod handlers;
 mod produce;
+mod run;
 mod serve;
 mod topics;
 
@@ -30,7 +33,7 @@ pub struct Endpoints {
         global = true
     )]
     pub url: String,
-    /// Control-plane URL (topics, health).
+    /// Control-plane URL (topics, handlers, health).
     #[arg(
         long,
         env = "PROCD_ADMIN_URL",
@@ -53,6 +56,15 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a topic's events as NDJSON.
     Consume(consume::ConsumeArgs),
+    /// Deploy a handler component (a new handler, or a new version of one).
+    Deploy(deploy::DeployArgs),
+    /// List, show, roll back, pause, resume, reset and remove handlers; print their dead letters.
+    Handlers {
+        #[command(subcommand)]
+        command: handlers::HandlersCommand,
+    },
+    /// Run a handler over an NDJSON file locally (no server, in-memory state); prints its outputs.
+    Run(run::RunArgs),
     /// Measure procd on this machine.
     Bench {
         #[command(subcommand)]
@@ -67,6 +79,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topics { command } => topics::run(command, &cli.endpoints).await,
         Command::Produce(args) => produce::run(args, &cli.endpoints).await,
         Command::Consume(args) => consume::run(args, &cli.endpoints).await,
+        Command::Deploy(args) => deploy::run(args, &cli.endpoints).await,
+        Command::Handlers { command } => handlers::run(command, &cli.endpoints).await,
+        Command::Run(args) => run::run(args).await,
         Command::Bench { command } => bench::run(command).await,
     }
 }
@@ -77,5 +92,54 @@ pub(crate) fn check(resp: crate::client::Response) -> anyhow::Result<crate::clie
         Ok(resp)
     } else {
         Err(anyhow::anyhow!(resp.error_line()))
+    }
+}
+
+/// Percent-encodes a URL path segment or query value: everything but RFC 3986's unreserved characters.
+pub(crate) fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Splits a `--config KEY=VALUE` flag.
+pub(crate) fn parse_config(kv: &str) -> anyhow::Result<(String, String)> {
+    match kv.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => anyhow::bail!("--config {kv:?}: expected KEY=VALUE, e.g. --config add.region=eu"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_are_percent_encoded() {
+        assert_eq!(encode_component("in.put-1_~"), "in.put-1_~");
+        assert_eq!(
+            encode_component("a=b&c d+%/é"),
+            "a%3Db%26c%20d%2B%25%2F%C3%A9"
+        );
+    }
+
+    #[test]
+    fn config_flags_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_config("add.x=a=b").ok(),
+            Some(("add.x".to_string(), "a=b".to_string()))
+        );
+        assert_eq!(
+            parse_config("k=").ok(),
+            Some(("k".to_string(), String::new()))
+        );
+        assert!(parse_config("novalue").is_err());
+        assert!(parse_config("=v").is_err());
     }
 }
