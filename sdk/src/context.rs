@@ -1,0 +1,225 @@
+//! What a handler can do while handling an event: emit records, use state, read config, log.
+
+use std::fmt;
+use std::io;
+
+use serde::Serialize;
+
+use crate::state::{State, end};
+use crate::{Config, Error, Level};
+
+/// The records a batch emits, column-wise, exactly as `output-batch` in the WIT: emitting appends to
+/// these vectors and nothing else, and on wasm they are handed to the host without a copy.
+#[derive(Default, Debug)]
+pub(crate) struct Outputs {
+    pub topics: Vec<u16>,
+    pub keys: Vec<u8>,
+    pub key_ends: Vec<u32>,
+    pub values: Vec<u8>,
+    pub value_ends: Vec<u32>,
+}
+
+impl Outputs {
+    /// Room for one output per input event of the input's sizes: a map or passthrough handler never
+    /// grows the vectors. (The canonical ABI shrinks them to size when they are returned.)
+    pub fn with_capacity(events: usize, key_bytes: usize, value_bytes: usize) -> Self {
+        Outputs {
+            topics: Vec::with_capacity(events),
+            keys: Vec::with_capacity(key_bytes),
+            key_ends: Vec::with_capacity(events),
+            values: Vec::with_capacity(value_bytes),
+            value_ends: Vec::with_capacity(events),
+        }
+    }
+
+    #[inline]
+    fn push_key(&mut self, output: u16, key: &[u8]) {
+        self.topics.push(output);
+        self.keys.extend_from_slice(key);
+        self.key_ends.push(end(&self.keys));
+    }
+
+    #[inline]
+    fn end_value(&mut self) {
+        self.value_ends.push(end(&self.values));
+    }
+
+    /// Drops a record whose key was pushed but whose value could not be written.
+    fn abandon_key(&mut self) {
+        self.topics.pop();
+        self.key_ends.pop();
+        let key_end = self.key_ends.last().map_or(0, |&e| e as usize);
+        self.keys.truncate(key_end);
+    }
+}
+
+/// The handler's view of the batch being handled: emit records, read and write state, read the
+/// configuration, log. One `Context` serves every event of a batch.
+pub struct Context<'a> {
+    pub(crate) outputs: &'a mut Outputs,
+    pub(crate) state: State<'a>,
+    pub(crate) config: &'a Config,
+    pub(crate) partition: u32,
+}
+
+impl<'a> Context<'a> {
+    /// Emits a record to output `output`: the index of a topic in the output topics declared at deploy
+    /// time (0 for the first). An empty `key` means "no key": the host then spreads the records over the
+    /// output topic's partitions.
+    #[inline]
+    pub fn emit(&mut self, output: u16, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.outputs.push_key(output, key.as_ref());
+        self.outputs.values.extend_from_slice(value.as_ref());
+        self.outputs.end_value();
+    }
+
+    /// Emits a record whose value is `value` serialized as JSON, written straight into the output column.
+    /// On a serialization error nothing is emitted.
+    pub fn emit_json<T: Serialize + ?Sized>(
+        &mut self,
+        output: u16,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.outputs.push_key(output, key.as_ref());
+        let start = self.outputs.values.len();
+        match serde_json::to_writer(&mut self.outputs.values, value) {
+            Ok(()) => {
+                self.outputs.end_value();
+                Ok(())
+            }
+            Err(e) => {
+                self.outputs.values.truncate(start);
+                self.outputs.abandon_key();
+                Err(Error::msg(format!("cannot encode output as JSON: {e}")))
+            }
+        }
+    }
+
+    /// Emits a record whose value `write` appends straight into the output column through a
+    /// [`ValueWriter`], with no intermediate buffer: `ctx.emit_with(0, key, |w| w.push_decimal(n))`.
+    #[inline]
+    pub fn emit_with(
+        &mut self,
+        output: u16,
+        key: impl AsRef<[u8]>,
+        write: impl FnOnce(&mut ValueWriter<'_>),
+    ) {
+        self.outputs.push_key(output, key.as_ref());
+        write(&mut ValueWriter {
+            values: &mut self.outputs.values,
+        });
+        self.outputs.end_value();
+    }
+
+    /// The handler's partition-local state (see [`State`]).
+    #[inline]
+    pub fn state(&mut self) -> &mut State<'a> {
+        &mut self.state
+    }
+
+    /// The value of configuration key `key`, if it was given at deploy time.
+    pub fn config(&self, key: &str) -> Option<&'a str> {
+        self.config.get(key)
+    }
+
+    /// The whole deploy-time configuration.
+    pub fn config_all(&self) -> &'a Config {
+        self.config
+    }
+
+    /// The partition being handled (of the input topic; its state is this partition's).
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// Writes a line to the host's log (rate-limited by the host). The [`info!`](crate::info)-style
+    /// macros do the same with `format!` arguments.
+    pub fn log(&self, level: Level, message: &str) {
+        crate::log(level, message);
+    }
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("partition", &self.partition)
+            .field("emitted", &self.outputs.topics.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Appends one output value in place; handed out by [`Context::emit_with`]. It can only append to the
+/// value being written, never touch earlier records.
+pub struct ValueWriter<'a> {
+    values: &'a mut Vec<u8>,
+}
+
+impl ValueWriter<'_> {
+    /// Appends bytes.
+    #[inline]
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.values.extend_from_slice(bytes);
+    }
+
+    /// Appends one byte.
+    #[inline]
+    pub fn push(&mut self, byte: u8) {
+        self.values.push(byte);
+    }
+
+    /// Appends the decimal digits of `n`, without going through `fmt`.
+    pub fn push_decimal(&mut self, n: u64) {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        // wasm has no 128-bit multiply, so a u64 division by 10 stays a real division (tens of cycles
+        // each); below 2^32, u32 arithmetic lets the compiler divide by multiplying.
+        let mut n = n;
+        while n > u64::from(u32::MAX) {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let mut m = n as u32;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (m % 10) as u8;
+            m /= 10;
+            if m == 0 {
+                break;
+            }
+        }
+        self.values.extend_from_slice(&digits[start..]);
+    }
+}
+
+impl io::Write for ValueWriter<'_> {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.values.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.values.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Write for ValueWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.values.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ValueWriter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValueWriter").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,499 @@
+//! Partition-local key-value state, with a batch-local cache in front of the host.
+//!
+//! Every host call costs a boundary crossing, so the first read of a key goes to the host and later reads
+//! hit the cache; writes and deletes only touch the cache (reads see them at once) and are flushed with
+//! one `set-many` and one `delete-many` when the batch succeeds. The cache is emptied after every batch:
+//! the host may discard a batch's writes (when an event fails) or change the state between batches
+//! (offset resets, version swaps), so nothing read in one batch is trusted in the next.
+//!
+//! The cache is a small open-addressing hash table of its own rather than a `HashMap<Vec<u8>, _>`: keys
+//! and values live in two arenas (no allocation per key or value), a look-up hashes once and compares
+//! keys word by word (see `bytes`), and entries stay in first-use order, which makes the flush order
+//! deterministic.
+//!
+//! Invariants: an entry exists iff the handler read, wrote or prefetched its key during this batch; a
+//! `loaded` entry's `value` is what the handler would read now; `dirty` entries differ from what the host
+//! holds; every span lies inside its arena.
+
+use std::hash::BuildHasher;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+use crate::bytes;
+use crate::collections::FixedState;
+
+/// The host's state calls, as the SDK uses them: the wasm imports in a component, an in-memory map in the
+/// test driver.
+pub(crate) trait Backend {
+    fn get(&mut self, key: &[u8]) -> Option<Vec<u8>>;
+    /// For each key in `keys` (split by `key_ends`): `(values, value_ends, found)`, column-wise.
+    fn get_many(&mut self, keys: &[u8], key_ends: &[u32]) -> (Vec<u8>, Vec<u32>, Vec<bool>);
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), String>;
+    fn set_many(
+        &mut self,
+        keys: &[u8],
+        key_ends: &[u32],
+        values: &[u8],
+        value_ends: &[u32],
+    ) -> Result<(), String>;
+    fn delete_many(&mut self, keys: &[u8], key_ends: &[u32]);
+}
+
+/// A range of one of the cache's arenas.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    #[inline]
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+
+    #[inline]
+    fn len(self) -> usize {
+        (self.end - self.start) as usize
+    }
+}
+
+struct Entry {
+    hash: u64,
+    key: Span,
+    /// What a read returns now (`None`: absent or deleted), once `loaded`.
+    value: Option<Span>,
+    /// Whether `value` is known: false for a key whose prefetch the host did not answer.
+    loaded: bool,
+    /// Written or deleted in this batch, so the host must hear about it.
+    dirty: bool,
+    /// Index of the event that wrote it last: the one to blame if the host refuses the write.
+    writer: u32,
+}
+
+/// Marks a free slot of the table.
+const EMPTY: u32 = u32::MAX;
+
+/// The batch-local cache. Kept across batches only to reuse its allocations.
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// Open addressing, linear probing: indexes into `entries`, or `EMPTY`. Its length is zero or a power
+    /// of two, and at most half of it is used.
+    slots: Vec<u32>,
+    /// In first-use order.
+    entries: Vec<Entry>,
+    /// The entries' keys, concatenated.
+    keys: Vec<u8>,
+    /// The entries' values. A value rewritten with no more bytes than it had stays in place; a longer
+    /// one moves to the end (the old bytes are reclaimed when the batch ends).
+    values: Vec<u8>,
+    /// Reused buffer for `set_json`.
+    scratch: Vec<u8>,
+}
+
+/// A state write the host refused when the batch was flushed.
+pub(crate) struct FlushError {
+    pub index: u32,
+    pub message: String,
+}
+
+#[inline]
+fn hash(key: &[u8]) -> u64 {
+    FixedState.hash_one(key)
+}
+
+impl Cache {
+    pub fn clear(&mut self) {
+        if !self.entries.is_empty() {
+            self.slots.fill(EMPTY);
+        }
+        self.entries.clear();
+        self.keys.clear();
+        self.values.clear();
+    }
+
+    /// The index of `key`'s entry, if it has one.
+    #[inline]
+    fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = hash as usize & mask;
+        loop {
+            let slot = self.slots[at];
+            if slot == EMPTY {
+                return None;
+            }
+            let entry = &self.entries[slot as usize];
+            if entry.hash == hash && bytes::eq(&self.keys[entry.key.range()], key) {
+                return Some(slot as usize);
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Adds an entry for `key`, which has none, and returns its index.
+    fn insert(&mut self, key: &[u8], hash: u64, value: Option<&[u8]>, loaded: bool) -> usize {
+        if (self.entries.len() + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let index = self.entries.len();
+        let start = end(&self.keys);
+        self.keys.extend_from_slice(key);
+        let key = Span {
+            start,
+            end: end(&self.keys),
+        };
+        let value = value.map(|v| self.push_value(v));
+        self.entries.push(Entry {
+            hash,
+            key,
+            value,
+            loaded,
+            dirty: false,
+            writer: 0,
+        });
+        let slot =
+            u32::try_from(index).expect("fewer than 2^31 cached keys: each costs guest memory");
+        self.place(hash, slot);
+        index
+    }
+
+    fn place(&mut self, hash: u64, slot: u32) {
+        let mask = self.slots.len() - 1;
+        let mut at = hash as usize & mask;
+        while self.slots[at] != EMPTY {
+            at = (at + 1) & mask;
+        }
+        self.slots[at] = slot;
+    }
+
+    fn grow(&mut self) {
+        let len = (self.slots.len() * 2).max(64);
+        self.slots.clear();
+        self.slots.resize(len, EMPTY);
+        for index in 0..self.entries.len() {
+            // `index` < entries.len(), which `insert` keeps below 2^31.
+            self.place(self.entries[index].hash, index as u32);
+        }
+    }
+
+    #[inline]
+    fn push_value(&mut self, value: &[u8]) -> Span {
+        let start = end(&self.values);
+        self.values.extend_from_slice(value);
+        Span {
+            start,
+            end: end(&self.values),
+        }
+    }
+
+    #[inline]
+    fn value(&self, index: usize) -> Option<&[u8]> {
+        self.entries[index]
+            .value
+            .map(|span| &self.values[span.range()])
+    }
+
+    /// Replaces entry `index`'s value, in place when it fits.
+    #[inline]
+    fn set_value(&mut self, index: usize, value: &[u8], writer: u32) {
+        let span = match self.entries[index].value {
+            Some(old) if old.len() >= value.len() => {
+                let span = Span {
+                    start: old.start,
+                    end: old.start + (value.len() as u32),
+                };
+                self.values[span.range()].copy_from_slice(value);
+                span
+            }
+            _ => self.push_value(value),
+        };
+        let entry = &mut self.entries[index];
+        entry.value = Some(span);
+        entry.loaded = true;
+        entry.dirty = true;
+        entry.writer = writer;
+    }
+
+    fn key(&self, entry: &Entry) -> &[u8] {
+        &self.keys[entry.key.range()]
+    }
+
+    /// Sends the batch's writes to the host: one `set-many` and one `delete-many` at most, in first-use
+    /// order.
+    pub fn flush(&mut self, backend: &mut dyn Backend) -> Result<(), FlushError> {
+        let mut set = Columns::default();
+        let mut deleted = Columns::default();
+        for entry in self.entries.iter().filter(|e| e.dirty) {
+            match entry.value {
+                Some(value) => {
+                    set.push_key(self.key(entry));
+                    set.push_value(&self.values[value.range()]);
+                }
+                None => deleted.push_key(self.key(entry)),
+            }
+        }
+        if !set.key_ends.is_empty()
+            && let Err(message) =
+                backend.set_many(&set.keys, &set.key_ends, &set.values, &set.value_ends)
+        {
+            return Err(self.blame(backend, message));
+        }
+        if !deleted.key_ends.is_empty() {
+            backend.delete_many(&deleted.keys, &deleted.key_ends);
+        }
+        Ok(())
+    }
+
+    /// Finds the event to blame for a refused `set-many`: the host says why, not which key, so try the
+    /// writes one by one and blame the earliest event whose write is refused alone (the host re-runs the
+    /// events before the one blamed, which must then succeed). If every write passes alone (a limit on
+    /// the batch's total), blame the last event that wrote anything. The host discards the batch's writes
+    /// either way.
+    fn blame(&self, backend: &mut dyn Backend, message: String) -> FlushError {
+        let mut refused: Option<(u32, String)> = None;
+        let mut last_writer = 0;
+        for entry in self.entries.iter().filter(|e| e.dirty) {
+            last_writer = last_writer.max(entry.writer);
+            if let Some(value) = entry.value
+                && refused
+                    .as_ref()
+                    .is_none_or(|(index, _)| entry.writer < *index)
+                && let Err(message) = backend.set(self.key(entry), &self.values[value.range()])
+            {
+                refused = Some((entry.writer, message));
+            }
+        }
+        let (index, message) = refused.unwrap_or((last_writer, message));
+        FlushError {
+            index,
+            message: format!("state write refused: {message}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    keys: Vec<u8>,
+    key_ends: Vec<u32>,
+    values: Vec<u8>,
+    value_ends: Vec<u32>,
+}
+
+impl Columns {
+    fn push_key(&mut self, key: &[u8]) {
+        self.keys.extend_from_slice(key);
+        self.key_ends.push(end(&self.keys));
+    }
+
+    fn push_value(&mut self, value: &[u8]) {
+        self.values.extend_from_slice(value);
+        self.value_ends.push(end(&self.values));
+    }
+}
+
+/// The end offset of a column (or arena) as the WIT's `u32`.
+#[inline]
+pub(crate) fn end(column: &[u8]) -> u32 {
+    u32::try_from(column.len())
+        .expect("a column is under 4 GiB: guest memory is 32-bit and tests stay small")
+}
+
+/// The handler's partition-local state. Get it from [`Context::state`](crate::Context::state).
+///
+/// Keys and values are bytes (`&str`, `&[u8]`, `Vec<u8>`, ... all work as keys). Reads see the batch's
+/// own writes. Writes become durable together with the batch's outputs and offset, or not at all: if an
+/// event fails, the host discards the whole batch's writes and re-runs the events before it.
+///
+/// The first read of a key in a batch asks the host; everything else (later reads, all writes) stays
+/// in the guest until the batch ends. [`prefetch`](State::prefetch) loads many keys with one call.
+///
+/// Typed helpers store JSON ([`get_json`](State::get_json)/[`set_json`](State::set_json)) or a `u64` as
+/// 8 little-endian bytes ([`get_u64`](State::get_u64)/[`set_u64`](State::set_u64)/[`add_u64`](State::add_u64)).
+pub struct State<'a> {
+    pub(crate) cache: &'a mut Cache,
+    pub(crate) backend: &'a mut dyn Backend,
+    /// Index of the event being handled, recorded on every write.
+    pub(crate) writer: u32,
+}
+
+impl State<'_> {
+    /// The index of `key`'s entry, asking the host for its value if this batch has not seen it yet.
+    #[inline]
+    fn load(&mut self, key: &[u8]) -> usize {
+        let hash = hash(key);
+        match self.cache.find(key, hash) {
+            Some(index) if self.cache.entries[index].loaded => index,
+            Some(index) => {
+                let value = self.backend.get(key);
+                let value = value.as_deref().map(|v| self.cache.push_value(v));
+                let entry = &mut self.cache.entries[index];
+                entry.value = value;
+                entry.loaded = true;
+                index
+            }
+            None => {
+                let value = self.backend.get(key);
+                self.cache.insert(key, hash, value.as_deref(), true)
+            }
+        }
+    }
+
+    /// The index of `key`'s entry, creating an empty one without asking the host (for blind writes).
+    #[inline]
+    fn entry(&mut self, key: &[u8]) -> usize {
+        let hash = hash(key);
+        match self.cache.find(key, hash) {
+            Some(index) => index,
+            None => self.cache.insert(key, hash, None, false),
+        }
+    }
+
+    /// The value stored under `key`, if any.
+    pub fn get(&mut self, key: impl AsRef<[u8]>) -> Option<&[u8]> {
+        let index = self.load(key.as_ref());
+        self.cache.value(index)
+    }
+
+    /// Whether a value is stored under `key`.
+    pub fn contains(&mut self, key: impl AsRef<[u8]>) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Stores `value` under `key`.
+    pub fn set(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let index = self.entry(key.as_ref());
+        self.cache.set_value(index, value.as_ref(), self.writer);
+    }
+
+    /// Removes `key` (a no-op if it is absent).
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+        let index = self.entry(key.as_ref());
+        let entry = &mut self.cache.entries[index];
+        entry.value = None;
+        entry.loaded = true;
+        entry.dirty = true;
+        entry.writer = self.writer;
+    }
+
+    /// The JSON value under `key` parsed into `T`; `None` if absent, an error if it does not parse.
+    pub fn get_json<T: DeserializeOwned>(
+        &mut self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, Error> {
+        let key = key.as_ref();
+        match self.get(key) {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes).map(Some).map_err(|e| {
+                Error::msg(format!(
+                    "state under {:?} is not the expected JSON: {e}",
+                    String::from_utf8_lossy(key)
+                ))
+            }),
+        }
+    }
+
+    /// Stores `value` as JSON under `key`.
+    pub fn set_json<T: Serialize + ?Sized>(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), Error> {
+        let mut scratch = std::mem::take(&mut self.cache.scratch);
+        scratch.clear();
+        let result = serde_json::to_writer(&mut scratch, value);
+        if result.is_ok() {
+            self.set(key, &scratch);
+        }
+        self.cache.scratch = scratch;
+        result.map_err(|e| Error::msg(format!("cannot encode state as JSON: {e}")))
+    }
+
+    /// The `u64` under `key` (8 little-endian bytes); `None` if absent, an error if the value is not 8
+    /// bytes long.
+    pub fn get_u64(&mut self, key: impl AsRef<[u8]>) -> Result<Option<u64>, Error> {
+        let key = key.as_ref();
+        match self.get(key) {
+            None => Ok(None),
+            Some(bytes) => decode_u64(bytes)
+                .map(Some)
+                .ok_or_else(|| not_u64(key, bytes)),
+        }
+    }
+
+    /// Stores `value` under `key` as 8 little-endian bytes.
+    pub fn set_u64(&mut self, key: impl AsRef<[u8]>, value: u64) {
+        self.set(key, value.to_le_bytes());
+    }
+
+    /// Adds `delta` to the `u64` counter under `key` (absent counts as 0) and returns the new count; an
+    /// error if the value is not a `u64` or the sum overflows.
+    pub fn add_u64(&mut self, key: impl AsRef<[u8]>, delta: u64) -> Result<u64, Error> {
+        let key = key.as_ref();
+        let index = self.load(key);
+        let current = match self.cache.value(index) {
+            None => 0,
+            Some(bytes) => decode_u64(bytes).ok_or_else(|| not_u64(key, bytes))?,
+        };
+        let next = current.checked_add(delta).ok_or_else(|| {
+            Error::msg(format!(
+                "counter under {:?} would overflow u64",
+                String::from_utf8_lossy(key)
+            ))
+        })?;
+        self.cache
+            .set_value(index, &next.to_le_bytes(), self.writer);
+        Ok(next)
+    }
+
+    /// Loads every key of `keys` that this batch has not seen yet with one `get-many` host call, so that
+    /// the reads that follow stay in the guest. Call it from
+    /// [`Handler::prefetch`](crate::Handler::prefetch).
+    pub fn prefetch<K: AsRef<[u8]>>(&mut self, keys: impl IntoIterator<Item = K>) {
+        // Placeholders enter the cache at once, which also drops duplicate keys from the request.
+        let mut wanted = Columns::default();
+        let mut indexes = Vec::new();
+        for key in keys {
+            let key = key.as_ref();
+            let hash = hash(key);
+            if self.cache.find(key, hash).is_none() {
+                indexes.push(self.cache.insert(key, hash, None, false));
+                wanted.push_key(key);
+            }
+        }
+        if indexes.is_empty() {
+            return;
+        }
+        let (values, value_ends, found) = self.backend.get_many(&wanted.keys, &wanted.key_ends);
+        // A short or inconsistent answer (a host bug) leaves the keys it does not cover unloaded: a later
+        // read asks for them one by one.
+        let mut start = 0;
+        for ((&index, &end), &found) in indexes.iter().zip(&value_ends).zip(&found) {
+            let Some(value) = values.get(start as usize..end as usize) else {
+                break;
+            };
+            start = end;
+            let value = found.then(|| self.cache.push_value(value));
+            let entry = &mut self.cache.entries[index];
+            entry.value = value;
+            entry.loaded = true;
+        }
+    }
+}
+
+#[inline]
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
+fn not_u64(key: &[u8], bytes: &[u8]) -> Error {
+    Error::msg(format!(
+        "state under {:?} is not a u64: {} bytes instead of 8",
+        String::from_utf8_lossy(key),
+        bytes.len()
+    ))
+}
