@@ -2,6 +2,10 @@
 
 use clap::Parser as _;
 
+/// mimalloc's per-thread heaps make a free on another thread cheap; see the workspace Cargo.toml.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = procd::cli::Cli::parse();
