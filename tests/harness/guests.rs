@@ -1,8 +1,9 @@
 //! Builds the example handlers in `guest-examples/` as real wasm components, once per test process.
 //!
 //! Tests never use committed `.wasm` files: they run `cargo build --release --target wasm32-wasip2` in
-//! `guest-examples/` with its own target directory (so the host's build lock is not contended), and
-//! read the components from there.
+//! `guest-examples/` with its own target directory (so the host's build lock is not contended:
+//! `guest-examples/target`, or `$CARGO_TARGET_DIR/guest-examples` when that is set), and read the
+//! components from there.
 
 #![allow(dead_code)]
 
@@ -25,7 +26,10 @@ pub fn examples_dir() -> Result<PathBuf, String> {
     BUILT
         .get_or_init(|| {
             let dir = repo_root().join("guest-examples");
-            let target = dir.join("target");
+            // CI points CARGO_TARGET_DIR outside the clone so builds stay warm; follow it.
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(|d| PathBuf::from(d).join("guest-examples"))
+                .unwrap_or_else(|| dir.join("target"));
             let out = Command::new(env!("CARGO"))
                 .current_dir(&dir)
                 .args(["build", "--release", "--target", "wasm32-wasip2", "-j", "2"])
