@@ -275,7 +275,7 @@ impl<'a> Iterator for Events<'a> {
 
 /// Appends one event's headers to a header column in the WIT encoding
 /// (`name-len: u32 LE, name, value-len: u32 LE, value` per pair).
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(any(not(target_arch = "wasm32"), doc))]
 pub(crate) fn encode_headers<'h>(
     out: &mut Vec<u8>,
     headers: impl IntoIterator<Item = (&'h str, &'h str)>,

@@ -90,7 +90,22 @@ fn install_panic_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
-            wit_log::log(WitLevel::Error, &format!("handler {info}"));
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(a panic payload that is not a string)");
+            let line = match info.location() {
+                Some(at) => format!(
+                    "handler panicked at {}:{}:{}: {message}",
+                    at.file(),
+                    at.line(),
+                    at.column()
+                ),
+                None => format!("handler panicked: {message}"),
+            };
+            wit_log::log(WitLevel::Error, &line);
         }));
     });
 }

@@ -95,7 +95,9 @@
 //!
 //! ## Building
 //!
-//! A handler crate is a `cdylib` (the component) and an `rlib` (so its tests can link it natively):
+//! A handler crate is a `cdylib`. Its unit tests (`#[cfg(test)]` modules) still build natively; do not
+//! add `rlib` to the crate types unless another crate must link the handler: it turns off LTO for the
+//! component (measured: 15% more instructions per event, 30% larger).
 //!
 //! ```toml
 //! [package]
@@ -103,7 +105,7 @@
 //! edition = "2024"
 //!
 //! [lib]
-//! crate-type = ["cdylib", "rlib"]
+//! crate-type = ["cdylib"]
 //!
 //! [dependencies]
 //! procd-sdk = { path = "../sdk" }
@@ -207,7 +209,8 @@ mod state;
 
 #[cfg(target_arch = "wasm32")]
 mod guest;
-#[cfg(not(target_arch = "wasm32"))]
+// Native only (tests run on the host), but documented whatever the target.
+#[cfg(any(not(target_arch = "wasm32"), doc))]
 pub mod testing;
 
 pub use config::Config;

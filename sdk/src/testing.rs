@@ -384,6 +384,18 @@ impl<K: AsRef<[u8]>, V: AsRef<[u8]>> From<(K, V)> for TestEvent {
     }
 }
 
+impl<K: AsRef<[u8]>, V: AsRef<[u8]>> From<&(K, V)> for TestEvent {
+    fn from((key, value): &(K, V)) -> Self {
+        TestEvent::new(key, value)
+    }
+}
+
+impl From<&TestEvent> for TestEvent {
+    fn from(event: &TestEvent) -> Self {
+        event.clone()
+    }
+}
+
 /// A record the handler emitted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {

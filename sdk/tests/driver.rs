@@ -364,3 +364,77 @@ fn emit_json_failure_emits_nothing() {
         .collect();
     assert_eq!(pairs, [("before", "1"), ("after", "2")]);
 }
+
+/// Writes `value` repeated `n` times under the key (n from the value's length), then reads it back.
+#[derive(Default)]
+struct Grower;
+
+impl Handler for Grower {
+    fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result {
+        let state = ctx.state();
+        let before = state.get(event.key()).map_or(0, <[u8]>::len);
+        let len = event.value().len();
+        state.set(event.key(), vec![b'x'; len]);
+        let after = state.get(event.key()).map(<[u8]>::to_vec);
+        if after.as_deref() != Some(&vec![b'x'; len][..]) {
+            bail!("read back {after:?} after writing {len} bytes");
+        }
+        ctx.emit(0, event.key(), format!("{before}->{len}"));
+        Ok(())
+    }
+}
+
+#[test]
+fn the_cache_grows_and_rewrites_values_of_any_length() {
+    let mut driver = TestDriver::new(Grower);
+    // 500 distinct keys (the table starts at 64 slots), each rewritten shorter, then longer.
+    let mut events = Vec::new();
+    for round in [40usize, 3, 90] {
+        for i in 0..500 {
+            events.push((format!("key-{i}"), "v".repeat(round + i % 7)));
+        }
+    }
+    let records = driver.send_batch(&events).expect("no failure");
+    assert_eq!(records.len(), 1500);
+    assert_eq!(records[0].value_str(), "0->40");
+    assert_eq!(records[500].value_str(), "40->3");
+    assert_eq!(records[1000].value_str(), "3->90");
+    assert_eq!(records[1499].value_str(), "5->92");
+    assert_eq!(driver.state().len(), 500);
+    assert_eq!(driver.state().get("key-499"), Some(&vec![b'x'; 92][..]));
+    assert_eq!(
+        driver.host_calls(),
+        HostCalls {
+            get: 500,
+            set_many: 1,
+            ..HostCalls::default()
+        }
+    );
+}
+
+#[test]
+fn prefetched_missing_keys_are_not_asked_again_and_blind_writes_ask_nothing() {
+    let mut driver = TestDriver::new(Counter { prefetch: true });
+    driver
+        .send_batch([("a", "x"), ("a", "x")])
+        .expect("no failure");
+    assert_eq!(
+        driver.host_calls(),
+        HostCalls {
+            get_many: 1,
+            set_many: 1,
+            ..HostCalls::default()
+        }
+    );
+
+    let mut driver = TestDriver::new(Scratch);
+    driver
+        .send_batch([("k", "delete"), ("k", "set")])
+        .expect("no failure");
+    assert_eq!(
+        driver.host_calls().get,
+        0,
+        "a delete and a set need no read"
+    );
+    assert_eq!(driver.state().get_json::<Doc>("k"), Some(Doc { n: 7 }));
+}
