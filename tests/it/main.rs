@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod cli_handlers;
+mod handlers;
 mod ingest;
 mod lifecycle;
 mod topics;
