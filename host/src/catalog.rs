@@ -105,7 +105,7 @@ pub enum ResetTo {
 }
 
 /// A requested reset, applied by each partition's processor at its next batch boundary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reset {
     /// Increases with every reset; a partition applies a reset whose generation it has not committed.
     pub generation: u64,
@@ -113,6 +113,10 @@ pub struct Reset {
     pub to: ResetTo,
     /// Also delete the handler's state.
     pub clear_state: bool,
+    /// For `latest`: each partition's end offset when the reset was asked for, so events appended after
+    /// the request are processed (resolving it later would skip them).
+    #[serde(default)]
+    pub offsets: Vec<u64>,
 }
 
 /// One deployed version of a handler.
@@ -149,6 +153,14 @@ pub struct HandlerDef {
     pub reset: Option<Reset>,
     /// Creation time.
     pub created_ms: u64,
+    /// Identity of this handler's life: a handler removed and deployed again under the same name is
+    /// another incarnation and starts from scratch (nanoseconds at creation).
+    #[serde(default)]
+    pub incarnation: u64,
+    /// For `start: latest`: each partition's end offset at creation, so events appended after the
+    /// deploy answered are processed.
+    #[serde(default)]
+    pub start_offsets: Vec<u64>,
 }
 
 impl HandlerDef {

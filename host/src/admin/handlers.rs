@@ -68,6 +68,25 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The durable end offset of every partition of `topic`, indexed by partition.
+fn end_offsets(state: &AppState, topic: &str) -> Vec<u64> {
+    (0..state.shape.partitions)
+        .map(|p| {
+            state
+                .cell_for(p)
+                .partition(topic, p)
+                .map_or(0, |v| v.end_offset())
+        })
+        .collect()
+}
+
 fn not_found(name: &str) -> ApiError {
     ApiError::not_found(
         "unknown_handler",
@@ -270,6 +289,13 @@ pub(super) async fn deploy(
             paused: false,
             reset: None,
             created_ms: now_ms(),
+            incarnation: now_nanos(),
+            // Fixed now, so that events appended after this deploy answers are processed.
+            start_offsets: if start == Some(StartPosition::Latest) {
+                end_offsets(state, &input)
+            } else {
+                Vec::new()
+            },
         },
     };
     state
@@ -295,13 +321,28 @@ fn describe(state: &AppState, def: &HandlerDef) -> serde_json::Value {
     let mut partitions = Vec::new();
     let now = now_ms();
     for cell in &state.cells {
-        for task in cell.task_statuses(&def.name) {
+        for mut task in cell.task_statuses(&def.name) {
+            // Live figures: the processor only refreshes its status when it steps the partition.
+            let view = cell.partition(&def.input, task.partition);
+            if let Some(v) = &view {
+                task.end_offset = v.end_offset();
+            }
+            if task.version == 0 {
+                // Not stepped yet since the start: report what is committed on disk.
+                if let Ok(Some(c)) = cell
+                    .consumer(&def.name, task.partition)
+                    .and_then(|c| c.committed())
+                {
+                    task.committed_offset = c.offset;
+                    task.version = c.version;
+                }
+            }
             let lag = task.end_offset.saturating_sub(task.committed_offset);
             // Lag in time: how old the oldest unprocessed event is.
             let lag_ms = if lag == 0 {
                 0
             } else {
-                cell.partition(&def.input, task.partition)
+                view.as_ref()
                     .and_then(|v| v.log().timestamp_at(task.committed_offset).ok().flatten())
                     .map_or(0, |ts| now.saturating_sub(ts))
             };
@@ -423,11 +464,18 @@ pub(super) async fn reset(
         )
     })?;
     update(state, name, |def| {
-        let generation = def.reset.map_or(0, |r| r.generation) + 1;
+        let generation = def.reset.as_ref().map_or(0, |r| r.generation) + 1;
+        // `latest` means the end now, not when each partition gets to it.
+        let offsets = if spec.to == ResetTo::Latest {
+            end_offsets(state, &def.input)
+        } else {
+            Vec::new()
+        };
         def.reset = Some(Reset {
             generation,
             to: spec.to,
             clear_state: spec.clear_state,
+            offsets,
         });
         Ok(())
     })

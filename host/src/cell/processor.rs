@@ -92,7 +92,7 @@ impl StateStore for ConsumerState {
 struct Task {
     handler: Arc<str>,
     /// Identity of the handler definition this task belongs to (a re-created handler is another).
-    created_ms: u64,
+    incarnation: u64,
     partition: u32,
     consumer: ConsumerLog,
     committed: Option<Committed>,
@@ -160,7 +160,20 @@ impl Processor {
                     continue;
                 };
                 if let Some(def) = defs.get(&*task.handler) {
-                    match self.step(&mut task, def) {
+                    // A panic in one task (a bug) must not stop the cell's other handlers: it is
+                    // reported like any failure of the task, which is retried later.
+                    let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.step(&mut task, def)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(StepError::Other(format!("processor panicked: {what}")))
+                    });
+                    match stepped {
                         Ok(did) => worked |= did,
                         Err(e) => {
                             tracing::warn!(handler = %task.handler, partition = task.partition, error = %e, "handler task failed; retrying");
@@ -196,7 +209,7 @@ impl Processor {
             .iter()
             .filter(|(_, t)| {
                 defs.get(&*t.handler)
-                    .is_none_or(|d| d.created_ms != t.created_ms)
+                    .is_none_or(|d| d.incarnation != t.incarnation)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -239,7 +252,7 @@ impl Processor {
                         };
                         let task = Task {
                             handler: name.clone(),
-                            created_ms: def.created_ms,
+                            incarnation: def.incarnation,
                             partition,
                             consumer,
                             committed: None,
@@ -336,6 +349,13 @@ impl Processor {
 
     /// One batch of one task. Returns whether it did any work.
     fn step(&mut self, task: &mut Task, def: &HandlerDef) -> Result<bool, StepError> {
+        let Some(view) = self.shared.view(&def.input, task.partition) else {
+            task.status.status = "waiting";
+            task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
+            return Ok(false);
+        };
+        let end = view.end_offset();
+        task.status.end_offset = end;
         if def.paused {
             task.status.status = "paused";
             task.status.detail = None;
@@ -346,14 +366,8 @@ impl Processor {
             return Ok(false);
         }
         task.retry_at = None;
-        let Some(view) = self.shared.view(&def.input, task.partition) else {
-            task.status.status = "waiting";
-            task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
-            return Ok(false);
-        };
-        let end = view.end_offset();
-        task.status.end_offset = end;
-        let generation = def.reset.map_or(0, |r| r.generation);
+        let generation = def.reset.as_ref().map_or(0, |r| r.generation);
+        let at = |offsets: &[u64]| offsets.get(task.partition as usize).copied();
 
         // First run on this partition: start where the handler asked, and record it.
         if task.committed.is_none() {
@@ -365,7 +379,7 @@ impl Processor {
             None => {
                 let offset = match def.start {
                     StartPosition::Earliest => view.log().first_offset()?.unwrap_or(end),
-                    StartPosition::Latest => end,
+                    StartPosition::Latest => at(&def.start_offsets).unwrap_or(end),
                     StartPosition::Offset(n) => n,
                 };
                 let committed = Committed {
@@ -379,6 +393,7 @@ impl Processor {
         };
         if let Some(reset) = def
             .reset
+            .as_ref()
             .filter(|r| r.generation > committed.reset_generation)
         {
             let offset = match reset.to {

@@ -37,7 +37,7 @@ pub enum CompileError {
     /// An export of the `handler` world is missing.
     #[error(
         "the component does not export `{0}` of procd's world procd:handler/handler@0.1.0; \
-         export your handler with procd-sdk's `export_handler!`"
+         export your handler with `procd_sdk::export!`"
     )]
     MissingExport(&'static str),
     /// Exports or imports have other types than procd's world.

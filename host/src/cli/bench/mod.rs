@@ -1,18 +1,32 @@
 //! `procd bench`: whole-system measurements on this machine. Each benchmark prints the parameters it
 //! ran with, so a figure can be reproduced and compared; micro-benchmarks live in criterion instead.
 
+mod e2e;
+mod handler;
 mod ingest;
+mod util;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Raw fjall group-commit append versus HTTP NDJSON ingest of the same events, in one run.
     Ingest(ingest::IngestArgs),
+    /// Per-event cost of the passthrough and counter handlers through the wasm boundary, next to the
+    /// same logic in native Rust, in one run.
+    Handler(handler::HandlerArgs),
+    /// HTTP ingest alone versus HTTP ingest -> passthrough handler -> output topic, in one run.
+    E2e(e2e::E2eArgs),
 }
 
 pub(super) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Ingest(args) => ingest::run(args).await,
+        // Single-threaded and CPU-bound: on a thread of its own, not a runtime worker.
+        BenchCommand::Handler(args) => tokio::task::spawn_blocking(move || handler::run(args))
+            .await
+            .context("the handler benchmark panicked")?,
+        BenchCommand::E2e(args) => e2e::run(args).await,
     }
 }
