@@ -685,6 +685,14 @@ fn print_results(plan: &Plan, samples: &HashMap<Kind, Vec<Sample>>) {
         let hi = values.iter().copied().fold(0.0, f64::max);
         format!("{lo:.1}-{hi:.1}")
     };
+    let best = |kind: Kind| -> f64 {
+        samples
+            .get(&kind)
+            .into_iter()
+            .flatten()
+            .map(Sample::ns)
+            .fold(f64::INFINITY, f64::min)
+    };
     let rate = |ns: f64| 1e3 / ns.max(f64::MIN_POSITIVE);
     if plan.kinds.len() < KINDS.len() {
         for &kind in &plan.kinds {
@@ -738,14 +746,23 @@ fn print_results(plan: &Plan, samples: &HashMap<Kind, Vec<Sample>>) {
         ("passthrough", Kind::WasmPassthrough, TARGET_PASSTHROUGH),
         ("counter", Kind::WasmCounter, TARGET_COUNTER),
     ] {
-        let got = rate(ns(kind)) * 1e6;
-        let verdict = if got >= target { "met" } else { "NOT met" };
+        let verdict = |ns: f64| {
+            if rate(ns) * 1e6 >= target {
+                "met"
+            } else {
+                "NOT met"
+            }
+        };
+        let (typical, best) = (ns(kind), best(kind));
         println!(
-            "target {name:<11} >= {:.0} M events/s per core (<= {:.1} ns/event): {verdict} ({:.1} M events/s, {:.1} ns/event)",
+            "target {name:<11} >= {:.0} M events/s per core (<= {:.1} ns/event): {} at the median round \
+             ({:.1} M events/s), {} in the best round ({:.1} M events/s)",
             target / 1e6,
             1e9 / target,
-            got / 1e6,
-            ns(kind)
+            verdict(typical),
+            rate(typical),
+            verdict(best),
+            rate(best)
         );
     }
     println!();
