@@ -314,3 +314,31 @@ impl TestHost {
         }
     }
 }
+
+/// Runs the `procd` CLI as a user would, with `stdin` as its input, against `host` (through
+/// `PROCD_URL`/`PROCD_ADMIN_URL`) or with no server configured.
+pub fn procd(
+    host: Option<&TestHost>,
+    args: &[&str],
+    stdin: &[u8],
+) -> TestResult<std::process::Output> {
+    use std::io::Write as _;
+    let mut cmd = Command::new(TestHost::binary());
+    cmd.args(args)
+        .env("RUST_LOG", "off")
+        .env_remove("PROCD_URL")
+        .env_remove("PROCD_ADMIN_URL");
+    if let Some(host) = host {
+        cmd.env("PROCD_URL", &host.url)
+            .env("PROCD_ADMIN_URL", &host.admin_url);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin)?;
+    }
+    Ok(child.wait_with_output()?)
+}

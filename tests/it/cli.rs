@@ -1,30 +1,6 @@
 //! The `procd` CLI as a user runs it: produce, consume, topics, and its errors.
 
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
-
-use crate::harness::{TestHost, TestResult};
-
-fn procd(host: Option<&TestHost>, args: &[&str], stdin: &[u8]) -> TestResult<Output> {
-    let mut cmd = Command::new(TestHost::binary());
-    cmd.args(args)
-        .env("RUST_LOG", "off")
-        .env_remove("PROCD_URL")
-        .env_remove("PROCD_ADMIN_URL");
-    if let Some(host) = host {
-        cmd.env("PROCD_URL", &host.url)
-            .env("PROCD_ADMIN_URL", &host.admin_url);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin)?;
-    }
-    Ok(child.wait_with_output()?)
-}
+use crate::harness::{TestHost, TestResult, procd};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -6,40 +6,18 @@
 //! partition's committed offset reaches the input topic's durable end as the topic API reports it.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use procd::ingest::partitioner::partition_for_key;
 use serde_json::Value;
 
 use crate::harness::guests::example_path;
-use crate::harness::{TestHost, TestResult, ensure_status};
+use crate::harness::{TestHost, TestResult, ensure_status, procd};
 
 /// How long a handler gets to process what a test posted (debug builds on two busy cores).
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn procd(host: Option<&TestHost>, args: &[&str], stdin: &[u8]) -> TestResult<Output> {
-    let mut cmd = Command::new(TestHost::binary());
-    cmd.args(args)
-        .env("RUST_LOG", "off")
-        .env_remove("PROCD_URL")
-        .env_remove("PROCD_ADMIN_URL");
-    if let Some(host) = host {
-        cmd.env("PROCD_URL", &host.url)
-            .env("PROCD_ADMIN_URL", &host.admin_url);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin)?;
-    }
-    Ok(child.wait_with_output()?)
-}
 
 /// Runs `procd` and fails the test unless it succeeds; returns its stdout.
 fn procd_ok(host: Option<&TestHost>, args: &[&str]) -> TestResult<String> {

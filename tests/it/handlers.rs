@@ -16,10 +16,8 @@
 //! whose outputs name their version (`tagged-counter`), and two real components of other worlds.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use procd::client::{Client, Response};
@@ -40,35 +38,9 @@ const PRODUCER_PERIOD: Duration = Duration::from_millis(10);
 // ---------------------------------------------------------------------------------------------------
 // Test-only guests
 
-static TEST_GUESTS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// Builds `tests/guests` (once per process) and returns the component bytes of crate `name`.
+/// The component bytes of test-only guest `name` (built from `tests/guests` once per process).
 fn test_guest(name: &str) -> TestResult<Vec<u8>> {
-    let dir = TEST_GUESTS
-        .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests");
-            let target = dir.join("target");
-            let out = Command::new(env!("CARGO"))
-                .current_dir(&dir)
-                .args(["build", "--release", "--target", "wasm32-wasip2", "-j", "2"])
-                .env("CARGO_TARGET_DIR", &target)
-                // Cargo sets these for the test process; the guest build must not inherit them.
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("CARGO_BUILD_TARGET")
-                .output()
-                .map_err(|e| format!("cannot run cargo to build tests/guests: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "building tests/guests failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            Ok(target.join("wasm32-wasip2").join("release"))
-        })
-        .clone()?;
-    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
-    std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
+    Ok(crate::harness::guests::test_guest(name)?)
 }
 
 // ---------------------------------------------------------------------------------------------------

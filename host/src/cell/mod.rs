@@ -289,11 +289,7 @@ impl Cell {
                     // queue without a reader.
                     let run = std::panic::AssertUnwindSafe(|| writer.run(&shared, rx));
                     if let Err(panic) = std::panic::catch_unwind(run) {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
+                        let what = panic_message(&*panic);
                         shared
                             .health
                             .fail(index, format!("writer thread panicked: {what}"));
@@ -474,6 +470,15 @@ impl Drop for Cell {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The message of a caught panic, if it carried one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn now_ms() -> u64 {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::{CellError, Command, PartitionView, ProcessCommit, Shared, now_ms};
+use super::{CellError, Command, ProcessCommit, Shared, now_ms, panic_message};
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, Payload, Record, StoreError};
 use crate::runtime::{
@@ -166,11 +166,7 @@ impl Processor {
                         self.step(&mut task, def)
                     }))
                     .unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
+                        let what = panic_message(&*panic);
                         Err(StepError::Other(format!("processor panicked: {what}")))
                     });
                     match stepped {
@@ -400,7 +396,10 @@ impl Processor {
                 ResetTo::Earliest => view.log().first_offset()?.unwrap_or(end),
                 ResetTo::Latest => end,
                 ResetTo::Offset(n) => n,
-                ResetTo::Timestamp(ts) => first_at_or_after(&view, ts)?,
+                ResetTo::Timestamp(ts) => {
+                    let first = view.log().first_offset()?.unwrap_or(end);
+                    super::retention::first_at_or_after(&view, first, end, ts)?
+                }
             };
             let committed = Committed {
                 offset,
@@ -689,21 +688,6 @@ fn dead_letter(offset: u64, version: u32, error: String, record: &[u8]) -> DlqEn
         time_ms: now_ms(),
         record: record.to_vec(),
     }
-}
-
-/// The first offset at or after `ts` (log-append time is non-decreasing within a partition).
-fn first_at_or_after(view: &PartitionView, ts: u64) -> Result<u64, StoreError> {
-    let end = view.end_offset();
-    let mut lo = view.log().first_offset()?.unwrap_or(end);
-    let mut hi = end;
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match view.log().timestamp_at(mid)? {
-            Some(t) if t >= ts => hi = mid,
-            _ => lo = mid + 1,
-        }
-    }
-    Ok(lo)
 }
 
 fn end_u32(len: usize) -> u32 {

@@ -114,7 +114,7 @@ pub(crate) fn retention_cut(
 }
 
 /// The first offset in `[lo, hi)` whose timestamp is `>= ts` (`hi` if none); timestamps are non-decreasing.
-fn first_at_or_after(
+pub(super) fn first_at_or_after(
     view: &PartitionView,
     mut lo: u64,
     mut hi: u64,

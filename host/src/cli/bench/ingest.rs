@@ -44,13 +44,12 @@ use crate::log::layout::Shape;
 use crate::log::{PartitionLog, Payload, Record, Store};
 use crate::server::{AppState, Server};
 
+use super::util::{Scratch, event_value, load_average, percentile, process_cpu};
+
 /// The topic both phases write.
 const TOPIC: &str = "bench";
 /// The acceptance target: HTTP ingest should reach this share of the raw append rate.
 const TARGET_RATIO: f64 = 0.8;
-/// Value characters: JSON-safe (no escaping), 64 of them so each takes 6 random bits.
-const VALUE_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// `procd bench ingest` flags.
 #[derive(Debug, Args)]
@@ -201,18 +200,6 @@ impl Measured {
     }
 }
 
-/// CPU time this process has used so far, all threads included (exited ones too), from
-/// `/proc/self/stat`; `None` off Linux.
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields 3.. follow its last `)`.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(14 - 3);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // In USER_HZ, which Linux fixes at 100 on the architectures procd builds for.
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
 /// CPU used since `before`, if both readings exist.
 fn cpu_since(before: Option<Duration>) -> Option<Duration> {
     process_cpu()
@@ -265,31 +252,6 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
 /// Key of event `i`.
 fn event_key(i: usize) -> String {
     format!("k{i}")
-}
-
-/// Value of event `i`: a JSON string of exactly `value_bytes` bytes, pseudo-random but reproducible.
-fn event_value(i: usize, value_bytes: usize) -> String {
-    let mut out = String::with_capacity(value_bytes);
-    out.push('"');
-    // splitmix64 seeded by the event number, 6 bits per character.
-    let mut state = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
-    let mut bits = 0u64;
-    let mut bits_left = 0;
-    for _ in 0..value_bytes.saturating_sub(2) {
-        if bits_left < 6 {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            bits = z ^ (z >> 31);
-            bits_left = 64;
-        }
-        out.push(char::from(VALUE_ALPHABET[(bits & 63) as usize]));
-        bits >>= 6;
-        bits_left -= 6;
-    }
-    out.push('"');
-    out
 }
 
 /// Event `i` as an NDJSON line, newline included.
@@ -684,50 +646,6 @@ fn latency_line(latencies: &[Duration], what: &str) -> String {
     line
 }
 
-/// The 1-minute load average from `/proc/loadavg`; `None` off Linux.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next().map(str::to_string)
-}
-
-/// The `q` quantile of sorted samples (nearest rank).
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
-    sorted.get(rank - 1).copied().unwrap_or_default()
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Scratch directories
-
-/// A fresh directory, removed with its contents when dropped (also when the run fails).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn create(parent: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = parent.join(format!("procd-bench-{}-{nanos}", std::process::id()));
-        // `create_dir`, not `create_dir_all`: never adopt (and later delete) a directory that exists.
-        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove the benchmark's data; delete it by hand");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,7 +676,7 @@ mod tests {
         assert_eq!(percentile(&samples, 0.5), Duration::from_millis(50));
         assert_eq!(percentile(&samples, 0.99), Duration::from_millis(99));
         assert_eq!(percentile(&samples, 1.0), Duration::from_millis(100));
-        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+        assert_eq!(percentile::<Duration>(&[], 0.5), Duration::ZERO);
     }
 
     #[test]
