@@ -17,6 +17,11 @@ pub(crate) struct Outputs {
     pub key_ends: Vec<u32>,
     pub values: Vec<u8>,
     pub value_ends: Vec<u32>,
+    /// Per record: 0, or 1 + the index of the input event whose value it forwards (`value-sources`).
+    pub value_sources: Vec<u32>,
+    /// The value of the event being handled (address, length) and its source number: emitting that very
+    /// slice forwards it instead of copying it.
+    pub current: (usize, usize, u32),
 }
 
 impl Outputs {
@@ -29,6 +34,21 @@ impl Outputs {
             key_ends: Vec::with_capacity(events),
             values: Vec::with_capacity(value_bytes),
             value_ends: Vec::with_capacity(events),
+            value_sources: Vec::with_capacity(events),
+            current: (0, 0, 0),
+        }
+    }
+
+    /// Appends a record's value: the event being handled's own value (the same memory, as in
+    /// `ctx.emit(0, event.key(), event.value())`) is forwarded by reference, anything else copied.
+    #[inline]
+    fn push_value(&mut self, value: &[u8]) {
+        let (addr, len, source) = self.current;
+        if source != 0 && value.as_ptr() as usize == addr && value.len() == len {
+            self.end_value(source);
+        } else {
+            self.values.extend_from_slice(value);
+            self.end_value(0);
         }
     }
 
@@ -40,8 +60,9 @@ impl Outputs {
     }
 
     #[inline]
-    fn end_value(&mut self) {
+    fn end_value(&mut self, source: u32) {
         self.value_ends.push(end(&self.values));
+        self.value_sources.push(source);
     }
 
     /// Drops a record whose key was pushed but whose value could not be written.
@@ -69,8 +90,7 @@ impl<'a> Context<'a> {
     #[inline]
     pub fn emit(&mut self, output: u16, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.outputs.push_key(output, key.as_ref());
-        self.outputs.values.extend_from_slice(value.as_ref());
-        self.outputs.end_value();
+        self.outputs.push_value(value.as_ref());
     }
 
     /// Emits a record whose value is `value` serialized as JSON, written straight into the output column.
@@ -85,7 +105,7 @@ impl<'a> Context<'a> {
         let start = self.outputs.values.len();
         match serde_json::to_writer(&mut self.outputs.values, value) {
             Ok(()) => {
-                self.outputs.end_value();
+                self.outputs.end_value(0);
                 Ok(())
             }
             Err(e) => {
@@ -109,7 +129,7 @@ impl<'a> Context<'a> {
         write(&mut ValueWriter {
             values: &mut self.outputs.values,
         });
-        self.outputs.end_value();
+        self.outputs.end_value(0);
     }
 
     /// The handler's partition-local state (see [`State`]).
@@ -221,5 +241,27 @@ impl fmt::Write for ValueWriter<'_> {
 impl fmt::Debug for ValueWriter<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ValueWriter").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outputs;
+
+    #[test]
+    fn the_handled_events_own_value_is_forwarded_and_anything_else_copied() {
+        let input = b"hello".to_vec();
+        let copy = input.clone();
+        let mut outputs = Outputs::with_capacity(3, 0, 0);
+        outputs.current = (input.as_ptr() as usize, input.len(), 7);
+        outputs.push_key(0, b"k");
+        outputs.push_value(&input);
+        outputs.push_key(0, b"k");
+        outputs.push_value(&copy);
+        outputs.push_key(0, b"k");
+        outputs.push_value(&input[1..]);
+        assert_eq!(outputs.value_sources, [7, 0, 0]);
+        assert_eq!(outputs.values, b"helloello");
+        assert_eq!(outputs.value_ends, [0, 5, 9]);
     }
 }

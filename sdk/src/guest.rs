@@ -73,6 +73,7 @@ impl<H: Handler + Default> bindings::Guest for Guest<H> {
                     key_ends: out.key_ends,
                     values: out.values,
                     value_ends: out.value_ends,
+                    value_sources: out.value_sources,
                 }),
                 Err(failure) => Err(EventError {
                     index: failure.index,

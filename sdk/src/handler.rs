@@ -96,6 +96,11 @@ impl<H: Handler> Runtime<H> {
             let event = event.map_err(|message| failure(index, message))?;
             index += 1;
             ctx.state.writer = event.index();
+            ctx.outputs.current = (
+                event.value().as_ptr() as usize,
+                event.value().len(),
+                event.index() + 1,
+            );
             if let Err(error) = self.handler.handle(&event, &mut ctx) {
                 return Err(Failure {
                     index: event.index(),

@@ -275,7 +275,7 @@ impl<H: Handler> TestDriver<H> {
         match result {
             Ok(outputs) => {
                 self.store.commit();
-                Ok(self.records(outputs))
+                Ok(self.records(outputs, &batch))
             }
             Err(failure) => {
                 self.store.discard();
@@ -292,14 +292,16 @@ impl<H: Handler> TestDriver<H> {
         capture(&mut self.logs, f)
     }
 
-    fn records(&self, outputs: Outputs) -> Vec<Record> {
+    /// Resolves the columnar outputs into records, as the host does (forwarded values included).
+    fn records(&self, outputs: Outputs, input: &TestBatch) -> Vec<Record> {
         let mut records = Vec::with_capacity(outputs.topics.len());
         let (mut key_start, mut value_start) = (0, 0);
-        for ((&output, &key_end), &value_end) in outputs
+        for (((&output, &key_end), &value_end), &source) in outputs
             .topics
             .iter()
             .zip(&outputs.key_ends)
             .zip(&outputs.value_ends)
+            .zip(&outputs.value_sources)
         {
             let topic = self.outputs.as_ref().map(|names| match names.get(usize::from(output)) {
                 Some(name) => name.clone(),
@@ -312,7 +314,10 @@ impl<H: Handler> TestDriver<H> {
                 output,
                 topic,
                 key: outputs.keys[key_start..key_end as usize].to_vec(),
-                value: outputs.values[value_start..value_end as usize].to_vec(),
+                value: match source.checked_sub(1) {
+                    Some(event) => input.value(event as usize).to_vec(),
+                    None => outputs.values[value_start..value_end as usize].to_vec(),
+                },
             });
             key_start = key_end as usize;
             value_start = value_end as usize;
@@ -709,6 +714,12 @@ impl TestBatch {
             batch.header_ends.push(crate::state::end(&batch.headers));
         }
         batch
+    }
+
+    /// Event `i`'s value.
+    fn value(&self, i: usize) -> &[u8] {
+        let start = i.checked_sub(1).map_or(0, |p| self.value_ends[p] as usize);
+        &self.values[start..self.value_ends[i] as usize]
     }
 
     fn columns(&self, partition: u32) -> Columns<'_> {

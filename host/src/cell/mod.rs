@@ -7,6 +7,7 @@
 //! Readers read a partition directly, but only up to the offset the writer published *after* the fsync,
 //! so nothing is ever served that a crash could take back.
 
+mod batch;
 mod dedup;
 mod processor;
 mod retention;
@@ -27,9 +28,9 @@ use crate::log::{Committed, ConsumerLog, DlqEntry};
 use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
 use crate::runtime::Runtime;
 
+pub(crate) use batch::{InputBatch, to_records};
 pub use dedup::DedupIndex;
 pub use processor::{ProcessorOptions, TaskStatus};
-pub(crate) use processor::{build_batch, to_records};
 
 /// Settings shared by every cell.
 #[derive(Debug, Clone)]

@@ -25,13 +25,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::batch::{EncodedOutputs, InputBatch, to_records};
 use super::{CellError, Command, ProcessCommit, Shared, now_ms, panic_message};
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
-use crate::log::{Committed, ConsumerLog, DlqEntry, Payload, Record, StoreError};
+use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
 use crate::runtime::{
-    Batch, CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime,
-    StateStore,
+    CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateStore,
 };
+
+/// Stored input events: offset and encoded record, as read from the log.
+type Stored = (u64, fjall::Slice);
 
 /// How long a task waits before retrying after a failure it cannot fix itself (bad init, missing topic).
 const RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -111,6 +114,8 @@ pub(super) struct Processor {
     compiled: HashMap<(Arc<str>, u32), Compiled>,
     tasks: BTreeMap<(Arc<str>, u32), Task>,
     stop: Arc<AtomicBool>,
+    /// The batch being handled; its buffers are reused from batch to batch.
+    scratch: InputBatch,
 }
 
 /// A task step failed in a way the task reports and retries later.
@@ -142,6 +147,7 @@ impl Processor {
             compiled: HashMap::new(),
             tasks: BTreeMap::new(),
             stop,
+            scratch: InputBatch::new(0),
         }
     }
 
@@ -453,20 +459,18 @@ impl Processor {
             )?;
             return Ok(true);
         };
-        let events: Vec<(u64, Vec<u8>, Record)> = records
-            .into_iter()
-            .map(|(offset, bytes)| {
-                let record = Record::decode(&bytes)
-                    .map_err(|e| StepError::Other(format!("input offset {offset}: {e}")))?;
-                Ok((offset, bytes.to_vec(), record))
-            })
-            .collect::<Result<_, StepError>>()?;
         let base = Committed {
             offset: last + 1,
             version: version.version,
             reset_generation: committed.reset_generation,
         };
-        self.process(task, version, &events, base)?;
+        let mut batch = std::mem::replace(&mut self.scratch, InputBatch::new(0));
+        let result = match batch.refill(task.partition, &records) {
+            Ok(()) => self.process(task, version, &records, &batch, base),
+            Err(e) => Err(StepError::Other(e.to_string())),
+        };
+        self.scratch = batch;
+        result?;
         Ok(true)
     }
 
@@ -475,15 +479,15 @@ impl Processor {
         &mut self,
         task: &mut Task,
         version: &HandlerVersion,
-        events: &[(u64, Vec<u8>, Record)],
+        events: &[Stored],
+        batch: &InputBatch,
         after: Committed,
     ) -> Result<(), StepError> {
-        let batch = build_batch(task.partition, events);
-        let outcome = self.call(task, version, &batch);
+        let outcome = self.call(task, version, batch);
         match outcome {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 let state = self.take_writes(task);
-                match to_records(&outputs, version) {
+                match to_records(&outputs, batch, version) {
                     Ok(outputs) => self.commit(
                         task,
                         PendingCommit {
@@ -501,7 +505,7 @@ impl Processor {
             Ok(HandleOutcome::EventFailed { index, message }) => {
                 self.discard_writes(task);
                 let index = index as usize;
-                let Some((failed_offset, failed_bytes, _)) = events.get(index) else {
+                let Some((failed_offset, failed_bytes)) = events.get(index) else {
                     return self.one_by_one(
                         task,
                         version,
@@ -517,9 +521,11 @@ impl Processor {
                 let (outputs, state) = if index == 0 {
                     (vec![], vec![])
                 } else {
-                    let prefix = build_batch(task.partition, &events[..index]);
+                    let prefix = InputBatch::decode(task.partition, &events[..index])
+                        .map_err(|e| StepError::Other(e.to_string()))?;
                     match self.call(task, version, &prefix) {
-                        Ok(HandleOutcome::Outputs(out)) => match to_records(&out, version) {
+                        Ok(HandleOutcome::Outputs(out)) => match to_records(&out, &prefix, version)
+                        {
                             Ok(records) => (records, self.take_writes(task)),
                             Err(m) => {
                                 return self.one_by_one(task, version, events, after, Some(m));
@@ -561,20 +567,22 @@ impl Processor {
         &mut self,
         task: &mut Task,
         version: &HandlerVersion,
-        events: &[(u64, Vec<u8>, Record)],
+        events: &[Stored],
         after: Committed,
         batch_error: Option<String>,
     ) -> Result<(), StepError> {
         let _ = batch_error;
-        for (i, (offset, bytes, _)) in events.iter().enumerate() {
+        for (i, (offset, bytes)) in events.iter().enumerate() {
             let committed = Committed {
                 offset: offset + 1,
                 ..after
             };
-            let single = build_batch(task.partition, &events[i..=i]);
+            let single = InputBatch::decode(task.partition, &events[i..=i])
+                .map_err(|e| StepError::Other(e.to_string()))?;
             let outcome = self.call(task, version, &single);
             let failure = match outcome {
-                Ok(HandleOutcome::Outputs(outputs)) => match to_records(&outputs, version) {
+                Ok(HandleOutcome::Outputs(outputs)) => match to_records(&outputs, &single, version)
+                {
                     Ok(outputs) => {
                         let state = self.take_writes(task);
                         self.commit(
@@ -616,7 +624,7 @@ impl Processor {
         &mut self,
         task: &mut Task,
         version: &HandlerVersion,
-        batch: &Batch,
+        batch: &InputBatch,
     ) -> Result<HandleOutcome, CallError> {
         if task.instance.as_ref().is_none_or(|(_, i)| i.is_poisoned()) {
             task.instance = None;
@@ -626,7 +634,7 @@ impl Processor {
             }
         }
         match task.instance.as_mut() {
-            Some((_, instance)) => instance.handle(batch),
+            Some((_, instance)) => instance.handle(&batch.batch),
             None => Err(CallError::Trap("no instance".into())),
         }
     }
@@ -655,9 +663,6 @@ impl Processor {
         }
     }
 }
-
-/// Encoded output records, each with the output topic it goes to.
-pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<u8>)>;
 
 /// What a batch commits, before it is sent to the writer.
 struct PendingCommit {
@@ -688,111 +693,4 @@ fn dead_letter(offset: u64, version: u32, error: String, record: &[u8]) -> DlqEn
         time_ms: now_ms(),
         record: record.to_vec(),
     }
-}
-
-fn end_u32(len: usize) -> u32 {
-    // Batches are bounded by MAX_BATCH_BYTES (4 MiB), far below u32::MAX.
-    u32::try_from(len).unwrap_or(u32::MAX)
-}
-
-/// Lays events out column-wise for the guest.
-pub(crate) fn build_batch(partition: u32, events: &[(u64, Vec<u8>, Record)]) -> Batch {
-    let n = events.len();
-    let mut batch = Batch {
-        partition,
-        offsets: Vec::with_capacity(n),
-        timestamps_ms: Vec::with_capacity(n),
-        keys: Vec::new(),
-        key_ends: Vec::with_capacity(n),
-        values: Vec::new(),
-        value_ends: Vec::with_capacity(n),
-        headers: Vec::new(),
-        header_ends: Vec::with_capacity(n),
-    };
-    for (offset, _, record) in events {
-        append_event(&mut batch, *offset, record);
-    }
-    batch
-}
-
-/// Appends one event to a batch's columns.
-fn append_event(batch: &mut Batch, offset: u64, record: &Record) {
-    batch.offsets.push(offset);
-    batch.timestamps_ms.push(record.timestamp_ms);
-    batch
-        .keys
-        .extend_from_slice(record.key.as_deref().unwrap_or_default());
-    batch.key_ends.push(end_u32(batch.keys.len()));
-    match &record.value {
-        Payload::Json(text) => batch.values.extend_from_slice(text.as_bytes()),
-        Payload::Bytes(bytes) => batch.values.extend_from_slice(bytes),
-    }
-    batch.value_ends.push(end_u32(batch.values.len()));
-    for (name, value) in &record.headers {
-        batch
-            .headers
-            .extend_from_slice(&end_u32(name.len()).to_le_bytes());
-        batch.headers.extend_from_slice(name.as_bytes());
-        batch
-            .headers
-            .extend_from_slice(&end_u32(value.len()).to_le_bytes());
-        batch.headers.extend_from_slice(value.as_bytes());
-    }
-    batch.header_ends.push(end_u32(batch.headers.len()));
-}
-
-/// Turns a handler's columnar outputs into encoded records per output topic. A value that is valid JSON
-/// is stored as JSON (so it reads back as a JSON value), anything else as bytes.
-pub(crate) fn to_records(
-    outputs: &OutputBatch,
-    version: &HandlerVersion,
-) -> Result<EncodedOutputs, String> {
-    let n = outputs.topics.len();
-    if outputs.key_ends.len() != n || outputs.value_ends.len() != n {
-        return Err(format!(
-            "output columns disagree: {n} topics, {} keys, {} values",
-            outputs.key_ends.len(),
-            outputs.value_ends.len()
-        ));
-    }
-    let topics: Vec<Arc<str>> = version
-        .outputs
-        .iter()
-        .map(|t| Arc::from(t.as_str()))
-        .collect();
-    let mut records = Vec::with_capacity(n);
-    let (mut key_start, mut value_start) = (0usize, 0usize);
-    for i in 0..n {
-        let topic = topics.get(outputs.topics[i] as usize).ok_or_else(|| {
-            format!(
-                "output topic index {} is not declared (outputs: {:?})",
-                outputs.topics[i], version.outputs
-            )
-        })?;
-        let (key_end, value_end) = (outputs.key_ends[i] as usize, outputs.value_ends[i] as usize);
-        let key = outputs
-            .keys
-            .get(key_start..key_end)
-            .ok_or("output key offsets are out of range")?;
-        let value = outputs
-            .values
-            .get(value_start..value_end)
-            .ok_or("output value offsets are out of range")?;
-        (key_start, value_start) = (key_end, value_end);
-        let value = match std::str::from_utf8(value) {
-            Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-                Payload::Json(text.to_string())
-            }
-            _ => Payload::Bytes(value.to_vec()),
-        };
-        let record = Record {
-            timestamp_ms: 0,
-            key: (!key.is_empty()).then(|| key.to_vec()),
-            value,
-            headers: vec![],
-            id: None,
-        };
-        records.push((topic.clone(), record.encode()));
-    }
-    Ok(records)
 }

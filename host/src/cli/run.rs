@@ -29,12 +29,12 @@ use clap::Args;
 
 use super::parse_config;
 use crate::catalog::HandlerVersion;
-use crate::cell::{DedupIndex, build_batch, to_records};
+use crate::cell::{DedupIndex, InputBatch, to_records};
 use crate::config::Config;
 use crate::ingest::{parse, partitioner};
 use crate::log::{Payload, Record};
 use crate::runtime::{
-    Batch, CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime,
+    CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime,
     StateStore, StateWrite,
 };
 
@@ -328,9 +328,8 @@ struct Partition {
     index: u32,
     next_offset: u64,
     last_timestamp_ms: u64,
-    /// Waiting events as the processor reads them: (offset, stored bytes, record). The stored bytes are
-    /// only used for dead letters, which `run` prints instead, so they stay empty.
-    pending: Vec<(u64, Vec<u8>, Record)>,
+    /// Waiting events as the processor reads them: (offset, encoded record).
+    pending: Vec<(u64, Vec<u8>)>,
     /// For each waiting event: its input line and its encoded size.
     meta: Vec<(usize, usize)>,
     pending_bytes: usize,
@@ -434,8 +433,9 @@ impl<W: Write> Runner<'_, W> {
             headers: event.headers,
             id: event.id,
         };
-        let size = record.encode().len();
-        part.pending.push((part.next_offset, Vec::new(), record));
+        let encoded = record.encode();
+        let size = encoded.len();
+        part.pending.push((part.next_offset, encoded));
         part.meta.push((line_no, size));
         part.pending_bytes += size;
         part.next_offset += 1;
@@ -479,11 +479,11 @@ impl<W: Write> Ctx<'_, W> {
     /// Runs the handler over the first `n` waiting events like the cell processor; returns how many of
     /// them are settled (all, or up to and including the one the handler reported failed).
     fn process(&mut self, part: &mut Partition, n: usize) -> anyhow::Result<usize> {
-        let batch = build_batch(part.index, &part.pending[..n]);
+        let batch = InputBatch::decode(part.index, &part.pending[..n])?;
         match self.call(part, &batch) {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 let writes = part.take_writes();
-                match self.records(&outputs) {
+                match self.records(&outputs, &batch) {
                     Ok(records) => {
                         part.state.apply(writes)?;
                         self.emit(part.index, records)?;
@@ -510,10 +510,10 @@ impl<W: Write> Ctx<'_, W> {
                 let (records, writes) = if index == 0 {
                     (vec![], vec![])
                 } else {
-                    let prefix = build_batch(part.index, &part.pending[..index]);
+                    let prefix = InputBatch::decode(part.index, &part.pending[..index])?;
                     let outcome = self.call(part, &prefix);
                     let rerun = match outcome {
-                        Ok(HandleOutcome::Outputs(out)) => self.records(&out),
+                        Ok(HandleOutcome::Outputs(out)) => self.records(&out, &prefix),
                         _ => Err(
                             "running the events before the failed one again gave another result \
                              (is the handler deterministic?)"
@@ -544,9 +544,9 @@ impl<W: Write> Ctx<'_, W> {
     /// Runs each of the first `n` waiting events alone; an event that fails alone is reported.
     fn one_by_one(&mut self, part: &mut Partition, n: usize) -> anyhow::Result<usize> {
         for i in 0..n {
-            let single = build_batch(part.index, &part.pending[i..=i]);
+            let single = InputBatch::decode(part.index, &part.pending[i..=i])?;
             let failure = match self.call(part, &single) {
-                Ok(HandleOutcome::Outputs(outputs)) => match self.records(&outputs) {
+                Ok(HandleOutcome::Outputs(outputs)) => match self.records(&outputs, &single) {
                     Ok(records) => {
                         let writes = part.take_writes();
                         part.state.apply(writes)?;
@@ -565,7 +565,11 @@ impl<W: Write> Ctx<'_, W> {
     }
 
     /// Calls the partition's instance, (re)building it first if there is none or a trap poisoned it.
-    fn call(&mut self, part: &mut Partition, batch: &Batch) -> Result<HandleOutcome, CallError> {
+    fn call(
+        &mut self,
+        part: &mut Partition,
+        batch: &InputBatch,
+    ) -> Result<HandleOutcome, CallError> {
         if part.instance.as_ref().is_none_or(Instance::is_poisoned) {
             part.instance = None;
             let label = LogLabel {
@@ -586,13 +590,13 @@ impl<W: Write> Ctx<'_, W> {
             part.instance = Some(instance);
         }
         match part.instance.as_mut() {
-            Some(instance) => instance.handle(batch),
+            Some(instance) => instance.handle(&batch.batch),
             None => Err(CallError::Trap("no instance".into())),
         }
     }
 
     /// The handler's outputs as encoded records, named by `--output` or by index.
-    fn records(&self, outputs: &OutputBatch) -> Result<Records, String> {
+    fn records(&self, outputs: &OutputBatch, input: &InputBatch) -> Result<Records, String> {
         let names = match &self.settings.outputs {
             Some(names) => names.clone(),
             None => {
@@ -611,7 +615,7 @@ impl<W: Write> Ctx<'_, W> {
             size_bytes: 0,
             created_ms: 0,
         };
-        to_records(outputs, &version)
+        to_records(outputs, input, &version)
     }
 
     fn emit(&mut self, partition: u32, records: Records) -> anyhow::Result<()> {
@@ -628,7 +632,7 @@ impl<W: Write> Ctx<'_, W> {
     fn event_failed(&mut self, part: &Partition, i: usize, message: &str) -> anyhow::Result<()> {
         self.failed += 1;
         let line = part.meta.get(i).map_or(0, |(line, _)| *line);
-        let offset = part.pending.get(i).map_or(0, |(offset, _, _)| *offset);
+        let offset = part.pending.get(i).map_or(0, |(offset, _)| *offset);
         self.stderr_line(&format!(
             "error: event at line {line} (partition {}, offset {offset}): {}",
             part.index,
@@ -793,7 +797,7 @@ mod tests {
         let mut part = Partition::new(0, &settings);
         for i in 0..5u64 {
             part.pending
-                .push((i, vec![], record(None, Payload::Json("1".into()))));
+                .push((i, record(None, Payload::Json("1".into())).encode()));
             part.meta.push((i as usize + 1, 10));
             part.pending_bytes += 10;
         }

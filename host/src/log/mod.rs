@@ -12,5 +12,5 @@ pub mod record;
 mod store;
 
 pub use consumer::{Committed, ConsumerLog, DlqEntry};
-pub use record::{Payload, Record};
+pub use record::{Payload, PayloadRef, Record, RecordRef};
 pub use store::{Batch, DedupEntry, PartitionLog, Store, StoreError, StoreOptions};

@@ -43,11 +43,67 @@ struct Body {
     id: Option<String>,
 }
 
-#[derive(Serialize)]
-struct BodyRef<'a> {
+/// An event's value borrowed from wherever it lives; encodes exactly like [`Payload`] (postcard writes a
+/// byte slice and a `Vec<u8>` the same way: a varint length, then the bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadRef<'a> {
+    /// JSON text.
+    Json(&'a str),
+    /// Raw bytes.
+    #[serde(borrow)]
+    Bytes(&'a [u8]),
+}
+
+impl<'a> PayloadRef<'a> {
+    /// The value's bytes: the JSON text or the raw bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match self {
+            PayloadRef::Json(text) => text.as_bytes(),
+            PayloadRef::Bytes(bytes) => bytes,
+        }
+    }
+
+    /// Whether the value is JSON text.
+    pub fn is_json(&self) -> bool {
+        matches!(self, PayloadRef::Json(_))
+    }
+}
+
+impl Payload {
+    /// The value borrowed.
+    pub fn as_ref(&self) -> PayloadRef<'_> {
+        match self {
+            Payload::Json(text) => PayloadRef::Json(text),
+            Payload::Bytes(bytes) => PayloadRef::Bytes(bytes),
+        }
+    }
+}
+
+/// One event borrowed from an encoded record (or from the pieces it is about to be encoded from):
+/// decoding one allocates nothing unless it has headers, which is what the processor's batch building
+/// and the read API want.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Log-append time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Partitioning key, if any.
+    pub key: Option<&'a [u8]>,
+    /// The event's value.
+    pub value: PayloadRef<'a>,
+    /// Producer headers in the order given.
+    pub headers: Vec<(&'a str, &'a str)>,
+    /// Producer-chosen id used for idempotent retries.
+    pub id: Option<&'a str>,
+}
+
+/// The body as it is written: borrowed pieces, the same postcard layout as [`Body`].
+#[derive(Serialize, Deserialize)]
+struct BodyRef<'a, H> {
+    #[serde(borrow)]
     key: Option<&'a [u8]>,
-    value: &'a Payload,
-    headers: &'a [(String, String)],
+    #[serde(borrow)]
+    value: PayloadRef<'a>,
+    headers: H,
     id: Option<&'a str>,
 }
 
@@ -70,18 +126,11 @@ impl Record {
     pub fn encode(&self) -> Vec<u8> {
         let body = BodyRef {
             key: self.key.as_deref(),
-            value: &self.value,
+            value: self.value.as_ref(),
             headers: &self.headers,
             id: self.id.as_deref(),
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + 32 + payload_len(&self.value));
-        out.push(FORMAT_V1);
-        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        // Serializing into a Vec cannot fail for these types: every field is a plain sequence or string.
-        match postcard::to_extend(&body, out) {
-            Ok(out) => out,
-            Err(e) => unreachable!("postcard cannot fail to encode a record body into a Vec: {e}"),
-        }
+        encode_body(self.timestamp_ms, &body, self.value.as_ref())
     }
 
     /// Decodes a record of any supported version.
@@ -104,10 +153,70 @@ impl Record {
     }
 }
 
-fn payload_len(p: &Payload) -> usize {
-    match p {
-        Payload::Json(s) => s.len(),
-        Payload::Bytes(b) => b.len(),
+impl<'a> RecordRef<'a> {
+    /// Decodes a record of any supported version, borrowing its key, value, headers and id.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err(DecodeError::Truncated(0));
+        };
+        if version != FORMAT_V1 {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let timestamp_ms = timestamp_of(bytes).ok_or(DecodeError::Truncated(bytes.len()))?;
+        let body: BodyRef<'a, Vec<(&'a str, &'a str)>> = postcard::from_bytes(&rest[8..])?;
+        Ok(Self {
+            timestamp_ms,
+            key: body.key,
+            value: body.value,
+            headers: body.headers,
+            id: body.id,
+        })
+    }
+
+    /// Encodes the record in the current format, byte for byte what [`Record::encode`] writes for the
+    /// same event.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = BodyRef {
+            key: self.key,
+            value: self.value,
+            headers: &self.headers,
+            id: self.id,
+        };
+        encode_body(self.timestamp_ms, &body, self.value)
+    }
+
+    /// Copies the event out of the buffer it borrows from.
+    pub fn to_owned(&self) -> Record {
+        Record {
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(<[u8]>::to_vec),
+            value: match self.value {
+                PayloadRef::Json(text) => Payload::Json(text.to_owned()),
+                PayloadRef::Bytes(bytes) => Payload::Bytes(bytes.to_vec()),
+            },
+            headers: self
+                .headers
+                .iter()
+                .map(|&(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+            id: self.id.map(str::to_owned),
+        }
+    }
+}
+
+fn encode_body<H: Serialize>(
+    timestamp_ms: u64,
+    body: &BodyRef<'_, H>,
+    value: PayloadRef<'_>,
+) -> Vec<u8> {
+    let key_len = body.key.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(HEADER_LEN + 32 + key_len + value.as_bytes().len());
+    out.push(FORMAT_V1);
+    out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    // Serializing into a Vec cannot fail for these types: every field is a plain sequence or string.
+    match postcard::to_extend(body, out) {
+        Ok(out) => out,
+        Err(e) => unreachable!("postcard cannot fail to encode a record body into a Vec: {e}"),
     }
 }
 
@@ -148,7 +257,15 @@ mod tests {
             id: None,
         };
         for r in [sample(), raw] {
-            assert_eq!(Record::decode(&r.encode()).ok(), Some(r));
+            let bytes = r.encode();
+            assert_eq!(Record::decode(&bytes).ok(), Some(r.clone()));
+            let borrowed = RecordRef::decode(&bytes).expect("decodes borrowed");
+            assert_eq!(borrowed.to_owned(), r);
+            assert_eq!(
+                borrowed.encode(),
+                bytes,
+                "both encoders write the same bytes"
+            );
         }
     }
 

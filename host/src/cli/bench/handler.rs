@@ -5,7 +5,7 @@
 //! cache directory) and instantiated once each, as the processor instantiates one per partition. Their
 //! input is what the processor hands them: stored [`Record`]s (key `key-NNNNNN` from `--keys` distinct
 //! keys in pseudo-random order, a `--value-bytes` JSON string value, no headers) decoded and laid out by
-//! [`build_batch`] into `--batch`-event [`Batch`]es. Eight different batches are used in turn.
+//! [`InputBatch`] into `--batch`-event [`Batch`]es. Eight different batches are used in turn.
 //!
 //! Measured, single-threaded, per event:
 //!
@@ -15,13 +15,14 @@
 //!   what the counter's `get-many` reads. That is everything the server does per batch with a handler's
 //!   result except storage (the fjall read of the input and the commit) and re-encoding the outputs.
 //! - **native**: the same logic compiled into procd, over the same [`Batch`], producing the same
-//!   [`OutputBatch`]: passthrough copies each event's key and value into the output columns; counter
+//!   [`OutputBatch`]: passthrough copies each event's key and forwards its value (`value-sources`, as
+//!   the SDK does when a handler emits the event's own value); counter
 //!   keeps a `u64` per key in a `HashMap<Vec<u8>, u64>` and emits the new count as decimal text. Both
 //!   paths are checked to give identical outputs before anything is timed, so wasm/native is the cost
 //!   of the boundary, the sandbox and the SDK for the same work.
-//! - **server's work around the call**, separately: `Record::decode` + [`build_batch`] (stored records
-//!   to a batch, as the processor does before calling) and [`to_records`] (output columns to encoded
-//!   records, with its JSON check of every value, as the processor does after), so the cost of a batch
+//! - **server's work around the call**, separately: [`InputBatch::refill`] (stored records decoded into a
+//!   reused batch, as the processor does before calling) and [`to_records`] (output columns to encoded
+//!   records, with its JSON check of every value not forwarded, as the processor does after), so the cost of a batch
 //!   in the processor minus storage can be added up.
 //!
 //! Time is the measuring thread's CPU time (`/proc/thread-self/schedstat`), not wall time: on a shared
@@ -43,7 +44,7 @@ use super::util::{
     read_component, splitmix, thread_cpu, thread_cpu_is_exact,
 };
 use crate::catalog::HandlerVersion;
-use crate::cell::{build_batch, to_records};
+use crate::cell::{InputBatch, to_records};
 use crate::log::{Payload, Record};
 use crate::runtime::{
     Batch, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime, StateStore, StateWrite,
@@ -193,8 +194,8 @@ fn measure(
 struct Inputs {
     /// Per batch, `(offset, encoded record)` as the processor reads them from the log.
     stored: Vec<Vec<(u64, Vec<u8>)>>,
-    /// Per batch, what [`build_batch`] makes of them.
-    batches: Vec<Batch>,
+    /// Per batch, what [`InputBatch`] makes of them.
+    batches: Vec<InputBatch>,
 }
 
 fn event_key(j: u64) -> String {
@@ -218,22 +219,10 @@ fn inputs(plan: &Plan) -> anyhow::Result<Inputs> {
             };
             records.push((n as u64, record.encode()));
         }
-        batches.push(build_batch(0, &decode(&records)?));
+        batches.push(InputBatch::decode(0, &records)?);
         stored.push(records);
     }
     Ok(Inputs { stored, batches })
-}
-
-/// What the processor does with the records it read: decode each, keeping its bytes.
-fn decode(records: &[(u64, Vec<u8>)]) -> anyhow::Result<Vec<(u64, Vec<u8>, Record)>> {
-    records
-        .iter()
-        .map(|(offset, bytes)| {
-            let record =
-                Record::decode(bytes).with_context(|| format!("generated record {offset}"))?;
-            Ok((*offset, bytes.to_vec(), record))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -342,6 +331,7 @@ fn output_batch(events: usize, key_bytes: usize, value_bytes: usize) -> OutputBa
         key_ends: Vec::with_capacity(events),
         values: Vec::with_capacity(value_bytes),
         value_ends: Vec::with_capacity(events),
+        value_sources: Vec::with_capacity(events),
     }
 }
 
@@ -366,15 +356,15 @@ fn events(batch: &Batch) -> impl Iterator<Item = (&[u8], &[u8])> {
         })
 }
 
-/// `passthrough` in native Rust: every event's key and value to output 0.
+/// `passthrough` in native Rust: every event's key, and its value forwarded, to output 0.
 fn native_passthrough(batch: &Batch) -> OutputBatch {
-    let mut out = output_batch(batch.key_ends.len(), batch.keys.len(), batch.values.len());
-    for (key, value) in events(batch) {
+    let mut out = output_batch(batch.key_ends.len(), batch.keys.len(), 0);
+    for (source, (key, _)) in (1u32..).zip(events(batch)) {
         out.topics.push(0);
         out.keys.extend_from_slice(key);
         out.key_ends.push(end(&out.keys));
-        out.values.extend_from_slice(value);
         out.value_ends.push(end(&out.values));
+        out.value_sources.push(source);
     }
     out
 }
@@ -399,6 +389,7 @@ fn native_counter(counts: &mut HashMap<Vec<u8>, u64>, batch: &Batch) -> OutputBa
         out.key_ends.push(end(&out.keys));
         push_decimal(&mut out.values, count);
         out.value_ends.push(end(&out.values));
+        out.value_sources.push(0);
     }
     out
 }
@@ -424,6 +415,7 @@ fn same_outputs(a: &OutputBatch, b: &OutputBatch) -> bool {
         && a.key_ends == b.key_ends
         && a.values == b.values
         && a.value_ends == b.value_ends
+        && a.value_sources == b.value_sources
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -461,6 +453,8 @@ struct Bench {
     passthrough_outputs: Vec<OutputBatch>,
     counter_outputs: Vec<OutputBatch>,
     version: HandlerVersion,
+    /// The reused batch the decode measurement fills, as the processor reuses one.
+    scratch: InputBatch,
     /// Events each path has counted so far, to check the final counts.
     wasm_counted: u64,
     native_counted: u64,
@@ -468,7 +462,7 @@ struct Bench {
 
 impl Bench {
     fn batch(&self, n: usize) -> &Batch {
-        &self.inputs.batches[n % self.inputs.batches.len()]
+        &self.inputs.batches[n % self.inputs.batches.len()].batch
     }
 
     /// Runs one batch of measurement `kind`.
@@ -476,34 +470,42 @@ impl Bench {
         let i = n % self.inputs.batches.len();
         match kind {
             Kind::WasmPassthrough => {
-                let batch = &self.inputs.batches[i];
+                let batch = &self.inputs.batches[i].batch;
                 black_box(self.passthrough.step(batch)?);
             }
             Kind::NativePassthrough => {
-                black_box(native_passthrough(black_box(&self.inputs.batches[i])));
+                black_box(native_passthrough(black_box(&self.inputs.batches[i].batch)));
             }
             Kind::WasmCounter => {
-                let batch = &self.inputs.batches[i];
+                let batch = &self.inputs.batches[i].batch;
                 black_box(self.counter.step(batch)?);
                 self.wasm_counted += batch.key_ends.len() as u64;
             }
             Kind::NativeCounter => {
-                let batch = &self.inputs.batches[i];
+                let batch = &self.inputs.batches[i].batch;
                 black_box(native_counter(&mut self.native_counts, black_box(batch)));
                 self.native_counted += batch.key_ends.len() as u64;
             }
             Kind::DecodeBuild => {
-                let events = decode(black_box(&self.inputs.stored[i]))?;
-                black_box(build_batch(0, &events));
+                self.scratch.refill(0, black_box(&self.inputs.stored[i]))?;
+                black_box(&self.scratch);
             }
             Kind::ToRecordsPassthrough => {
-                let records = to_records(black_box(&self.passthrough_outputs[i]), &self.version)
-                    .map_err(|e| anyhow!("to_records: {e}"))?;
+                let records = to_records(
+                    black_box(&self.passthrough_outputs[i]),
+                    &self.inputs.batches[i],
+                    &self.version,
+                )
+                .map_err(|e| anyhow!("to_records: {e}"))?;
                 black_box(records);
             }
             Kind::ToRecordsCounter => {
-                let records = to_records(black_box(&self.counter_outputs[i]), &self.version)
-                    .map_err(|e| anyhow!("to_records: {e}"))?;
+                let records = to_records(
+                    black_box(&self.counter_outputs[i]),
+                    &self.inputs.batches[i],
+                    &self.version,
+                )
+                .map_err(|e| anyhow!("to_records: {e}"))?;
                 black_box(records);
             }
         }
@@ -568,6 +570,7 @@ pub(super) fn run(args: HandlerArgs) -> anyhow::Result<()> {
             size_bytes: 0,
             created_ms: 0,
         },
+        scratch: InputBatch::new(0),
         wasm_counted: 0,
         native_counted: 0,
     };
@@ -618,7 +621,7 @@ fn print_parameters(plan: &Plan, bench: &Bench, cache: &std::path::Path) {
         cache.display()
     );
     println!(
-        "  batch         {} events of one partition, built by the processor's build_batch from stored records \
+        "  batch         {} events of one partition, decoded by the processor's InputBatch from stored records \
          (~{avg_record} B each); {DISTINCT_BATCHES} different batches used in turn",
         plan.batch
     );
@@ -633,7 +636,7 @@ fn print_parameters(plan: &Plan, bench: &Bench, cache: &std::path::Path) {
     );
     println!(
         "  native        same logic in procd's Rust on the same Batch into an OutputBatch: passthrough copies \
-         key and value per event; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
+         the key and forwards the value per event; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
     );
     println!(
         "  not included  reading input from fjall, re-encoding outputs (to_records, measured below), commit"
@@ -774,7 +777,7 @@ fn print_results(plan: &Plan, samples: &HashMap<Kind, Vec<Sample>>) {
     );
     let line = |label: &str, p: f64, c: f64| println!("{label:<58} {p:>12.1} {c:>12.1}");
     line(
-        "  Record::decode + build_batch (stored records -> Batch)",
+        "  InputBatch::refill (stored records -> Batch)",
         build,
         build,
     );
@@ -784,7 +787,7 @@ fn print_results(plan: &Plan, samples: &HashMap<Kind, Vec<Sample>>) {
         ns(Kind::WasmCounter),
     );
     line(
-        "  to_records (JSON check + encode outputs as Records)",
+        "  to_records (JSON check unless forwarded, encode records)",
         ns(Kind::ToRecordsPassthrough),
         ns(Kind::ToRecordsCounter),
     );
@@ -810,7 +813,7 @@ mod tests {
     use super::*;
 
     fn batch_of(events: &[(&str, &str)]) -> Batch {
-        let stored: Vec<(u64, Vec<u8>, Record)> = events
+        let stored: Vec<(u64, Vec<u8>)> = events
             .iter()
             .enumerate()
             .map(|(i, (k, v))| {
@@ -821,21 +824,25 @@ mod tests {
                     headers: Vec::new(),
                     id: None,
                 };
-                (i as u64, record.encode(), record)
+                (i as u64, record.encode())
             })
             .collect();
-        build_batch(0, &stored)
+        match InputBatch::decode(0, &stored) {
+            Ok(batch) => batch.batch,
+            Err(e) => panic!("generated records decode: {e}"),
+        }
     }
 
     #[test]
-    fn native_passthrough_copies_every_event() {
+    fn native_passthrough_forwards_every_event() {
         let batch = batch_of(&[("a", "1"), ("bb", "\"x\""), ("", "2")]);
         let out = native_passthrough(&batch);
         assert_eq!(out.topics, [0, 0, 0]);
         assert_eq!(out.keys, b"abb");
         assert_eq!(out.key_ends, [1, 3, 3]);
-        assert_eq!(out.values, b"1\"x\"2");
-        assert_eq!(out.value_ends, [1, 4, 5]);
+        assert!(out.values.is_empty());
+        assert_eq!(out.value_ends, [0, 0, 0]);
+        assert_eq!(out.value_sources, [1, 2, 3]);
     }
 
     #[test]
@@ -867,12 +874,12 @@ mod tests {
         let inputs = inputs(&plan)?;
         assert_eq!(inputs.batches.len(), DISTINCT_BATCHES);
         let batch = &inputs.batches[0];
-        assert_eq!(batch.key_ends.len(), 50);
-        assert_eq!(batch.values.len(), 50 * 64);
+        assert_eq!(batch.batch.key_ends.len(), 50);
+        assert_eq!(batch.batch.values.len(), 50 * 64);
         let keys: std::collections::HashSet<&[u8]> = inputs
             .batches
             .iter()
-            .flat_map(|b| events(b).map(|(k, _)| k))
+            .flat_map(|b| events(&b.batch).map(|(k, _)| k))
             .collect();
         assert_eq!(keys.len(), 7);
         Ok(())

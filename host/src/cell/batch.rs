@@ -1,0 +1,317 @@
+//! The two conversions around a handler call: stored records laid out column-wise for the guest (the
+//! WIT `batch`), and the guest's columnar outputs turned back into encoded records.
+//!
+//! Both sit on the processor's per-event path, so neither allocates per event: records are decoded
+//! borrowed and copied once into the columns, and an output that forwards an input value (the WIT's
+//! `value-sources`) is encoded from the input column, with the input's kind, without a JSON check.
+
+use std::sync::Arc;
+
+use crate::catalog::HandlerVersion;
+use crate::log::record::DecodeError;
+use crate::log::{PayloadRef, RecordRef};
+use crate::runtime::{Batch, OutputBatch};
+
+/// Encoded output records, each with the output topic it goes to.
+pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<u8>)>;
+
+/// A stored record at `offset` did not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("input offset {offset}: {source}")]
+pub(crate) struct BadRecord {
+    pub offset: u64,
+    #[source]
+    pub source: DecodeError,
+}
+
+/// One batch of input events of one partition: the columns handed to the guest, and per event whether
+/// its value is JSON (which an output forwarding that value inherits).
+#[derive(Debug)]
+pub(crate) struct InputBatch {
+    /// The WIT `batch`.
+    pub batch: Batch,
+    json: Vec<bool>,
+}
+
+impl InputBatch {
+    /// An empty batch of `partition`.
+    pub fn new(partition: u32) -> Self {
+        Self {
+            batch: Batch {
+                partition,
+                offsets: Vec::new(),
+                timestamps_ms: Vec::new(),
+                keys: Vec::new(),
+                key_ends: Vec::new(),
+                values: Vec::new(),
+                value_ends: Vec::new(),
+                headers: Vec::new(),
+                header_ends: Vec::new(),
+            },
+            json: Vec::new(),
+        }
+    }
+
+    /// Decodes stored `(offset, record)` pairs into a new batch.
+    pub fn decode<B: AsRef<[u8]>>(partition: u32, events: &[(u64, B)]) -> Result<Self, BadRecord> {
+        let mut batch = Self::new(partition);
+        batch.refill(partition, events)?;
+        Ok(batch)
+    }
+
+    /// Empties the batch and decodes `events` into it, keeping its buffers (the processor reuses one).
+    pub fn refill<B: AsRef<[u8]>>(
+        &mut self,
+        partition: u32,
+        events: &[(u64, B)],
+    ) -> Result<(), BadRecord> {
+        self.clear(partition);
+        let bytes: usize = events.iter().map(|(_, b)| b.as_ref().len()).sum();
+        self.batch.values.reserve(bytes);
+        for (offset, bytes) in events {
+            let record = RecordRef::decode(bytes.as_ref()).map_err(|source| BadRecord {
+                offset: *offset,
+                source,
+            })?;
+            self.push(*offset, &record);
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self, partition: u32) {
+        let b = &mut self.batch;
+        b.partition = partition;
+        b.offsets.clear();
+        b.timestamps_ms.clear();
+        b.keys.clear();
+        b.key_ends.clear();
+        b.values.clear();
+        b.value_ends.clear();
+        b.headers.clear();
+        b.header_ends.clear();
+        self.json.clear();
+    }
+
+    /// Appends one event to the columns.
+    pub fn push(&mut self, offset: u64, record: &RecordRef<'_>) {
+        let b = &mut self.batch;
+        b.offsets.push(offset);
+        b.timestamps_ms.push(record.timestamp_ms);
+        b.keys.extend_from_slice(record.key.unwrap_or_default());
+        b.key_ends.push(end_u32(b.keys.len()));
+        b.values.extend_from_slice(record.value.as_bytes());
+        b.value_ends.push(end_u32(b.values.len()));
+        for (name, value) in &record.headers {
+            b.headers
+                .extend_from_slice(&end_u32(name.len()).to_le_bytes());
+            b.headers.extend_from_slice(name.as_bytes());
+            b.headers
+                .extend_from_slice(&end_u32(value.len()).to_le_bytes());
+            b.headers.extend_from_slice(value.as_bytes());
+        }
+        b.header_ends.push(end_u32(b.headers.len()));
+        self.json.push(record.value.is_json());
+    }
+
+    /// How many events the batch holds.
+    pub fn len(&self) -> usize {
+        self.batch.offsets.len()
+    }
+
+    /// Event `i`'s value, with its kind.
+    fn value(&self, i: usize) -> Option<PayloadRef<'_>> {
+        let b = &self.batch;
+        let start = match i.checked_sub(1) {
+            Some(prev) => *b.value_ends.get(prev)? as usize,
+            None => 0,
+        };
+        let bytes = b.values.get(start..*b.value_ends.get(i)? as usize)?;
+        Some(if *self.json.get(i)? {
+            // JSON values were stored as UTF-8 text: the check cannot fail, but costs nothing to keep.
+            PayloadRef::Json(std::str::from_utf8(bytes).ok()?)
+        } else {
+            PayloadRef::Bytes(bytes)
+        })
+    }
+}
+
+/// Turns a handler's columnar outputs for `input` into encoded records per output topic. A forwarded
+/// value keeps its input's kind; any other value that is valid JSON is stored as JSON (so it reads back
+/// as a JSON value), anything else as bytes.
+pub(crate) fn to_records(
+    outputs: &OutputBatch,
+    input: &InputBatch,
+    version: &HandlerVersion,
+) -> Result<EncodedOutputs, String> {
+    let n = outputs.topics.len();
+    let sources = &outputs.value_sources;
+    if outputs.key_ends.len() != n
+        || outputs.value_ends.len() != n
+        || !(sources.is_empty() || sources.len() == n)
+    {
+        return Err(format!(
+            "output columns disagree: {n} topics, {} keys, {} values, {} value sources",
+            outputs.key_ends.len(),
+            outputs.value_ends.len(),
+            sources.len()
+        ));
+    }
+    let topics: Vec<Arc<str>> = version
+        .outputs
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
+    let mut records = Vec::with_capacity(n);
+    let (mut key_start, mut value_start) = (0usize, 0usize);
+    for i in 0..n {
+        let topic = topics.get(outputs.topics[i] as usize).ok_or_else(|| {
+            format!(
+                "output topic index {} is not declared (outputs: {:?})",
+                outputs.topics[i], version.outputs
+            )
+        })?;
+        let (key_end, value_end) = (outputs.key_ends[i] as usize, outputs.value_ends[i] as usize);
+        let key = outputs
+            .keys
+            .get(key_start..key_end)
+            .ok_or("output key offsets are out of range")?;
+        let own = outputs
+            .values
+            .get(value_start..value_end)
+            .ok_or("output value offsets are out of range")?;
+        (key_start, value_start) = (key_end, value_end);
+        let value = match sources.get(i).copied().unwrap_or(0).checked_sub(1) {
+            None => classify(own),
+            Some(event) => input.value(event as usize).ok_or_else(|| {
+                format!(
+                    "output {i} forwards the value of input event {event}, but the batch holds {} events",
+                    input.len()
+                )
+            })?,
+        };
+        let record = RecordRef {
+            timestamp_ms: 0,
+            key: (!key.is_empty()).then_some(key),
+            value,
+            headers: vec![],
+            id: None,
+        };
+        records.push((topic.clone(), record.encode()));
+    }
+    Ok(records)
+}
+
+/// JSON if the bytes are one valid JSON value, else raw bytes.
+fn classify(value: &[u8]) -> PayloadRef<'_> {
+    match std::str::from_utf8(value) {
+        Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+            PayloadRef::Json(text)
+        }
+        _ => PayloadRef::Bytes(value),
+    }
+}
+
+fn end_u32(len: usize) -> u32 {
+    // Batches are bounded by MAX_BATCH_BYTES (4 MiB), far below u32::MAX.
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Payload, Record};
+
+    fn stored(value: Payload, key: &str) -> Vec<u8> {
+        Record {
+            timestamp_ms: 5,
+            key: Some(key.as_bytes().to_vec()),
+            value,
+            headers: vec![("h".into(), "v".into())],
+            id: None,
+        }
+        .encode()
+    }
+
+    fn version(outputs: &[&str]) -> HandlerVersion {
+        HandlerVersion {
+            version: 1,
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            config: vec![],
+            size_bytes: 0,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn columns_hold_every_field_and_forwarded_values_keep_their_kind() -> anyhow::Result<()> {
+        let events = vec![
+            (10u64, stored(Payload::Json(r#"{"a":1}"#.into()), "k1")),
+            (11, stored(Payload::Bytes(b"[1".to_vec()), "k2")),
+        ];
+        let input = InputBatch::decode(3, &events)?;
+        let b = &input.batch;
+        assert_eq!((b.partition, &b.offsets[..]), (3, &[10, 11][..]));
+        assert_eq!(b.keys, b"k1k2");
+        assert_eq!(b.values, br#"{"a":1}[1"#);
+        assert_eq!(b.value_ends, [7, 9]);
+        assert_eq!(&b.headers[..4], &1u32.to_le_bytes());
+
+        // Output 0 forwards event 1 (raw bytes that happen to look like broken JSON), output 1 forwards
+        // event 0 (JSON), output 2 brings its own JSON, output 3 its own non-JSON bytes.
+        let outputs = OutputBatch {
+            topics: vec![0, 0, 0, 0],
+            keys: b"abcd".to_vec(),
+            key_ends: vec![1, 2, 3, 4],
+            values: b"7{x".to_vec(),
+            value_ends: vec![0, 0, 1, 3],
+            value_sources: vec![2, 1, 0, 0],
+        };
+        let records =
+            to_records(&outputs, &input, &version(&["out"])).map_err(anyhow::Error::msg)?;
+        let values: Vec<Payload> = records
+            .iter()
+            .map(|(_, bytes)| Record::decode(bytes).map(|r| r.value))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            values,
+            [
+                Payload::Bytes(b"[1".to_vec()),
+                Payload::Json(r#"{"a":1}"#.into()),
+                Payload::Json("7".into()),
+                Payload::Bytes(b"{x".to_vec()),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_outputs_are_refused_with_a_reason() -> anyhow::Result<()> {
+        let events = vec![(0u64, stored(Payload::Json("1".into()), "k"))];
+        let input = InputBatch::decode(0, &events)?;
+        let forward_missing = OutputBatch {
+            topics: vec![0],
+            keys: vec![],
+            key_ends: vec![0],
+            values: vec![],
+            value_ends: vec![0],
+            value_sources: vec![5],
+        };
+        let err = to_records(&forward_missing, &input, &version(&["out"])).err();
+        assert!(err.is_some_and(|e| e.contains("input event 4")));
+        let undeclared = OutputBatch {
+            topics: vec![1],
+            value_sources: vec![],
+            ..forward_missing
+        };
+        let err = to_records(&undeclared, &input, &version(&["out"])).err();
+        assert!(err.is_some_and(|e| e.contains("not declared")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_record_names_its_offset() {
+        let events = vec![(7u64, vec![1u8, 0])];
+        let err = InputBatch::decode(0, &events).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.starts_with("input offset 7")));
+    }
+}
