@@ -5,7 +5,8 @@
 //! records (appended to the output topics' same partition, which this cell owns), the state writes and
 //! the new committed offset. The writer commits it atomically, so a crash leaves either all of a batch's
 //! effects or none: processing is exactly-once within the cell. It waits for that commit before the next
-//! batch of the same partition, so state reads always see committed state.
+//! batch of the same partition, so state reads always see committed state; meanwhile it runs the cell's
+//! other partitions, whose commits then share one fsync.
 //!
 //! Version swaps happen between batches: each batch runs entirely on one version (recorded with its
 //! offset), state carries over because it lives host-side. Failures:
@@ -103,6 +104,17 @@ struct Task {
     dlq_next: Option<u64>,
     retry_at: Option<Instant>,
     status: TaskStatus,
+    /// A batch commit sent to the writer and not yet answered. The task's next step waits for it, so
+    /// the next batch reads the state it wrote; other tasks of the cell run meanwhile, and their
+    /// commits share the writer's fsync.
+    in_flight: Option<InFlight>,
+}
+
+/// A commit the writer has not answered yet, with what the task records once it is durable.
+struct InFlight {
+    reply: oneshot::Receiver<Result<(), CellError>>,
+    committed: Committed,
+    dead_letters: u64,
 }
 
 pub(super) struct Processor {
@@ -261,6 +273,7 @@ impl Processor {
                             instance: None,
                             dlq_next: None,
                             retry_at: None,
+                            in_flight: None,
                             status,
                         };
                         self.tasks.insert((name.clone(), partition), task);
@@ -318,9 +331,38 @@ impl Processor {
 
     /// Sends a commit to the writer and waits until it is durable.
     fn commit(&self, task: &mut Task, commit: PendingCommit) -> Result<(), StepError> {
+        let in_flight = self.send_commit(task, commit)?;
+        let answer = in_flight.reply.blocking_recv().ok();
+        self.settle(task, in_flight.committed, in_flight.dead_letters, answer)
+    }
+
+    /// Sends a commit to the writer without waiting: the task's next step settles it.
+    fn commit_later(&self, task: &mut Task, commit: PendingCommit) -> Result<(), StepError> {
+        task.in_flight = Some(self.send_commit(task, commit)?);
+        Ok(())
+    }
+
+    /// Settles the task's commit in flight, if any. Returns false while the writer has not answered.
+    fn settle_in_flight(&self, task: &mut Task) -> Result<bool, StepError> {
+        let Some(mut in_flight) = task.in_flight.take() else {
+            return Ok(true);
+        };
+        let answer = match in_flight.reply.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => {
+                task.in_flight = Some(in_flight);
+                return Ok(false);
+            }
+            Err(oneshot::error::TryRecvError::Closed) => None,
+            Ok(answer) => Some(answer),
+        };
+        self.settle(task, in_flight.committed, in_flight.dead_letters, answer)?;
+        Ok(true)
+    }
+
+    fn send_commit(&self, task: &Task, commit: PendingCommit) -> Result<InFlight, StepError> {
         let (reply, rx) = oneshot::channel();
         let committed = commit.committed;
-        let dead = commit.dead_letters.len() as u64;
+        let dead_letters = commit.dead_letters.len() as u64;
         let command = Command::Process(ProcessCommit {
             consumer: task.consumer.clone(),
             partition: task.partition,
@@ -334,7 +376,23 @@ impl Processor {
         self.tx.send(command).map_err(|_| CellError::ShuttingDown {
             cell: self.shared.index,
         })?;
-        rx.blocking_recv().map_err(|_| CellError::ShuttingDown {
+        Ok(InFlight {
+            reply: rx,
+            committed,
+            dead_letters,
+        })
+    }
+
+    /// Records a commit's answer: on success, the task's offset, counters and DLQ sequence move on.
+    fn settle(
+        &self,
+        task: &mut Task,
+        committed: Committed,
+        dead: u64,
+        answer: Option<Result<(), CellError>>,
+    ) -> Result<(), StepError> {
+        // No answer: the writer is gone, which only happens when the cell shuts down.
+        answer.ok_or(CellError::ShuttingDown {
             cell: self.shared.index,
         })??;
         task.status.events_processed += committed
@@ -351,6 +409,9 @@ impl Processor {
 
     /// One batch of one task. Returns whether it did any work.
     fn step(&mut self, task: &mut Task, def: &HandlerDef) -> Result<bool, StepError> {
+        if !self.settle_in_flight(task)? {
+            return Ok(false);
+        }
         let Some(view) = self.shared.view(&def.input, task.partition) else {
             task.status.status = "waiting";
             task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
@@ -488,7 +549,7 @@ impl Processor {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 let state = self.take_writes(task);
                 match to_records(&outputs, batch, version) {
-                    Ok(outputs) => self.commit(
+                    Ok(outputs) => self.commit_later(
                         task,
                         PendingCommit {
                             outputs,

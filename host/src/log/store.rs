@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use fjall::config::FilterPolicy;
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 use serde::{Deserialize, Serialize};
 
@@ -125,7 +126,13 @@ impl Store {
     /// Opens the keyspaces of a topic partition, creating them if needed.
     pub fn partition(&self, topic: &str, partition: u32) -> Result<PartitionLog, StoreError> {
         let memtable = self.options.max_memtable_bytes;
-        let opts = move || KeyspaceCreateOptions::default().max_memtable_size(memtable);
+        // Logs and dedup entries are only ever range-scanned (dedup lookups are served from memory), so
+        // building bloom filters at every flush and compaction would be wasted work.
+        let opts = move || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(memtable)
+                .filter_policy(FilterPolicy::disabled())
+        };
         let log = self
             .db
             .keyspace(&log_keyspace(topic, partition), opts)
