@@ -127,8 +127,7 @@ impl InputBatch {
         };
         let bytes = b.values.get(start..*b.value_ends.get(i)? as usize)?;
         Some(if *self.json.get(i)? {
-            // JSON values were stored as UTF-8 text: the check cannot fail, but costs nothing to keep.
-            PayloadRef::Json(std::str::from_utf8(bytes).ok()?)
+            PayloadRef::Json(bytes)
         } else {
             PayloadRef::Bytes(bytes)
         })
@@ -205,7 +204,7 @@ pub(crate) fn to_records(
 fn classify(value: &[u8]) -> PayloadRef<'_> {
     match std::str::from_utf8(value) {
         Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-            PayloadRef::Json(text)
+            PayloadRef::Json(text.as_bytes())
         }
         _ => PayloadRef::Bytes(value),
     }

@@ -236,7 +236,11 @@ fn for_each_line(
 }
 
 /// Parses one line exactly as ingest parses an NDJSON body.
-fn parse_line(settings: &Settings, line_no: usize, line: &str) -> anyhow::Result<parse::Event> {
+fn parse_line<'a>(
+    settings: &Settings,
+    line_no: usize,
+    line: &'a str,
+) -> anyhow::Result<parse::Event<'a>> {
     let file = settings.input.display();
     match parse::ndjson(line.as_bytes()) {
         Ok(events) => events
@@ -426,14 +430,7 @@ impl<W: Write> Runner<'_, W> {
             }
             part.dedup.insert(id, part.next_offset, now);
         }
-        let record = Record {
-            timestamp_ms: now,
-            key: event.key.map(String::into_bytes),
-            value: event.value,
-            headers: event.headers,
-            id: event.id,
-        };
-        let encoded = record.encode();
+        let encoded = event.record(now).encode();
         let size = encoded.len();
         part.pending.push((part.next_offset, encoded));
         part.meta.push((line_no, size));

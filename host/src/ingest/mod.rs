@@ -12,6 +12,7 @@ pub mod parse;
 pub mod partitioner;
 mod read;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,7 +23,6 @@ use serde::Serialize;
 
 use crate::cell::{AppendEvent, Appended, CellError};
 use crate::http::{ApiError, HttpResponse, json, no_route, read_body};
-use crate::log::Record;
 use crate::server::AppState;
 
 /// Routes a data-plane request.
@@ -144,7 +144,6 @@ async fn append(
         parse::Format::Raw => parse::raw(&body, raw_key, raw_id),
     }
     .map_err(|detail| ApiError::bad_request("invalid_event", detail))?;
-    drop(body);
     if events.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_event",
@@ -165,22 +164,17 @@ async fn append(
             partitions,
         );
         placed.push(partition);
-        let record = Record {
-            timestamp_ms: 0,
-            key: event.key.map(String::into_bytes),
-            value: event.value,
-            headers: event.headers,
-            id: event.id.clone(),
-        }
-        .encode();
+        let record = event.record(0).encode();
         let slot = &mut per_cell[state.shape.cell_of(partition) as usize];
         slot.0.push(index);
         slot.1.push(AppendEvent {
             partition,
             record,
-            id: event.id,
+            id: event.id.map(Cow::into_owned),
         });
     }
+    // The events borrowed from the body: both go before waiting on the cells.
+    drop(body);
 
     let topic: Arc<str> = Arc::from(topic);
     let mut pending = Vec::new();

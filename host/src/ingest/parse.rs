@@ -9,27 +9,46 @@
 //! An event object is `{"key": string?, "value": any JSON, "headers": {string: string}?, "id": string?}`.
 //! The value is kept as the exact JSON text sent, so it reads back as the same JSON value.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::log::Payload;
+use crate::log::{PayloadRef, RecordRef};
 
 /// Longest accepted event id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 
-/// One event as the producer sent it.
+/// One event as the producer sent it, borrowing from the request body wherever it can (a key or id
+/// with JSON escapes is unescaped into its own string): the record is encoded straight from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub struct Event<'a> {
     /// Partitioning key.
-    pub key: Option<String>,
-    /// The value.
-    pub value: Payload,
+    pub key: Option<Cow<'a, str>>,
+    /// The value: the exact JSON text, or the raw body.
+    pub value: PayloadRef<'a>,
     /// Headers, sorted by name.
     pub headers: Vec<(String, String)>,
     /// Idempotency id.
-    pub id: Option<String>,
+    pub id: Option<Cow<'a, str>>,
+}
+
+impl Event<'_> {
+    /// The record to store, with log-append time `timestamp_ms` (the cell writer stamps the real one).
+    pub fn record(&self, timestamp_ms: u64) -> RecordRef<'_> {
+        RecordRef {
+            timestamp_ms,
+            key: self.key.as_deref().map(str::as_bytes),
+            value: self.value,
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect(),
+            id: self.id.as_deref(),
+        }
+    }
 }
 
 /// The body's format, from its `Content-Type`.
@@ -67,17 +86,22 @@ impl Format {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventIn<'a> {
-    #[serde(default)]
-    key: Option<String>,
+    #[serde(default, borrow)]
+    key: Option<Text<'a>>,
     #[serde(borrow)]
     value: &'a RawValue,
     #[serde(default)]
     headers: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    id: Option<String>,
+    #[serde(default, borrow)]
+    id: Option<Text<'a>>,
 }
 
-fn check_id(id: Option<String>) -> Result<Option<String>, String> {
+/// A JSON string borrowed from the body unless it has escapes. (serde borrows a `Cow<str>` only when it
+/// is a field of its own, not inside an `Option`.)
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn check_id(id: Option<Cow<'_, str>>) -> Result<Option<Cow<'_, str>>, String> {
     match id {
         Some(id) if id.is_empty() => Err("`id` must not be empty".into()),
         Some(id) if id.len() > MAX_ID_BYTES => Err(format!(
@@ -88,21 +112,21 @@ fn check_id(id: Option<String>) -> Result<Option<String>, String> {
     }
 }
 
-fn event_from(raw: &str) -> Result<Event, String> {
+fn event_from(raw: &str) -> Result<Event<'_>, String> {
     let e: EventIn<'_> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
     Ok(Event {
-        key: e.key,
-        value: Payload::Json(e.value.get().to_owned()),
+        key: e.key.map(|t| t.0),
+        value: PayloadRef::Json(e.value.get().as_bytes()),
         headers: e
             .headers
             .map(|h| h.into_iter().collect())
             .unwrap_or_default(),
-        id: check_id(e.id)?,
+        id: check_id(e.id.map(|t| t.0))?,
     })
 }
 
 /// Parses an NDJSON body. Blank lines are skipped; errors name the 1-based line.
-pub fn ndjson(body: &[u8]) -> Result<Vec<Event>, String> {
+pub fn ndjson(body: &[u8]) -> Result<Vec<Event<'_>>, String> {
     let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
     let mut events = Vec::new();
     for (i, line) in text.split('\n').enumerate() {
@@ -116,7 +140,7 @@ pub fn ndjson(body: &[u8]) -> Result<Vec<Event>, String> {
 }
 
 /// Parses a JSON body: one event object or an array of them. Errors name the 1-based array element.
-pub fn json(body: &[u8]) -> Result<Vec<Event>, String> {
+pub fn json(body: &[u8]) -> Result<Vec<Event<'_>>, String> {
     let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
     if text.trim_start().starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| e.to_string())?;
@@ -131,12 +155,12 @@ pub fn json(body: &[u8]) -> Result<Vec<Event>, String> {
 }
 
 /// One raw event: the body is the value.
-pub fn raw(body: &[u8], key: Option<String>, id: Option<String>) -> Result<Vec<Event>, String> {
+pub fn raw(body: &[u8], key: Option<String>, id: Option<String>) -> Result<Vec<Event<'_>>, String> {
     Ok(vec![Event {
-        key,
-        value: Payload::Bytes(body.to_vec()),
+        key: key.map(Cow::Owned),
+        value: PayloadRef::Bytes(body),
         headers: Vec::new(),
-        id: check_id(id)?,
+        id: check_id(id.map(Cow::Owned))?,
     }])
 }
 
@@ -149,7 +173,13 @@ mod tests {
         let body = b"{\"key\":\"a\",\"value\":{\"x\": [1, 2.50]}}\n\n{\"value\":null,\"id\":\"i\",\"headers\":{\"h\":\"v\"}}\r\n";
         let events = ndjson(body).unwrap_or_default();
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].value, Payload::Json("{\"x\": [1, 2.50]}".into()));
+        assert_eq!(events[0].value, PayloadRef::Json(b"{\"x\": [1, 2.50]}"));
+        assert!(
+            matches!(events[0].key, Some(Cow::Borrowed("a"))),
+            "keys are borrowed"
+        );
+        let escaped = ndjson(b"{\"key\":\"a\\u0041\",\"value\":1}").unwrap_or_default();
+        assert_eq!(escaped[0].key.as_deref(), Some("aA"), "escapes are decoded");
         assert_eq!(events[1].headers, vec![("h".to_string(), "v".to_string())]);
         let err = ndjson(b"{\"value\":1}\n{\"value\":1}\n{\"key\":\"k\"}\n")
             .err()

@@ -17,7 +17,7 @@ use hyper::{Response, StatusCode};
 
 use super::unknown_topic;
 use crate::http::{ApiError, HttpResponse};
-use crate::log::{Payload, Record};
+use crate::log::{PayloadRef, RecordRef};
 use crate::server::AppState;
 
 /// Default number of events per read.
@@ -111,7 +111,7 @@ pub(super) async fn handle(
     let mut body = Vec::with_capacity(events.iter().map(|(_, v)| v.len() + 96).sum());
     let mut next = q.from;
     for (offset, bytes) in &events {
-        let record = Record::decode(bytes)
+        let record = RecordRef::decode(bytes)
             .map_err(|e| ApiError::internal("stored record is corrupt", &e))?;
         write_line(&mut body, partition, *offset, &record);
         next = offset + 1;
@@ -129,7 +129,7 @@ pub(super) async fn handle(
 }
 
 /// Appends one NDJSON line. The stored JSON value is embedded as is: it was validated at ingest.
-fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
+fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &RecordRef<'_>) {
     use std::io::Write as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     // Writing into a Vec cannot fail.
@@ -138,7 +138,7 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
         "{{\"partition\":{partition},\"offset\":{offset},\"timestamp_ms\":{},",
         record.timestamp_ms
     );
-    match record.key.as_deref().map(std::str::from_utf8) {
+    match record.key.map(std::str::from_utf8) {
         None => out.extend_from_slice(b"\"key\":null,"),
         Some(Ok(key)) => {
             out.extend_from_slice(b"\"key\":");
@@ -146,16 +146,16 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
             out.push(b',');
         }
         Some(Err(_)) => {
-            let key = record.key.as_deref().unwrap_or_default();
+            let key = record.key.unwrap_or_default();
             let _ = write!(out, "\"key\":null,\"key_base64\":\"{}\",", b64.encode(key));
         }
     }
-    match &record.value {
-        Payload::Json(text) => {
+    match record.value {
+        PayloadRef::Json(text) => {
             out.extend_from_slice(b"\"value\":");
             write_json_one_line(out, text);
         }
-        Payload::Bytes(bytes) => {
+        PayloadRef::Bytes(bytes) => {
             let _ = write!(out, "\"value_base64\":\"{}\"", b64.encode(bytes));
         }
     }
@@ -169,7 +169,7 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
         let _ = serde_json::to_writer(&mut *out, value);
     }
     out.push(b'}');
-    if let Some(id) = &record.id {
+    if let Some(id) = record.id {
         out.extend_from_slice(b",\"id\":");
         let _ = serde_json::to_writer(&mut *out, id);
     }
@@ -178,13 +178,13 @@ fn write_line(out: &mut Vec<u8>, partition: u32, offset: u64, record: &Record) {
 
 /// Writes valid JSON text on one line: whitespace outside strings is dropped only when the text spans
 /// lines (pretty-printed values), so numbers and strings stay exactly as stored.
-fn write_json_one_line(out: &mut Vec<u8>, text: &str) {
-    if !text.contains(['\n', '\r']) {
-        out.extend_from_slice(text.as_bytes());
+fn write_json_one_line(out: &mut Vec<u8>, text: &[u8]) {
+    if !text.iter().any(|&b| b == b'\n' || b == b'\r') {
+        out.extend_from_slice(text);
         return;
     }
     let (mut in_string, mut escaped) = (false, false);
-    for &b in text.as_bytes() {
+    for &b in text {
         if in_string {
             if escaped {
                 escaped = false;
@@ -210,7 +210,7 @@ mod tests {
     fn pretty_values_are_written_on_one_line_unchanged() -> Result<(), serde_json::Error> {
         let text = "{\n  \"a b\": [1.50, \"x\\\" \\n y\"],\r\n  \"c\": {}\n}";
         let mut out = Vec::new();
-        write_json_one_line(&mut out, text);
+        write_json_one_line(&mut out, text.as_bytes());
         assert!(!out.contains(&b'\n'));
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -224,12 +224,12 @@ mod tests {
     #[test]
     fn lines_are_valid_json_with_exact_values() -> Result<(), serde_json::Error> {
         let mut out = Vec::new();
-        let record = Record {
+        let record = RecordRef {
             timestamp_ms: 5,
-            key: Some(vec![0xff, 0x00]),
-            value: Payload::Json("{\"a\": [1, 2.50]}".into()),
-            headers: vec![("x\"y".into(), "v".into())],
-            id: Some("i".into()),
+            key: Some(&[0xff, 0x00]),
+            value: PayloadRef::Json(b"{\"a\": [1, 2.50]}"),
+            headers: vec![("x\"y", "v")],
+            id: Some("i"),
         };
         write_line(&mut out, 3, 9, &record);
         let v: serde_json::Value = serde_json::from_slice(&out)?;
@@ -237,8 +237,8 @@ mod tests {
         assert_eq!(v["key_base64"], "/wA=");
         assert_eq!(v["value"]["a"][1], 2.5);
         assert_eq!(v["headers"]["x\"y"], "v");
-        let raw = Record {
-            value: Payload::Bytes(vec![1, 2, 3]),
+        let raw = RecordRef {
+            value: PayloadRef::Bytes(&[1, 2, 3]),
             key: None,
             id: None,
             ..record

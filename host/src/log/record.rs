@@ -44,11 +44,13 @@ struct Body {
 }
 
 /// An event's value borrowed from wherever it lives; encodes exactly like [`Payload`] (postcard writes a
-/// byte slice and a `Vec<u8>` the same way: a varint length, then the bytes).
+/// string, a byte slice and a `Vec<u8>` the same way: a varint length, then the bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PayloadRef<'a> {
-    /// JSON text.
-    Json(&'a str),
+    /// JSON text, as bytes: it was validated (UTF-8, one JSON value) when it was accepted, so the hot
+    /// paths that carry it (the processor, the read API) do not check it again.
+    #[serde(borrow)]
+    Json(&'a [u8]),
     /// Raw bytes.
     #[serde(borrow)]
     Bytes(&'a [u8]),
@@ -58,8 +60,7 @@ impl<'a> PayloadRef<'a> {
     /// The value's bytes: the JSON text or the raw bytes.
     pub fn as_bytes(&self) -> &'a [u8] {
         match self {
-            PayloadRef::Json(text) => text.as_bytes(),
-            PayloadRef::Bytes(bytes) => bytes,
+            PayloadRef::Json(bytes) | PayloadRef::Bytes(bytes) => bytes,
         }
     }
 
@@ -73,7 +74,7 @@ impl Payload {
     /// The value borrowed.
     pub fn as_ref(&self) -> PayloadRef<'_> {
         match self {
-            Payload::Json(text) => PayloadRef::Json(text),
+            Payload::Json(text) => PayloadRef::Json(text.as_bytes()),
             Payload::Bytes(bytes) => PayloadRef::Bytes(bytes),
         }
     }
@@ -191,7 +192,7 @@ impl<'a> RecordRef<'a> {
             timestamp_ms: self.timestamp_ms,
             key: self.key.map(<[u8]>::to_vec),
             value: match self.value {
-                PayloadRef::Json(text) => Payload::Json(text.to_owned()),
+                PayloadRef::Json(text) => Payload::Json(String::from_utf8_lossy(text).into_owned()),
                 PayloadRef::Bytes(bytes) => Payload::Bytes(bytes.to_vec()),
             },
             headers: self

@@ -663,10 +663,14 @@ mod tests {
 
     #[test]
     fn ndjson_lines_parse_as_the_server_expects() -> Result<(), String> {
-        let events = crate::ingest::parse::ndjson(ndjson_line(42, 256).as_bytes())?;
+        let line = ndjson_line(42, 256);
+        let events = crate::ingest::parse::ndjson(line.as_bytes())?;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].key.as_deref(), Some("k42"));
-        assert_eq!(events[0].value, Payload::Json(event_value(42, 256)));
+        assert_eq!(
+            events[0].value,
+            crate::log::PayloadRef::Json(event_value(42, 256).as_bytes())
+        );
         Ok(())
     }
 
