@@ -45,7 +45,7 @@ struct Body {
 
 /// An event's value borrowed from wherever it lives; encodes exactly like [`Payload`] (postcard writes a
 /// string, a byte slice and a `Vec<u8>` the same way: a varint length, then the bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum PayloadRef<'a> {
     /// JSON text, as bytes: it was validated (UTF-8, one JSON value) when it was accepted, so the hot
     /// paths that carry it (the processor, the read API) do not check it again.
@@ -97,14 +97,44 @@ pub struct RecordRef<'a> {
     pub id: Option<&'a str>,
 }
 
-/// The body as it is written: borrowed pieces, the same postcard layout as [`Body`].
-#[derive(Serialize, Deserialize)]
-struct BodyRef<'a, H> {
+impl Serialize for PayloadRef<'_> {
+    // By hand: serde's derive would write a `&[u8]` as a sequence, one call per byte (same bytes in
+    // postcard, several times slower).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            PayloadRef::Json(b) => s.serialize_newtype_variant("Payload", 0, "Json", &AsBytes(b)),
+            PayloadRef::Bytes(b) => s.serialize_newtype_variant("Payload", 1, "Bytes", &AsBytes(b)),
+        }
+    }
+}
+
+/// A byte slice serialized in one piece.
+struct AsBytes<'a>(&'a [u8]);
+
+impl Serialize for AsBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// The body as it is written, from borrowed pieces: the same postcard layout as [`Body`].
+#[derive(Serialize)]
+struct BodyOut<'a, H> {
+    key: Option<AsBytes<'a>>,
+    value: PayloadRef<'a>,
+    headers: H,
+    id: Option<&'a str>,
+}
+
+/// The body decoded borrowed.
+#[derive(Deserialize)]
+struct BodyIn<'a> {
     #[serde(borrow)]
     key: Option<&'a [u8]>,
     #[serde(borrow)]
     value: PayloadRef<'a>,
-    headers: H,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a str)>,
     id: Option<&'a str>,
 }
 
@@ -125,13 +155,13 @@ pub enum DecodeError {
 impl Record {
     /// Encodes the record in the current format.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyRef {
-            key: self.key.as_deref(),
+        let body = BodyOut {
+            key: self.key.as_deref().map(AsBytes),
             value: self.value.as_ref(),
             headers: &self.headers,
             id: self.id.as_deref(),
         };
-        encode_body(self.timestamp_ms, &body, self.value.as_ref())
+        encode_body(self.timestamp_ms, &body)
     }
 
     /// Decodes a record of any supported version.
@@ -164,7 +194,7 @@ impl<'a> RecordRef<'a> {
             return Err(DecodeError::UnknownVersion(version));
         }
         let timestamp_ms = timestamp_of(bytes).ok_or(DecodeError::Truncated(bytes.len()))?;
-        let body: BodyRef<'a, Vec<(&'a str, &'a str)>> = postcard::from_bytes(&rest[8..])?;
+        let body: BodyIn<'a> = postcard::from_bytes(&rest[8..])?;
         Ok(Self {
             timestamp_ms,
             key: body.key,
@@ -177,13 +207,13 @@ impl<'a> RecordRef<'a> {
     /// Encodes the record in the current format, byte for byte what [`Record::encode`] writes for the
     /// same event.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyRef {
-            key: self.key,
+        let body = BodyOut {
+            key: self.key.map(AsBytes),
             value: self.value,
             headers: &self.headers,
             id: self.id,
         };
-        encode_body(self.timestamp_ms, &body, self.value)
+        encode_body(self.timestamp_ms, &body)
     }
 
     /// Copies the event out of the buffer it borrows from.
@@ -205,13 +235,9 @@ impl<'a> RecordRef<'a> {
     }
 }
 
-fn encode_body<H: Serialize>(
-    timestamp_ms: u64,
-    body: &BodyRef<'_, H>,
-    value: PayloadRef<'_>,
-) -> Vec<u8> {
-    let key_len = body.key.map_or(0, <[u8]>::len);
-    let mut out = Vec::with_capacity(HEADER_LEN + 32 + key_len + value.as_bytes().len());
+fn encode_body<H: Serialize>(timestamp_ms: u64, body: &BodyOut<'_, H>) -> Vec<u8> {
+    let key_len = body.key.as_ref().map_or(0, |k| k.0.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + 32 + key_len + body.value.as_bytes().len());
     out.push(FORMAT_V1);
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
     // Serializing into a Vec cannot fail for these types: every field is a plain sequence or string.
