@@ -57,11 +57,20 @@ pub struct HandlerConfig {
     pub max_state_value_bytes: usize,
     /// Log lines per second per instance.
     pub log_lines_per_sec: u32,
+    /// Failed share of a handler's events on a partition, in percent, that trips its circuit breaker.
+    pub breaker_failure_percent: u32,
+    /// Events the breaker's window must hold before the failed share counts.
+    pub breaker_min_events: u64,
+    /// The breaker's sliding window.
+    pub breaker_window_ms: u64,
+    /// How long a tripped breaker waits before one trial batch.
+    pub breaker_cooldown_ms: u64,
 }
 
 impl Default for HandlerConfig {
     fn default() -> Self {
         let limits = crate::runtime::Limits::default();
+        let breaker = crate::cell::BreakerOptions::default();
         Self {
             max_component_bytes: 10 * 1024 * 1024,
             max_memory_bytes: limits.max_memory_bytes,
@@ -69,8 +78,16 @@ impl Default for HandlerConfig {
             batch_max_events: 1000,
             max_state_value_bytes: limits.max_state_value_bytes,
             log_lines_per_sec: limits.log_lines_per_sec,
+            breaker_failure_percent: breaker.failure_percent,
+            breaker_min_events: breaker.min_events,
+            breaker_window_ms: millis(breaker.window),
+            breaker_cooldown_ms: millis(breaker.cooldown),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Test hooks.
@@ -414,6 +431,30 @@ impl Config {
             1,
             1_000_000,
         )?;
+        range(
+            "handler.breaker_failure_percent",
+            self.handler.breaker_failure_percent,
+            1,
+            100,
+        )?;
+        range(
+            "handler.breaker_min_events",
+            self.handler.breaker_min_events,
+            1,
+            1_000_000_000,
+        )?;
+        range(
+            "handler.breaker_window_ms",
+            self.handler.breaker_window_ms,
+            1_000,
+            86_400_000,
+        )?;
+        range(
+            "handler.breaker_cooldown_ms",
+            self.handler.breaker_cooldown_ms,
+            1,
+            86_400_000,
+        )?;
         range("read.max_wait_ms", self.read.max_wait_ms, 0, 3_600_000)?;
         range(
             "read.max_response_bytes",
@@ -440,6 +481,12 @@ impl Config {
             processor: crate::cell::ProcessorOptions {
                 limits: self.handler_limits(),
                 batch_max_events: self.handler.batch_max_events,
+                breaker: crate::cell::BreakerOptions {
+                    failure_percent: self.handler.breaker_failure_percent,
+                    min_events: self.handler.breaker_min_events,
+                    window: Duration::from_millis(self.handler.breaker_window_ms),
+                    cooldown: Duration::from_millis(self.handler.breaker_cooldown_ms),
+                },
             },
         }
     }

@@ -8,6 +8,7 @@
 //! so nothing is ever served that a crash could take back.
 
 mod batch;
+mod breaker;
 mod dedup;
 mod processor;
 mod retention;
@@ -29,6 +30,7 @@ use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
 use crate::runtime::Runtime;
 
 pub(crate) use batch::{InputBatch, to_records};
+pub use breaker::BreakerOptions;
 pub use dedup::DedupIndex;
 pub use processor::{ProcessorOptions, TaskStatus};
 

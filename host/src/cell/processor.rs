@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::batch::{EncodedOutputs, InputBatch, to_records};
+use super::breaker::{Admit, Breaker, BreakerOptions};
 use super::{CellError, Command, ProcessCommit, Shared, now_ms, panic_message};
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
@@ -51,6 +52,8 @@ pub struct ProcessorOptions {
     pub limits: Limits,
     /// Events per batch at most.
     pub batch_max_events: usize,
+    /// When a handler's breaker trips on a partition.
+    pub breaker: BreakerOptions,
 }
 
 impl Default for ProcessorOptions {
@@ -58,6 +61,7 @@ impl Default for ProcessorOptions {
         Self {
             limits: Limits::default(),
             batch_max_events: 1000,
+            breaker: BreakerOptions::default(),
         }
     }
 }
@@ -73,7 +77,7 @@ pub struct TaskStatus {
     pub committed_offset: u64,
     /// One past the last durable input offset.
     pub end_offset: u64,
-    /// `running`, `idle`, `paused`, `waiting` or `failed`.
+    /// `running`, `idle`, `paused`, `tripped` (circuit breaker open), `waiting` or `failed`.
     pub status: &'static str,
     /// Why it is waiting or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +112,7 @@ struct Task {
     /// the next batch reads the state it wrote; other tasks of the cell run meanwhile, and their
     /// commits share the writer's fsync.
     in_flight: Option<InFlight>,
+    breaker: Breaker,
 }
 
 /// A commit the writer has not answered yet, with what the task records once it is durable.
@@ -274,6 +279,7 @@ impl Processor {
                             dlq_next: None,
                             retry_at: None,
                             in_flight: None,
+                            breaker: Breaker::new(self.options.breaker),
                             status,
                         };
                         self.tasks.insert((name.clone(), partition), task);
@@ -428,6 +434,14 @@ impl Processor {
         if task.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(false);
         }
+        if let Admit::Wait { reason, retry_in } = task.breaker.admit() {
+            task.status.status = "tripped";
+            task.status.detail = Some(format!(
+                "circuit breaker open: {reason}; one trial batch in {} s",
+                retry_in.as_secs().max(1)
+            ));
+            return Ok(false);
+        }
         task.retry_at = None;
         let generation = def.reset.as_ref().map_or(0, |r| r.generation);
         let at = |offsets: &[u64]| offsets.get(task.partition as usize).copied();
@@ -527,7 +541,9 @@ impl Processor {
         };
         let mut batch = std::mem::replace(&mut self.scratch, InputBatch::new(0));
         let result = match batch.refill(task.partition, &records) {
-            Ok(()) => self.process(task, version, &records, &batch, base),
+            Ok(()) => self
+                .process(task, version, &records, &batch, base, false)
+                .map(|_| ()),
             Err(e) => Err(StepError::Other(e.to_string())),
         };
         self.scratch = batch;
@@ -535,7 +551,11 @@ impl Processor {
         Ok(true)
     }
 
-    /// Runs the handler over `events` and commits the result, isolating failing events.
+    /// Runs the handler over `events` (laid out in `batch`) and commits the result, isolating failing
+    /// events. `after` is what commits once every event is settled. The commit is sent without waiting
+    /// unless `wait` (bisection needs each part durable before the next reads state). Returns whether
+    /// every event was settled; false means the committed offset stopped inside the range (after a
+    /// dead letter, or because the breaker opened) and the next step goes on from there.
     fn process(
         &mut self,
         task: &mut Task,
@@ -543,40 +563,45 @@ impl Processor {
         events: &[Stored],
         batch: &InputBatch,
         after: Committed,
-    ) -> Result<(), StepError> {
+        wait: bool,
+    ) -> Result<bool, StepError> {
         let outcome = self.call(task, version, batch);
         match outcome {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 let state = self.take_writes(task);
                 match to_records(&outputs, batch, version) {
-                    Ok(outputs) => self.commit_later(
-                        task,
-                        PendingCommit {
+                    Ok(outputs) => {
+                        let commit = PendingCommit {
                             outputs,
                             state,
                             committed: after,
                             dead_letters: vec![],
                             clear_state: false,
-                        },
-                    ),
-                    // The handler named an output it did not declare: a fault of the whole batch.
-                    Err(message) => self.one_by_one(task, version, events, after, Some(message)),
+                        };
+                        if wait {
+                            self.commit(task, commit)?;
+                        } else {
+                            self.commit_later(task, commit)?;
+                        }
+                        task.breaker.record(events.len() as u64, 0);
+                        Ok(true)
+                    }
+                    // The handler named an output it did not declare: some event's doing, found by halving.
+                    Err(message) => {
+                        self.discard_writes(task);
+                        self.bisect(task, version, events, after, message)
+                    }
                 }
             }
             Ok(HandleOutcome::EventFailed { index, message }) => {
                 self.discard_writes(task);
                 let index = index as usize;
                 let Some((failed_offset, failed_bytes)) = events.get(index) else {
-                    return self.one_by_one(
-                        task,
-                        version,
-                        events,
-                        after,
-                        Some(format!(
-                            "handler reported event index {index} of a {}-event batch",
-                            events.len()
-                        )),
+                    let message = format!(
+                        "handler reported event index {index} of a {}-event batch",
+                        events.len()
                     );
+                    return self.bisect(task, version, events, after, message);
                 };
                 // Re-run the events before the failing one: a deterministic handler gives their effects.
                 let (outputs, state) = if index == 0 {
@@ -584,18 +609,19 @@ impl Processor {
                 } else {
                     let prefix = InputBatch::decode(task.partition, &events[..index])
                         .map_err(|e| StepError::Other(e.to_string()))?;
-                    match self.call(task, version, &prefix) {
-                        Ok(HandleOutcome::Outputs(out)) => match to_records(&out, &prefix, version)
-                        {
-                            Ok(records) => (records, self.take_writes(task)),
-                            Err(m) => {
-                                return self.one_by_one(task, version, events, after, Some(m));
-                            }
-                        },
-                        // Not deterministic after all: fall back to isolating every event.
-                        _ => {
+                    let rerun = match self.call(task, version, &prefix) {
+                        Ok(HandleOutcome::Outputs(out)) => to_records(&out, &prefix, version),
+                        _ => Err(
+                            "running the events before the failed one again gave another \
+                                  result (is the handler deterministic?)"
+                                .to_string(),
+                        ),
+                    };
+                    match rerun {
+                        Ok(records) => (records, self.take_writes(task)),
+                        Err(message) => {
                             self.discard_writes(task);
-                            return self.one_by_one(task, version, events, after, None);
+                            return self.bisect(task, version, events, after, message);
                         }
                     }
                 };
@@ -614,70 +640,65 @@ impl Processor {
                         dead_letters: vec![(seq, entry)],
                         clear_state: false,
                     },
-                )
+                )?;
+                task.breaker.record(index as u64 + 1, 1);
+                Ok(index + 1 == events.len())
             }
             Err(trap) => {
-                tracing::warn!(handler = %task.handler, partition = task.partition, error = %trap, "batch trapped; isolating events one by one");
-                self.one_by_one(task, version, events, after, None)
+                tracing::warn!(handler = %task.handler, partition = task.partition, events = events.len(), error = %trap, "batch trapped; halving it to find the event at fault");
+                self.bisect(task, version, events, after, trap.to_string())
             }
         }
     }
 
-    /// Processes each event alone, dead-lettering those that fail alone.
-    fn one_by_one(
+    /// Isolates the events at fault in a batch that failed as a whole (a trap or deadline does not say
+    /// which event caused it): each half is processed on its own, halving again where it fails, until
+    /// a failing event is alone; it goes to the dead-letter log with `error` and processing continues.
+    /// Sound because handlers are deterministic: a half without the poison event succeeds.
+    fn bisect(
         &mut self,
         task: &mut Task,
         version: &HandlerVersion,
         events: &[Stored],
         after: Committed,
-        batch_error: Option<String>,
-    ) -> Result<(), StepError> {
-        let _ = batch_error;
-        for (i, (offset, bytes)) in events.iter().enumerate() {
-            let committed = Committed {
-                offset: offset + 1,
-                ..after
-            };
-            let single = InputBatch::decode(task.partition, &events[i..=i])
-                .map_err(|e| StepError::Other(e.to_string()))?;
-            let outcome = self.call(task, version, &single);
-            let failure = match outcome {
-                Ok(HandleOutcome::Outputs(outputs)) => match to_records(&outputs, &single, version)
-                {
-                    Ok(outputs) => {
-                        let state = self.take_writes(task);
-                        self.commit(
-                            task,
-                            PendingCommit {
-                                outputs,
-                                state,
-                                committed,
-                                dead_letters: vec![],
-                                clear_state: false,
-                            },
-                        )?;
-                        continue;
-                    }
-                    Err(message) => message,
-                },
-                Ok(HandleOutcome::EventFailed { message, .. }) => message,
-                Err(trap) => trap.to_string(),
-            };
-            self.discard_writes(task);
+        error: String,
+    ) -> Result<bool, StepError> {
+        if let [(offset, bytes)] = events {
             let seq = self.dlq_seq(task)?;
-            let entry = dead_letter(*offset, version.version, failure, bytes);
+            let entry = dead_letter(*offset, version.version, error, bytes);
             self.commit(
                 task,
                 PendingCommit {
                     outputs: vec![],
                     state: vec![],
-                    committed,
+                    committed: Committed {
+                        offset: offset + 1,
+                        ..after
+                    },
                     dead_letters: vec![(seq, entry)],
                     clear_state: false,
                 },
             )?;
+            task.breaker.record(1, 1);
+            return Ok(true);
         }
-        Ok(())
+        let (left, right) = events.split_at(events.len() / 2);
+        for (part, part_after) in [(left, None), (right, Some(after))] {
+            let (Some(&(last, _)), false) = (part.last(), task.breaker.is_open()) else {
+                // Nothing to do, or the breaker opened: stop here, the rest waits for it to close.
+                return Ok(part.is_empty());
+            };
+            let part_after = part_after.unwrap_or(Committed {
+                offset: last + 1,
+                ..after
+            });
+            let batch = InputBatch::decode(task.partition, part)
+                .map_err(|e| StepError::Other(e.to_string()))?;
+            if !self.process(task, version, part, &batch, part_after, true)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Calls the task's instance, rebuilding it first if an earlier trap poisoned it.

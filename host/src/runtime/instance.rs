@@ -71,6 +71,9 @@ pub struct HostState {
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     max_state_value_bytes: usize,
     log: LogLimiter,
+    /// The SDK's panic report of the current call (its panic hook logs it just before the trap), so the
+    /// trap's error says why instead of only where.
+    panic: Option<String>,
 }
 
 /// Splits a column blob by its end offsets; a guest sending inconsistent columns gets a trap.
@@ -202,6 +205,9 @@ impl state::Host for HostState {
 
 impl log::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        if matches!(level, Level::Error) && message.starts_with("handler panicked") {
+            self.panic = Some(message.clone());
+        }
         if !self.log.admit() {
             return;
         }
@@ -317,6 +323,7 @@ impl Runtime {
                 last: Instant::now(),
                 dropped: 0,
             },
+            panic: None,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limits);
@@ -354,6 +361,9 @@ impl Instance {
                 let text = format!("{e:#}");
                 if text.contains("forcing a memory growth failure to be a trap") {
                     CallError::Memory(self.max_memory_bytes / (1024 * 1024))
+                } else if let Some(panic) = self.store.data().panic.clone() {
+                    // The panic message says why; the trap itself is always `unreachable` in abort.
+                    CallError::Trap(panic)
                 } else {
                     CallError::Trap(text)
                 }
@@ -370,6 +380,7 @@ impl Instance {
             ));
         }
         self.store.set_epoch_deadline(ticks(self.deadline));
+        self.store.data_mut().panic = None;
         match self.bindings.call_handle(&mut self.store, batch) {
             Ok(Ok(outputs)) => Ok(HandleOutcome::Outputs(outputs)),
             Ok(Err(e)) => Ok(HandleOutcome::EventFailed {
