@@ -57,6 +57,10 @@ pub struct HandlerConfig {
     pub max_state_value_bytes: usize,
     /// Log lines per second per instance.
     pub log_lines_per_sec: u32,
+    /// Records one batch may emit (more fails the batch, which is then halved).
+    pub max_outputs_per_batch: usize,
+    /// Bytes of keys and values one batch may emit.
+    pub max_output_bytes_per_batch: usize,
     /// Failed share of a handler's events on a partition, in percent, that trips its circuit breaker.
     pub breaker_failure_percent: u32,
     /// Events the breaker's window must hold before the failed share counts.
@@ -78,6 +82,8 @@ impl Default for HandlerConfig {
             batch_max_events: 1000,
             max_state_value_bytes: limits.max_state_value_bytes,
             log_lines_per_sec: limits.log_lines_per_sec,
+            max_outputs_per_batch: limits.max_outputs_per_batch,
+            max_output_bytes_per_batch: limits.max_output_bytes_per_batch,
             breaker_failure_percent: breaker.failure_percent,
             breaker_min_events: breaker.min_events,
             breaker_window_ms: millis(breaker.window),
@@ -432,6 +438,18 @@ impl Config {
             1_000_000,
         )?;
         range(
+            "handler.max_outputs_per_batch",
+            self.handler.max_outputs_per_batch,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "handler.max_output_bytes_per_batch",
+            self.handler.max_output_bytes_per_batch,
+            1024,
+            1 << 30,
+        )?;
+        range(
             "handler.breaker_failure_percent",
             self.handler.breaker_failure_percent,
             1,
@@ -498,6 +516,8 @@ impl Config {
             deadline: Duration::from_millis(self.handler.deadline_ms),
             max_state_value_bytes: self.handler.max_state_value_bytes,
             log_lines_per_sec: self.handler.log_lines_per_sec,
+            max_outputs_per_batch: self.handler.max_outputs_per_batch,
+            max_output_bytes_per_batch: self.handler.max_output_bytes_per_batch,
         }
     }
 

@@ -26,11 +26,11 @@ use serde_json::{Value, json};
 use crate::harness::guests::example;
 use crate::harness::{TestHost, TestResult, ensure_status};
 
-const PARTITIONS: u32 = 8;
+pub(crate) const PARTITIONS: u32 = 8;
 /// How long a handler gets to process what a test posted (debug builds on two busy cores).
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Polling interval for status endpoints.
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// Pace of the hot-swap producer: a 64-event request every 10 ms (6,400 events/s) keeps events flowing
 /// through every swap without burying a debug build's processor under a backlog it needs minutes for.
 const PRODUCER_PERIOD: Duration = Duration::from_millis(10);
@@ -39,7 +39,7 @@ const PRODUCER_PERIOD: Duration = Duration::from_millis(10);
 // Test-only guests
 
 /// The component bytes of test-only guest `name` (built from `tests/guests` once per process).
-fn test_guest(name: &str) -> TestResult<Vec<u8>> {
+pub(crate) fn test_guest(name: &str) -> TestResult<Vec<u8>> {
     Ok(crate::harness::guests::test_guest(name)?)
 }
 
@@ -48,9 +48,9 @@ fn test_guest(name: &str) -> TestResult<Vec<u8>> {
 
 /// An event as posted and where the server put it.
 #[derive(Debug, Clone)]
-struct Placed {
-    partition: u32,
-    offset: u64,
+pub(crate) struct Placed {
+    pub partition: u32,
+    pub offset: u64,
 }
 
 /// Posts `(key, value)` events as NDJSON; every one must be accepted.
@@ -91,7 +91,7 @@ async fn post(
 }
 
 /// Every partition of `topic`, read in full.
-async fn read_topic(host: &TestHost, topic: &str) -> TestResult<Vec<Vec<Value>>> {
+pub(crate) async fn read_topic(host: &TestHost, topic: &str) -> TestResult<Vec<Vec<Value>>> {
     let mut all = Vec::with_capacity(PARTITIONS as usize);
     for p in 0..PARTITIONS {
         all.push(host.read_all(topic, p).await?);
@@ -119,12 +119,12 @@ async fn show(admin: &mut Client, name: &str) -> TestResult<Value> {
 }
 
 /// The per-partition status entries of a handler description.
-fn partitions(v: &Value) -> Vec<Value> {
+pub(crate) fn partitions(v: &Value) -> Vec<Value> {
     v["partitions"].as_array().cloned().unwrap_or_default()
 }
 
 /// Polls handler `name` until `done` holds for its description, for up to `PROCESS_TIMEOUT`.
-async fn poll_handler(
+pub(crate) async fn poll_handler(
     host: &TestHost,
     name: &str,
     what: &str,
@@ -134,7 +134,7 @@ async fn poll_handler(
 }
 
 /// Polls handler `name` until `done` holds for its description, for up to `timeout`.
-async fn poll_handler_for(
+pub(crate) async fn poll_handler_for(
     host: &TestHost,
     name: &str,
     what: &str,
@@ -163,7 +163,7 @@ async fn poll_handler_for(
 /// The harness's `wait_caught_up` looks at `lag`, which is `end_offset - committed_offset` as the
 /// processor last saw them: right after a post it can still say 0. The committed offset compared with
 /// the topic's real end has no such window.
-async fn wait_processed(host: &TestHost, name: &str, input: &str) -> TestResult<Value> {
+pub(crate) async fn wait_processed(host: &TestHost, name: &str, input: &str) -> TestResult<Value> {
     let ends = end_offsets(host, input).await?;
     let v = poll_handler(host, name, "processing everything", |v| {
         let parts = partitions(v);
@@ -200,7 +200,7 @@ async fn wait_for_events(host: &TestHost, topic: &str, total: u64) -> TestResult
 }
 
 /// Deploys and expects `201` with the given version; returns the response body.
-async fn deploy_ok(
+pub(crate) async fn deploy_ok(
     host: &TestHost,
     name: &str,
     bytes: Vec<u8>,
@@ -248,7 +248,7 @@ fn counter_outputs(events: &[Value]) -> Vec<(Option<String>, Option<u64>)> {
 
 /// Checks a counter's output topic against the input topic: one output per input, in order, with the
 /// running count per key (state is partition-local, so keyless events count per partition).
-fn check_counter(inputs: &[Vec<Value>], outputs: &[Vec<Value>]) {
+pub(crate) fn check_counter(inputs: &[Vec<Value>], outputs: &[Vec<Value>]) {
     for (p, (inp, out)) in inputs.iter().zip(outputs).enumerate() {
         let expected: Vec<(Option<String>, Option<u64>)> = running_counts(inp)
             .into_iter()
@@ -300,7 +300,7 @@ fn varied_events(n: usize, keyless: bool) -> Vec<(Option<String>, Value)> {
 }
 
 /// Posts `events` in requests of at most 100; returns where each went.
-async fn post_all(
+pub(crate) async fn post_all(
     host: &TestHost,
     topic: &str,
     events: &[(Option<String>, Value)],
@@ -1041,7 +1041,11 @@ async fn counts_continue_across_a_restart() -> TestResult {
 }
 
 /// `GET /v1/handlers/{name}/dlq[?query]`: the entries.
-async fn dead_letters(host: &TestHost, name: &str, query: &str) -> TestResult<Vec<Value>> {
+pub(crate) async fn dead_letters(
+    host: &TestHost,
+    name: &str,
+    query: &str,
+) -> TestResult<Vec<Value>> {
     let resp = host
         .admin()?
         .get(&format!("/v1/handlers/{name}/dlq{query}"))

@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod cli_handlers;
 mod handlers;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod topics;

@@ -645,7 +645,10 @@ impl Processor {
                 Ok(index + 1 == events.len())
             }
             Err(trap) => {
-                tracing::warn!(handler = %task.handler, partition = task.partition, events = events.len(), error = %trap, "batch trapped; halving it to find the event at fault");
+                // An instance that trapped is rebuilt anyway; one over its output limits is kept, so
+                // the writes of the failed call must go.
+                self.discard_writes(task);
+                tracing::warn!(handler = %task.handler, partition = task.partition, events = events.len(), error = %trap, "batch failed; halving it to find the event at fault");
                 self.bisect(task, version, events, after, trap.to_string())
             }
         }

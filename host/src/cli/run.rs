@@ -532,6 +532,7 @@ impl<W: Write> Ctx<'_, W> {
                 Ok(index + 1)
             }
             Err(trap) => {
+                part.discard_writes();
                 self.batch_failed(part, n, &trap.to_string())?;
                 self.one_by_one(part, n)
             }

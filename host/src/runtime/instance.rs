@@ -254,9 +254,13 @@ pub enum InstanceError {
     Trap(String),
 }
 
-/// A `handle` call did not return normally. The instance is poisoned and must be rebuilt.
+/// A `handle` call did not return normally. The instance is poisoned and must be rebuilt (except after
+/// [`CallError::Outputs`], where the call itself returned).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
+    /// The batch's outputs were over the output limits; they are dropped.
+    #[error("output limit exceeded: {0}")]
+    Outputs(String),
     /// The call ran past its deadline.
     #[error("deadline of {0} ms exceeded")]
     Deadline(u128),
@@ -288,6 +292,8 @@ pub struct Instance {
     bindings: Handler,
     deadline: Duration,
     max_memory_bytes: usize,
+    max_outputs: usize,
+    max_output_bytes: usize,
     poisoned: bool,
 }
 
@@ -338,6 +344,8 @@ impl Runtime {
             bindings,
             deadline: limits.deadline,
             max_memory_bytes: limits.max_memory_bytes,
+            max_outputs: limits.max_outputs_per_batch,
+            max_output_bytes: limits.max_output_bytes_per_batch,
             poisoned: false,
         };
         instance.store.set_epoch_deadline(ticks(limits.deadline));
@@ -347,6 +355,21 @@ impl Runtime {
             Err(e) => Err(InstanceError::Trap(instance.describe(&e).to_string())),
         }
     }
+}
+
+/// Rust (and C) guests keep their stack in linear memory, below the data, growing down from a fixed
+/// address; running out wraps the stack pointer below zero, so the trap is a memory fault just under
+/// 4 GiB. Says so, instead of a bare "out of bounds memory access".
+fn shadow_stack_overflow(trap: &str) -> Option<String> {
+    let hex = trap.split("memory fault at wasm address 0x").nth(1)?;
+    let hex: String = hex.chars().take_while(char::is_ascii_hexdigit).collect();
+    let address = u64::from_str_radix(&hex, 16).ok()?;
+    (address >= 0xffff_0000).then(|| {
+        format!(
+            "stack overflow: the handler ran out of stack (unbounded recursion?); memory fault at \
+             wasm address {address:#x}"
+        )
+    })
 }
 
 fn ticks(deadline: Duration) -> u64 {
@@ -359,8 +382,12 @@ impl Instance {
             Some(Trap::Interrupt) => CallError::Deadline(self.deadline.as_millis()),
             _ => {
                 let text = format!("{e:#}");
-                if text.contains("forcing a memory growth failure to be a trap") {
+                if text.contains("forcing a memory growth failure to be a trap")
+                    || text.contains("forcing trap when growing memory")
+                {
                     CallError::Memory(self.max_memory_bytes / (1024 * 1024))
+                } else if let Some(overflow) = shadow_stack_overflow(&text) {
+                    CallError::Trap(overflow)
                 } else if let Some(panic) = self.store.data().panic.clone() {
                     // The panic message says why; the trap itself is always `unreachable` in abort.
                     CallError::Trap(panic)
@@ -382,7 +409,26 @@ impl Instance {
         self.store.set_epoch_deadline(ticks(self.deadline));
         self.store.data_mut().panic = None;
         match self.bindings.call_handle(&mut self.store, batch) {
-            Ok(Ok(outputs)) => Ok(HandleOutcome::Outputs(outputs)),
+            Ok(Ok(outputs)) => {
+                let (count, bytes) = (
+                    outputs.topics.len(),
+                    outputs.keys.len() + outputs.values.len(),
+                );
+                if count > self.max_outputs {
+                    return Err(CallError::Outputs(format!(
+                        "{count} records in one batch; the limit is {} (handler.max_outputs_per_batch)",
+                        self.max_outputs
+                    )));
+                }
+                if bytes > self.max_output_bytes {
+                    return Err(CallError::Outputs(format!(
+                        "{bytes} bytes of keys and values in one batch; the limit is {} \
+                         (handler.max_output_bytes_per_batch)",
+                        self.max_output_bytes
+                    )));
+                }
+                Ok(HandleOutcome::Outputs(outputs))
+            }
             Ok(Err(e)) => Ok(HandleOutcome::EventFailed {
                 index: e.index,
                 message: e.message,

@@ -41,6 +41,10 @@ pub struct Limits {
     pub max_state_value_bytes: usize,
     /// Log lines per second per instance (burst of the same size); excess lines are dropped and counted.
     pub log_lines_per_sec: u32,
+    /// Records one batch may emit.
+    pub max_outputs_per_batch: usize,
+    /// Bytes of keys and values one batch may emit.
+    pub max_output_bytes_per_batch: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +54,8 @@ impl Default for Limits {
             deadline: Duration::from_secs(1),
             max_state_value_bytes: 1024 * 1024,
             log_lines_per_sec: 100,
+            max_outputs_per_batch: 100_000,
+            max_output_bytes_per_batch: 32 * 1024 * 1024,
         }
     }
 }

@@ -1,0 +1,162 @@
+//! Hostile handlers (issue: fault isolation). Each test deploys `tests/guests/hostile` in one mode beside
+//! the well-behaved `counter` on the same topic, posts events of which one is the poison (value `666`),
+//! and checks: the server stays up, the poison event alone lands in the dead-letter log with a reason a
+//! person can read, every other event goes through the hostile handler, the breaker does not trip for
+//! one bad event among many, and the counter's outputs are complete and correct.
+
+use serde_json::{Value, json};
+
+use crate::handlers::{
+    PARTITIONS, check_counter, dead_letters, deploy_ok, partitions, post_all, read_topic,
+    test_guest, wait_processed,
+};
+use crate::harness::guests::example;
+use crate::harness::{TestHost, TestResult};
+
+/// Per-batch deadline of the servers here: short, so halving a looping batch takes seconds.
+const DEADLINE_MS: u64 = 300;
+/// Events posted per test; the one at `POISON_AT` is the trigger.
+const EVENTS: usize = 40;
+const POISON_AT: usize = 17;
+
+/// Runs `mode` (with `extra` config) beside the counter on a server with `settings` (the short
+/// deadline unless they say otherwise); returns the dead letters of the hostile handler.
+async fn beside_counter(mode: &str, extra: &[&str], settings: &[&str]) -> TestResult<Vec<Value>> {
+    let deadline = format!("handler.deadline_ms={DEADLINE_MS}");
+    let mut all = vec![deadline.as_str()];
+    all.extend_from_slice(settings);
+    let host = TestHost::start_with(PARTITIONS, 2, &all)?;
+    host.create_topic("in").await?;
+    host.create_topic("out").await?;
+    host.create_topic("bad-out").await?;
+    deploy_ok(&host, "good", example("counter")?, "in", &["out"], &[], 1).await?;
+    let mode_config = format!("config=mode={mode}");
+    let mut config = vec![mode_config.as_str(), "config=on=666"];
+    config.extend_from_slice(extra);
+    deploy_ok(
+        &host,
+        "bad",
+        test_guest("hostile")?,
+        "in",
+        &["bad-out"],
+        &config,
+        1,
+    )
+    .await?;
+
+    let events: Vec<(Option<String>, Value)> = (0..EVENTS)
+        .map(|i| {
+            let value = if i == POISON_AT { json!(666) } else { json!(i) };
+            (Some(format!("k{}", i % 5)), value)
+        })
+        .collect();
+    let placed = post_all(&host, "in", &events).await?;
+    let poison = &placed[POISON_AT];
+
+    wait_processed(&host, "good", "in").await?;
+    let inputs = read_topic(&host, "in").await?;
+    check_counter(&inputs, &read_topic(&host, "out").await?);
+
+    // The hostile handler gets past the poison event and handles everything else.
+    let status = wait_processed(&host, "bad", "in").await?;
+    for p in partitions(&status) {
+        assert_ne!(
+            p["status"], "tripped",
+            "one bad event among many trips nothing: {p}"
+        );
+    }
+    let passed: usize = read_topic(&host, "bad-out")
+        .await?
+        .iter()
+        .map(Vec::len)
+        .sum();
+    let dead = dead_letters(&host, "bad", "").await?;
+    let poisoned = dead.len();
+    assert_eq!(
+        passed,
+        EVENTS - poisoned,
+        "every other event went through: {dead:?}"
+    );
+    if let Some(d) = dead.first() {
+        assert_eq!(
+            (d["partition"].as_u64(), d["offset"].as_u64(), &d["value"]),
+            (
+                Some(u64::from(poison.partition)),
+                Some(poison.offset),
+                &json!(666)
+            ),
+            "the poison event and only it is dead-lettered: {dead:?}"
+        );
+    }
+    // Still serving.
+    let health = host.admin()?.get("/readyz").await?;
+    assert_eq!(health.status, 200);
+    Ok(dead)
+}
+
+fn reason(dead: &[Value]) -> String {
+    assert_eq!(dead.len(), 1, "exactly the poison event: {dead:?}");
+    dead[0]["error"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_cut_by_the_deadline() -> TestResult {
+    let why = reason(&beside_counter("loop", &[], &[]).await?);
+    assert!(
+        why.contains(&format!("deadline of {DEADLINE_MS} ms exceeded")),
+        "{why}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_the_memory_limit() -> TestResult {
+    let why = reason(&beside_counter("memory", &[], &[]).await?);
+    assert!(why.contains("memory limit 64 MiB exceeded"), "{why}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unbounded_recursion_exhausts_the_stack() -> TestResult {
+    let why = reason(&beside_counter("recursion", &[], &[]).await?);
+    assert!(why.contains("stack overflow"), "{why}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_panic_on_one_key_costs_that_event_only() -> TestResult {
+    let why = reason(&beside_counter("panic", &[], &[]).await?);
+    assert!(why.contains("hostile panic on offset"), "{why}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_output_flood_is_refused_by_a_limit() -> TestResult {
+    // A debug build of the host takes a while to copy a million records out of the guest: a deadline
+    // that leaves room for it, so the output limit is what stops the flood.
+    let settings = [
+        "handler.deadline_ms=20000",
+        "handler.max_outputs_per_batch=10000",
+    ];
+    let why = reason(&beside_counter("flood", &[], &settings).await?);
+    assert!(
+        why.contains("output limit exceeded: 1000000 records in one batch; the limit is 10000"),
+        "{why}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn log_spam_is_rate_limited_and_costs_nothing() -> TestResult {
+    let dead = beside_counter("logspam", &[], &[]).await?;
+    assert!(dead.is_empty(), "{dead:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_handler_is_slow_but_loses_nothing() -> TestResult {
+    // Each trigger spins for a while; batches that run past the deadline are halved until they fit.
+    let dead = beside_counter("slow", &["config=spin=3000000"], &[]).await?;
+    assert!(dead.is_empty(), "{dead:?}");
+    Ok(())
+}
