@@ -61,6 +61,8 @@ pub struct HandlerConfig {
     pub max_outputs_per_batch: usize,
     /// Bytes of keys and values one batch may emit.
     pub max_output_bytes_per_batch: usize,
+    /// Dead letters kept per handler and partition; beyond it the oldest are deleted.
+    pub dlq_max_entries: u64,
     /// Failed share of a handler's events on a partition, in percent, that trips its circuit breaker.
     pub breaker_failure_percent: u32,
     /// Events the breaker's window must hold before the failed share counts.
@@ -84,6 +86,7 @@ impl Default for HandlerConfig {
             log_lines_per_sec: limits.log_lines_per_sec,
             max_outputs_per_batch: limits.max_outputs_per_batch,
             max_output_bytes_per_batch: limits.max_output_bytes_per_batch,
+            dlq_max_entries: 10_000,
             breaker_failure_percent: breaker.failure_percent,
             breaker_min_events: breaker.min_events,
             breaker_window_ms: millis(breaker.window),
@@ -450,6 +453,12 @@ impl Config {
             1 << 30,
         )?;
         range(
+            "handler.dlq_max_entries",
+            self.handler.dlq_max_entries,
+            1,
+            100_000_000,
+        )?;
+        range(
             "handler.breaker_failure_percent",
             self.handler.breaker_failure_percent,
             1,
@@ -505,6 +514,7 @@ impl Config {
                     window: Duration::from_millis(self.handler.breaker_window_ms),
                     cooldown: Duration::from_millis(self.handler.breaker_cooldown_ms),
                 },
+                dlq_max_entries: self.handler.dlq_max_entries,
             },
         }
     }

@@ -1283,6 +1283,60 @@ async fn a_handler_failing_every_event_trips_its_breaker_and_spares_its_neighbou
 }
 
 #[tokio::test]
+async fn dead_letters_are_bounded_and_can_be_purged() -> TestResult {
+    let host = TestHost::start_with(PARTITIONS, 2, &["handler.dlq_max_entries=5"])?;
+    host.create_topic("in").await?;
+    host.create_topic("out").await?;
+    deploy_ok(
+        &host,
+        "t",
+        test_guest("tagged-counter")?,
+        "in",
+        &["out"],
+        &["config=tag=x", "config=panic_on=666"],
+        1,
+    )
+    .await?;
+    // Eight poison events among good ones, all on one partition.
+    let events: Vec<_> = (0..24)
+        .map(|i| {
+            (
+                Some("k".to_string()),
+                json!(if i % 3 == 0 { 666 } else { i }),
+            )
+        })
+        .collect();
+    let placed = post_all(&host, "in", &events).await?;
+    let p = placed[0].partition;
+    wait_processed(&host, "t", "in").await?;
+    let dead = dead_letters(&host, "t", "").await?;
+    let seqs: Vec<_> = dead.iter().map(|d| d["seq"].as_u64()).collect();
+    assert_eq!(
+        seqs,
+        [3, 4, 5, 6, 7].map(Some),
+        "the newest five are kept: {dead:?}"
+    );
+    let offsets: Vec<_> = dead.iter().map(|d| d["offset"].as_u64()).collect();
+    assert_eq!(offsets, [9, 12, 15, 18, 21].map(Some));
+
+    let mut admin = host.admin()?;
+    let resp = admin
+        .delete(&format!("/v1/handlers/t/dlq?partition={p}&through=4"))
+        .await?;
+    ensure_status(&resp, 200)?;
+    assert_eq!(resp.json()?["purged"], 2);
+    let left = dead_letters(&host, "t", "").await?;
+    assert_eq!(left.first().and_then(|d| d["seq"].as_u64()), Some(5));
+    let resp = admin.delete("/v1/handlers/t/dlq").await?;
+    ensure_status(&resp, 200)?;
+    assert_eq!(resp.json()?["purged"], 3);
+    assert!(dead_letters(&host, "t", "").await?.is_empty());
+    let resp = admin.delete("/v1/handlers/t/dlq?partition=99").await?;
+    ensure_status(&resp, 404)?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn counter_counts_keyless_events_per_partition() -> TestResult {
     // `counter` counts keyless events under the empty key (its documented behaviour), so it writes
     // state under an empty key. The handler may do that: the WIT puts no rule on state keys.

@@ -489,6 +489,66 @@ pub(super) async fn remove(state: &AppState, name: &str) -> Result<HttpResponse,
     Ok(json(StatusCode::OK, &json!({ "removed": name })))
 }
 
+/// `DELETE /v1/handlers/{name}/dlq?partition=P&through=SEQ`: deletes dead letters (of every partition
+/// unless one is named; up to and including sequence `through` if given), durably.
+pub(super) async fn purge_dead_letters(
+    state: &AppState,
+    name: &str,
+    query: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
+    state.catalog.handler(name).ok_or_else(|| not_found(name))?;
+    let (mut partition, mut through) = (None, None);
+    for (key, value) in query_pairs(query)? {
+        let n = value.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
+        })?;
+        match key.as_str() {
+            "partition" => partition = Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            "through" => through = Some(n),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown parameter {other:?}; use partition, through"),
+                ));
+            }
+        }
+    }
+    let mut purged = 0;
+    for p in dlq_partitions(state, partition)? {
+        purged += state
+            .cell_for(p)
+            .purge_dead_letters(name, p, through)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cell_unavailable",
+                    e.to_string(),
+                )
+            })?;
+    }
+    tracing::info!(
+        handler = name,
+        ?partition,
+        ?through,
+        purged,
+        "dead letters purged"
+    );
+    Ok(json(StatusCode::OK, &json!({ "purged": purged })))
+}
+
+/// The partitions a dead-letter request is about: `partition` if given (which must exist), else all.
+fn dlq_partitions(state: &AppState, partition: Option<u32>) -> Result<Vec<u32>, ApiError> {
+    match partition {
+        Some(p) if p < state.shape.partitions => Ok(vec![p]),
+        Some(p) => Err(ApiError::not_found(
+            "unknown_partition",
+            format!("partition {p} does not exist"),
+        )),
+        None => Ok((0..state.shape.partitions).collect()),
+    }
+}
+
 /// `GET /v1/handlers/{name}/dlq?partition=P&from=SEQ&limit=N`
 pub(super) async fn dead_letters(
     state: &AppState,
@@ -513,18 +573,8 @@ pub(super) async fn dead_letters(
             }
         }
     }
-    let partitions: Vec<u32> = match partition {
-        Some(p) if p < state.shape.partitions => vec![p],
-        Some(p) => {
-            return Err(ApiError::not_found(
-                "unknown_partition",
-                format!("partition {p} does not exist"),
-            ));
-        }
-        None => (0..state.shape.partitions).collect(),
-    };
     let mut entries = Vec::new();
-    for p in partitions {
+    for p in dlq_partitions(state, partition)? {
         let consumer = state
             .cell_for(p)
             .consumer(name, p)

@@ -120,6 +120,12 @@ enum Command {
         consumer: ConsumerLog,
         reply: oneshot::Sender<Result<(), CellError>>,
     },
+    /// Deletes a handler's dead letters on one partition up to a sequence number (all with `None`).
+    PurgeDeadLetters {
+        consumer: ConsumerLog,
+        through: Option<u64>,
+        reply: oneshot::Sender<Result<u64, CellError>>,
+    },
     CreateTopic {
         topic: Arc<Topic>,
         reply: oneshot::Sender<Result<(), CellError>>,
@@ -390,10 +396,33 @@ impl Cell {
             .await
     }
 
-    async fn control(
+    /// Deletes handler `handler`'s dead letters on `partition` up to sequence `through` (all with
+    /// `None`), durably, through the writer. Returns how many were deleted.
+    pub async fn purge_dead_letters(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), CellError>>) -> Command,
-    ) -> Result<(), CellError> {
+        handler: &str,
+        partition: u32,
+        through: Option<u64>,
+    ) -> Result<u64, CellError> {
+        let cell = self.shared.index;
+        let consumer = self
+            .consumer(handler, partition)
+            .map_err(|e| CellError::Unavailable {
+                cell,
+                reason: e.to_string(),
+            })?;
+        self.control(|reply| Command::PurgeDeadLetters {
+            consumer,
+            through,
+            reply,
+        })
+        .await
+    }
+
+    async fn control<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, CellError>>) -> Command,
+    ) -> Result<T, CellError> {
         let cell = self.shared.index;
         let (reply, rx) = oneshot::channel();
         // Control commands wait for room rather than being refused: they are rare and must not be lost.

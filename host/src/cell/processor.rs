@@ -54,6 +54,8 @@ pub struct ProcessorOptions {
     pub batch_max_events: usize,
     /// When a handler's breaker trips on a partition.
     pub breaker: BreakerOptions,
+    /// Dead letters kept per handler and partition; beyond it the oldest are deleted.
+    pub dlq_max_entries: u64,
 }
 
 impl Default for ProcessorOptions {
@@ -62,6 +64,7 @@ impl Default for ProcessorOptions {
             limits: Limits::default(),
             batch_max_events: 1000,
             breaker: BreakerOptions::default(),
+            dlq_max_entries: 10_000,
         }
     }
 }

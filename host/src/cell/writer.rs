@@ -40,6 +40,8 @@ pub(super) struct Writer {
     group_max_events: usize,
     dedup_window_ms: u64,
     dedup_max_ids: usize,
+    /// Dead letters kept per handler and partition; the oldest go first.
+    dlq_max_entries: u64,
     topics: HashMap<Arc<str>, HashMap<u32, PartitionState>>,
 }
 
@@ -118,6 +120,7 @@ impl Writer {
             group_max_events: options.group_commit_max_events.max(1),
             dedup_window_ms: options.dedup_window_ms,
             dedup_max_ids: options.dedup_max_ids,
+            dlq_max_entries: options.processor.dlq_max_entries,
             topics: HashMap::new(),
         }
     }
@@ -200,6 +203,19 @@ impl Writer {
                 Command::DeleteTopic { name, reply } => {
                     let _ = reply.send(self.delete_topic(shared, &name));
                 }
+                Command::PurgeDeadLetters {
+                    consumer,
+                    through,
+                    reply,
+                } => {
+                    let _ = reply.send(consumer.dlq_purge(through).map_err(|e| {
+                        shared.health.fail(self.index, e.to_string());
+                        CellError::Unavailable {
+                            cell: self.index,
+                            reason: e.to_string(),
+                        }
+                    }));
+                }
                 Command::DropConsumer { consumer, reply } => {
                     let _ = reply.send(self.store.delete_consumer(consumer).map_err(|e| {
                         shared.health.fail(self.index, e.to_string());
@@ -234,6 +250,10 @@ impl Writer {
                                     reply.send(Err(CellError::ShuttingDown { cell: self.index }));
                             }
                             Command::DropConsumer { reply, .. } => {
+                                let _ =
+                                    reply.send(Err(CellError::ShuttingDown { cell: self.index }));
+                            }
+                            Command::PurgeDeadLetters { reply, .. } => {
                                 let _ =
                                     reply.send(Err(CellError::ShuttingDown { cell: self.index }));
                             }
@@ -462,7 +482,15 @@ impl Writer {
             batch.set_state(&consumer, key, value);
         }
         for (seq, entry) in dead_letters {
-            batch.dead_letter(&consumer, seq, &entry);
+            if let Err(e) = batch.dead_letter(&consumer, seq, &entry, self.dlq_max_entries) {
+                return Answer::Process(
+                    reply,
+                    Err(CellError::Unavailable {
+                        cell: self.index,
+                        reason: e.to_string(),
+                    }),
+                );
+            }
         }
         batch.commit_offset(&consumer, &committed);
         Answer::Process(reply, Ok(()))

@@ -1,4 +1,4 @@
-//! `procd handlers list|show|rollback|pause|resume|reset|remove|dlq`: the handler control plane
+//! `procd handlers list|show|rollback|pause|resume|reset|remove|dlq|purge-dlq`: the handler control plane
 //! (`/v1/handlers`) from the command line.
 //!
 //! Tables are for people (columns sized to their contents); `dlq` prints NDJSON for tools. Flags are
@@ -66,6 +66,17 @@ pub enum HandlersCommand {
         /// Entries per partition at most.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Delete a handler's dead letters (all, or one partition's, or up to a sequence number).
+    PurgeDlq {
+        /// Handler name.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Only entries up to and including this sequence number (`seq` in `dlq` output).
+        #[arg(long)]
+        through: Option<u64>,
     },
 }
 
@@ -177,6 +188,22 @@ pub(super) async fn run(command: HandlersCommand, endpoints: &Endpoints) -> anyh
                 out.push('\n');
             }
             print!("{out}");
+        }
+        HandlersCommand::PurgeDlq {
+            name,
+            partition,
+            through,
+        } => {
+            let mut query = Vec::new();
+            if let Some(p) = partition {
+                query.push(format!("partition={p}"));
+            }
+            if let Some(t) = through {
+                query.push(format!("through={t}"));
+            }
+            let url = format!("{}/dlq?{}", path(&name), query.join("&"));
+            let resp = check(admin.delete(&url).await?)?.json()?;
+            println!("purged {} dead letters of {name}", resp["purged"]);
         }
     }
     Ok(())

@@ -179,6 +179,32 @@ impl ConsumerLog {
     pub fn dlq_len(&self) -> usize {
         self.dlq.approximate_len()
     }
+
+    /// Sequence numbers of the dead letters below `below`, oldest first.
+    fn dlq_seqs_below(&self, below: u64) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.dlq.range(..offset_key(below)) {
+            let key = guard.key().map_err(|e| self.store.fjall_err(e))?;
+            out.push(
+                decode_offset_key(&key)
+                    .ok_or_else(|| self.store.corrupt(&self.dlq, "bad dlq key".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Deletes the dead letters up to and including sequence `through` (all of them with `None`),
+    /// durably. Returns how many were deleted. Only the cell writer calls this.
+    pub fn dlq_purge(&self, through: Option<u64>) -> Result<u64, StoreError> {
+        let below = through.map_or(u64::MAX, |t| t.saturating_add(1));
+        let seqs = self.dlq_seqs_below(below)?;
+        let mut batch = self.store.batch();
+        for seq in &seqs {
+            batch.remove_raw(&self.dlq, offset_key(*seq).to_vec());
+        }
+        self.store.commit(batch, true)?;
+        Ok(seqs.len() as u64)
+    }
 }
 
 impl Batch {
@@ -203,9 +229,22 @@ impl Batch {
         );
     }
 
-    /// Appends a dead letter under sequence number `seq`.
-    pub fn dead_letter(&mut self, consumer: &ConsumerLog, seq: u64, entry: &DlqEntry) {
+    /// Appends a dead letter under sequence number `seq`, then deletes the oldest ones so that at most
+    /// `keep` remain (sequence numbers are contiguous, so those below `seq + 1 - keep`).
+    pub fn dead_letter(
+        &mut self,
+        consumer: &ConsumerLog,
+        seq: u64,
+        entry: &DlqEntry,
+        keep: u64,
+    ) -> Result<(), StoreError> {
         self.insert_raw(&consumer.dlq, offset_key(seq).to_vec(), encode(entry));
+        if let Some(below) = (seq + 1).checked_sub(keep.max(1)) {
+            for old in consumer.dlq_seqs_below(below)? {
+                self.remove_raw(&consumer.dlq, offset_key(old).to_vec());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -240,7 +279,7 @@ mod tests {
                 time_ms: 1,
                 record: vec![1],
             };
-            batch.dead_letter(&c, c.dlq_next_seq()?, &entry);
+            batch.dead_letter(&c, c.dlq_next_seq()?, &entry, 10)?;
             store.commit(batch, true)?;
         }
         let store = Store::open(dir.path(), StoreOptions::default())?;
