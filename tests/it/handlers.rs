@@ -1337,6 +1337,69 @@ async fn dead_letters_are_bounded_and_can_be_purged() -> TestResult {
 }
 
 #[tokio::test]
+async fn dead_letters_replay_through_the_fixed_version() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("in").await?;
+    host.create_topic("out").await?;
+    let guest = test_guest("tagged-counter")?;
+    let v1 = ["config=tag=a", "config=panic_on=666"];
+    deploy_ok(&host, "t", guest.clone(), "in", &["out"], &v1, 1).await?;
+    let events = [json!(1), json!(666), json!(2)].map(|v| (Some("k".to_string()), v));
+    let placed = post_all(&host, "in", &events).await?;
+    let p = placed[0].partition;
+    wait_processed(&host, "t", "in").await?;
+    assert_eq!(dead_letters(&host, "t", "").await?.len(), 1);
+
+    // Still the poisoned version: the replay fails again and the dead letter stays.
+    let mut admin = host.admin()?;
+    let resp = admin
+        .post_json("/v1/handlers/t/dlq/replay", &json!({}))
+        .await?;
+    ensure_status(&resp, 200)?;
+    let v = resp.json()?;
+    assert_eq!(
+        (v["replayed"].as_u64(), v["failed"].as_array().map(Vec::len)),
+        (Some(0), Some(1)),
+        "{v}"
+    );
+    assert!(
+        v["failed"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("poison event")),
+        "{v}"
+    );
+    assert_eq!(dead_letters(&host, "t", "").await?.len(), 1);
+
+    // Fixed: the replay commits its output and state, and the dead letter is gone.
+    deploy_ok(&host, "t", guest, "in", &["out"], &["config=tag=b"], 2).await?;
+    let resp = admin
+        .post_json(
+            &format!("/v1/handlers/t/dlq/replay?partition={p}&seq=0"),
+            &json!({}),
+        )
+        .await?;
+    ensure_status(&resp, 200)?;
+    assert_eq!(resp.json()?["replayed"], 1);
+    assert!(dead_letters(&host, "t", "").await?.is_empty());
+    let out: Vec<_> = host
+        .read_all("out", p)
+        .await?
+        .iter()
+        .map(|e| (e["value"]["tag"].clone(), e["value"]["count"].as_u64()))
+        .collect();
+    assert_eq!(
+        out,
+        [
+            (json!("a"), Some(1)),
+            (json!("a"), Some(2)),
+            (json!("b"), Some(3))
+        ],
+        "the replayed event counts once, after the others, through v2"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn counter_counts_keyless_events_per_partition() -> TestResult {
     // `counter` counts keyless events under the empty key (its documented behaviour), so it writes
     // state under an empty key. The handler may do that: the WIT puts no rule on state keys.

@@ -537,6 +537,64 @@ pub(super) async fn purge_dead_letters(
     Ok(json(StatusCode::OK, &json!({ "purged": purged })))
 }
 
+/// `POST /v1/handlers/{name}/dlq/replay?partition=P&seq=SEQ`: runs dead letters (of every partition
+/// unless one is named; only `seq` if given) again through the handler's current version. Those that
+/// succeed commit their outputs and state and leave the log; those that fail again stay.
+pub(super) async fn replay_dead_letters(
+    state: &AppState,
+    name: &str,
+    query: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
+    state.catalog.handler(name).ok_or_else(|| not_found(name))?;
+    let (mut partition, mut seq) = (None, None);
+    for (key, value) in query_pairs(query)? {
+        let n = value.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
+        })?;
+        match key.as_str() {
+            "partition" => partition = Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            "seq" => seq = Some(n),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown parameter {other:?}; use partition, seq"),
+                ));
+            }
+        }
+    }
+    let (mut replayed, mut failed) = (0, Vec::new());
+    for p in dlq_partitions(state, partition)? {
+        let outcome = state
+            .cell_for(p)
+            .replay_dead_letters(name, p, seq)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cell_unavailable",
+                    e.to_string(),
+                )
+            })?;
+        replayed += outcome.replayed;
+        failed.extend(
+            outcome
+                .failed
+                .into_iter()
+                .map(|f| json!({"partition": p, "seq": f.seq, "error": f.error})),
+        );
+    }
+    tracing::info!(
+        handler = name,
+        replayed,
+        failed = failed.len(),
+        "dead letters replayed"
+    );
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "replayed": replayed, "failed": failed }),
+    ))
+}
+
 /// The partitions a dead-letter request is about: `partition` if given (which must exist), else all.
 fn dlq_partitions(state: &AppState, partition: Option<u32>) -> Result<Vec<u32>, ApiError> {
     match partition {

@@ -57,6 +57,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
             let name = name.to_string();
             handlers::dead_letters(&state, &name, req.uri().query()).await
         }
+        (&Method::POST, ["v1", "handlers", name, "dlq", "replay"]) => {
+            let name = name.to_string();
+            handlers::replay_dead_letters(&state, &name, req.uri().query()).await
+        }
         (&Method::DELETE, ["v1", "handlers", name, "dlq"]) => {
             let name = name.to_string();
             handlers::purge_dead_letters(&state, &name, req.uri().query()).await

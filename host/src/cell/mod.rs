@@ -147,9 +147,41 @@ struct ProcessCommit {
     state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     committed: Committed,
     dead_letters: Vec<(u64, DlqEntry)>,
+    /// Dead letters (by sequence number) this commit settles: a replay that succeeded.
+    replayed: Vec<u64>,
     /// Clear the handler's state first (a reset).
     clear_state: bool,
     reply: oneshot::Sender<Result<(), CellError>>,
+}
+
+/// A request to run dead letters again through the handler's current version.
+struct ReplayRequest {
+    handler: String,
+    partition: u32,
+    /// Only this dead letter; every one (up to [`MAX_REPLAY`]) with `None`.
+    seq: Option<u64>,
+    reply: oneshot::Sender<Result<ReplayOutcome, CellError>>,
+}
+
+/// Dead letters replayed at most per request and partition.
+pub const MAX_REPLAY: usize = 10_000;
+
+/// What a replay did on one partition.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ReplayOutcome {
+    /// Dead letters that succeeded: their outputs and state writes are committed and they are gone.
+    pub replayed: u64,
+    /// Those that failed again, with the new error; they stay.
+    pub failed: Vec<ReplayFailure>,
+}
+
+/// One dead letter that failed again.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayFailure {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Why it failed this time.
+    pub error: String,
 }
 
 /// The read side of one partition: its log and the durable end offset the writer publishes.
@@ -221,6 +253,8 @@ struct Shared {
     statuses: Mutex<HashMap<(String, u32), TaskStatus>>,
     /// Handler definitions (read-only here): retention must not drop what a handler has not processed.
     catalog: Arc<Catalog>,
+    /// Dead-letter replays waiting for the processor.
+    replays: Mutex<Vec<ReplayRequest>>,
 }
 
 impl Shared {
@@ -286,6 +320,7 @@ impl Cell {
             processor: std::sync::OnceLock::new(),
             statuses: Mutex::new(HashMap::new()),
             catalog: catalog.clone(),
+            replays: Mutex::new(Vec::new()),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };
@@ -417,6 +452,35 @@ impl Cell {
             reply,
         })
         .await
+    }
+
+    /// Runs handler `handler`'s dead letters on `partition` (one, or all) again through its current
+    /// version, on the processor; those that succeed commit like a batch and leave the dead-letter log.
+    pub async fn replay_dead_letters(
+        &self,
+        handler: &str,
+        partition: u32,
+        seq: Option<u64>,
+    ) -> Result<ReplayOutcome, CellError> {
+        let cell = self.shared.index;
+        if let Some(reason) = self.failure() {
+            return Err(CellError::Unavailable { cell, reason });
+        }
+        let (reply, rx) = oneshot::channel();
+        let request = ReplayRequest {
+            handler: handler.to_string(),
+            partition,
+            seq,
+            reply,
+        };
+        match self.shared.replays.lock() {
+            Ok(mut replays) => replays.push(request),
+            Err(_) => return Err(CellError::ShuttingDown { cell }),
+        }
+        if let Some(processor) = self.shared.processor.get() {
+            processor.unpark();
+        }
+        rx.await.map_err(|_| CellError::ShuttingDown { cell })?
     }
 
     async fn control<T>(

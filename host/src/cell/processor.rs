@@ -28,7 +28,10 @@ use tokio::sync::oneshot;
 
 use super::batch::{EncodedOutputs, InputBatch, to_records};
 use super::breaker::{Admit, Breaker, BreakerOptions};
-use super::{CellError, Command, ProcessCommit, Shared, now_ms, panic_message};
+use super::{
+    CellError, Command, MAX_REPLAY, ProcessCommit, ReplayFailure, ReplayOutcome, Shared, now_ms,
+    panic_message,
+};
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
 use crate::runtime::{
@@ -176,6 +179,7 @@ impl Processor {
         while !self.stop.load(Ordering::Acquire) {
             let defs = self.catalog.handlers();
             self.sync_tasks(&defs);
+            self.run_replays(&defs);
             let mut worked = false;
             let keys: Vec<(Arc<str>, u32)> = self.tasks.keys().cloned().collect();
             for key in keys {
@@ -213,6 +217,139 @@ impl Processor {
                 std::thread::park_timeout(IDLE_PARK);
             }
         }
+    }
+
+    /// Makes sure the task has a healthy instance of `version`.
+    fn ensure_instance(
+        &mut self,
+        task: &mut Task,
+        version: &HandlerVersion,
+    ) -> Result<(), StepError> {
+        if task
+            .instance
+            .as_ref()
+            .is_none_or(|(v, i)| *v != version.version || i.is_poisoned())
+        {
+            task.instance = None;
+            let instance = self.instantiate(task, version)?;
+            task.instance = Some((version.version, instance));
+        }
+        Ok(())
+    }
+
+    /// Answers the dead-letter replays waiting for this cell.
+    fn run_replays(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
+        let requests = match self.shared.replays.lock() {
+            Ok(mut replays) => std::mem::take(&mut *replays),
+            Err(_) => return,
+        };
+        for request in requests {
+            let key = (
+                Arc::<str>::from(request.handler.as_str()),
+                request.partition,
+            );
+            let outcome = match (self.tasks.remove(&key), defs.get(&request.handler)) {
+                (Some(mut task), Some(def)) => {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.replay(&mut task, def, request.seq)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(StepError::Other(format!(
+                            "processor panicked: {}",
+                            panic_message(&*panic)
+                        )))
+                    });
+                    self.publish(&task);
+                    self.tasks.insert(key, task);
+                    outcome.map_err(|e| CellError::Unavailable {
+                        cell: self.shared.index,
+                        reason: e.to_string(),
+                    })
+                }
+                (task, _) => {
+                    if let Some(task) = task {
+                        self.tasks.insert(key, task);
+                    }
+                    Err(CellError::Unavailable {
+                        cell: self.shared.index,
+                        reason: format!(
+                            "handler {:?} is not running on partition {}",
+                            request.handler, request.partition
+                        ),
+                    })
+                }
+            };
+            let _ = request.reply.send(outcome);
+        }
+    }
+
+    /// Runs dead letters of `task` (one, or every one) through the handler's current version. Each
+    /// that succeeds commits its outputs and state writes and leaves the dead-letter log, atomically;
+    /// the committed offset does not move (these events are behind it).
+    fn replay(
+        &mut self,
+        task: &mut Task,
+        def: &HandlerDef,
+        seq: Option<u64>,
+    ) -> Result<ReplayOutcome, StepError> {
+        // The task's last batch commit must be durable first: the replay reads the state it wrote.
+        if let Some(in_flight) = task.in_flight.take() {
+            let answer = in_flight.reply.blocking_recv().ok();
+            self.settle(task, in_flight.committed, in_flight.dead_letters, answer)?;
+        }
+        let version = def.active_version().ok_or_else(|| {
+            StepError::Other(format!("active version v{} is missing", def.active))
+        })?;
+        self.ensure_instance(task, version)?;
+        let committed = match task.committed.or(task.consumer.committed()?) {
+            Some(c) => c,
+            None => return Ok(ReplayOutcome::default()),
+        };
+        let entries = match seq {
+            Some(seq) => task
+                .consumer
+                .dlq_get(seq)?
+                .map(|e| vec![(seq, e)])
+                .unwrap_or_default(),
+            None => task.consumer.dlq_list(0, MAX_REPLAY)?,
+        };
+        let mut outcome = ReplayOutcome::default();
+        for (seq, entry) in entries {
+            let events = [(entry.offset, entry.record.as_slice())];
+            let batch = InputBatch::decode(task.partition, &events)
+                .map_err(|e| StepError::Other(e.to_string()))?;
+            let failure = match self.call(task, version, &batch) {
+                Ok(HandleOutcome::Outputs(outputs)) => {
+                    match to_records(&outputs, &batch, version) {
+                        Ok(outputs) => {
+                            let state = self.take_writes(task);
+                            self.commit(
+                                task,
+                                PendingCommit {
+                                    outputs,
+                                    state,
+                                    committed,
+                                    dead_letters: vec![],
+                                    replayed: vec![seq],
+                                    clear_state: false,
+                                },
+                            )?;
+                            outcome.replayed += 1;
+                            continue;
+                        }
+                        Err(message) => message,
+                    }
+                }
+                Ok(HandleOutcome::EventFailed { message, .. }) => message,
+                Err(e) => e.to_string(),
+            };
+            self.discard_writes(task);
+            outcome.failed.push(ReplayFailure {
+                seq,
+                error: failure,
+            });
+        }
+        Ok(outcome)
     }
 
     fn publish(&self, task: &Task) {
@@ -379,6 +516,7 @@ impl Processor {
             state: commit.state,
             committed,
             dead_letters: commit.dead_letters,
+            replayed: commit.replayed,
             clear_state: commit.clear_state,
             reply,
         });
@@ -501,15 +639,7 @@ impl Processor {
         let version = def.active_version().ok_or_else(|| {
             StepError::Other(format!("active version v{} is missing", def.active))
         })?;
-        if task
-            .instance
-            .as_ref()
-            .is_none_or(|(v, i)| *v != version.version || i.is_poisoned())
-        {
-            task.instance = None;
-            let instance = self.instantiate(task, version)?;
-            task.instance = Some((version.version, instance));
-        }
+        self.ensure_instance(task, version)?;
         task.status.version = version.version;
         if committed.offset >= end {
             task.status.status = "idle";
@@ -579,6 +709,7 @@ impl Processor {
                             state,
                             committed: after,
                             dead_letters: vec![],
+                            replayed: vec![],
                             clear_state: false,
                         };
                         if wait {
@@ -641,6 +772,7 @@ impl Processor {
                         state,
                         committed,
                         dead_letters: vec![(seq, entry)],
+                        replayed: vec![],
                         clear_state: false,
                     },
                 )?;
@@ -682,6 +814,7 @@ impl Processor {
                         ..after
                     },
                     dead_letters: vec![(seq, entry)],
+                    replayed: vec![],
                     clear_state: false,
                 },
             )?;
@@ -758,6 +891,7 @@ struct PendingCommit {
     state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     committed: Committed,
     dead_letters: Vec<(u64, DlqEntry)>,
+    replayed: Vec<u64>,
     clear_state: bool,
 }
 
@@ -768,6 +902,7 @@ impl PendingCommit {
             state: vec![],
             committed,
             dead_letters: vec![],
+            replayed: vec![],
             clear_state: false,
         }
     }

@@ -444,6 +444,7 @@ impl Writer {
             state,
             committed,
             dead_letters,
+            replayed,
             clear_state,
             reply,
         } = commit;
@@ -491,6 +492,9 @@ impl Writer {
                     }),
                 );
             }
+        }
+        for seq in replayed {
+            batch.forget_dead_letter(&consumer, seq);
         }
         batch.commit_offset(&consumer, &committed);
         Answer::Process(reply, Ok(()))

@@ -1,4 +1,4 @@
-//! `procd handlers list|show|rollback|pause|resume|reset|remove|dlq|purge-dlq`: the handler control plane
+//! `procd handlers list|show|rollback|pause|resume|reset|remove|dlq|replay-dlq|purge-dlq`: the handler control plane
 //! (`/v1/handlers`) from the command line.
 //!
 //! Tables are for people (columns sized to their contents); `dlq` prints NDJSON for tools. Flags are
@@ -66,6 +66,17 @@ pub enum HandlersCommand {
         /// Entries per partition at most.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Run a handler's dead letters again through its current version; those that succeed leave the log.
+    ReplayDlq {
+        /// Handler name.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Only this dead letter (`seq` in `dlq` output; give --partition too).
+        #[arg(long, requires = "partition")]
+        seq: Option<u64>,
     },
     /// Delete a handler's dead letters (all, or one partition's, or up to a sequence number).
     PurgeDlq {
@@ -188,6 +199,29 @@ pub(super) async fn run(command: HandlersCommand, endpoints: &Endpoints) -> anyh
                 out.push('\n');
             }
             print!("{out}");
+        }
+        HandlersCommand::ReplayDlq {
+            name,
+            partition,
+            seq,
+        } => {
+            let mut query = Vec::new();
+            if let Some(p) = partition {
+                query.push(format!("partition={p}"));
+            }
+            if let Some(s) = seq {
+                query.push(format!("seq={s}"));
+            }
+            let url = format!("{}/dlq/replay?{}", path(&name), query.join("&"));
+            let resp = check(admin.post_json(&url, &serde_json::json!({})).await?)?.json()?;
+            let failed = resp["failed"].as_array().map_or(0, Vec::len);
+            println!(
+                "replayed {} dead letters of {name}; {failed} failed again",
+                resp["replayed"]
+            );
+            for f in resp["failed"].as_array().into_iter().flatten() {
+                println!("{f}");
+            }
         }
         HandlersCommand::PurgeDlq {
             name,

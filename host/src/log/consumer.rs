@@ -157,6 +157,20 @@ impl ConsumerLog {
         }
     }
 
+    /// Dead letter `seq`, if it is held.
+    pub fn dlq_get(&self, seq: u64) -> Result<Option<DlqEntry>, StoreError> {
+        match self
+            .dlq
+            .get(offset_key(seq))
+            .map_err(|e| self.store.fjall_err(e))?
+        {
+            None => Ok(None),
+            Some(value) => decode(&value)
+                .map(Some)
+                .map_err(|d| self.store.corrupt(&self.dlq, d)),
+        }
+    }
+
     /// Dead letters from sequence `from`, at most `limit`.
     pub fn dlq_list(&self, from: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StoreError> {
         let mut out = Vec::new();
@@ -227,6 +241,11 @@ impl Batch {
             consumer.offset_key.clone(),
             encode(committed),
         );
+    }
+
+    /// Deletes dead letter `seq` (it was replayed successfully).
+    pub fn forget_dead_letter(&mut self, consumer: &ConsumerLog, seq: u64) {
+        self.remove_raw(&consumer.dlq, offset_key(seq).to_vec());
     }
 
     /// Appends a dead letter under sequence number `seq`, then deletes the oldest ones so that at most
