@@ -115,7 +115,7 @@ enum Command {
         events: Vec<AppendEvent>,
         reply: oneshot::Sender<AppendReply>,
     },
-    Process(ProcessCommit),
+    Process(Box<ProcessCommit>),
     DropConsumer {
         consumer: ConsumerLog,
         reply: oneshot::Sender<Result<(), CellError>>,

@@ -509,7 +509,7 @@ impl Processor {
         let (reply, rx) = oneshot::channel();
         let committed = commit.committed;
         let dead_letters = commit.dead_letters.len() as u64;
-        let command = Command::Process(ProcessCommit {
+        let command = Command::Process(Box::new(ProcessCommit {
             consumer: task.consumer.clone(),
             partition: task.partition,
             outputs: commit.outputs,
@@ -519,7 +519,7 @@ impl Processor {
             replayed: commit.replayed,
             clear_state: commit.clear_state,
             reply,
-        });
+        }));
         self.tx.send(command).map_err(|_| CellError::ShuttingDown {
             cell: self.shared.index,
         })?;

@@ -54,7 +54,7 @@ struct PendingAppend {
 /// A request in a group commit.
 enum Pending {
     Append(PendingAppend),
-    Process(ProcessCommit),
+    Process(Box<ProcessCommit>),
 }
 
 impl Pending {
@@ -365,7 +365,9 @@ impl Writer {
         for pending in group {
             match pending {
                 Pending::Append(append) => answers.push(self.add_append(&mut batch, now, append)),
-                Pending::Process(commit) => answers.push(self.add_process(&mut batch, now, commit)),
+                Pending::Process(commit) => {
+                    answers.push(self.add_process(&mut batch, now, *commit))
+                }
             }
         }
         let outcome = if batch.is_empty() {
