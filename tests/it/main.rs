@@ -8,4 +8,5 @@ mod cli_handlers;
 mod handlers;
 mod ingest;
 mod lifecycle;
+mod status;
 mod topics;

@@ -6,8 +6,11 @@ mod consume;
 mod deploy;
 mod handlers;
 mod produce;
+mod progress;
 mod run;
 mod serve;
+mod status;
+mod table;
 mod topics;
 
 use clap::{Args, Parser, Subcommand};
@@ -65,6 +68,9 @@ enum Command {
     },
     /// Run a handler over an NDJSON file locally (no server, in-memory state); prints its outputs.
     Run(run::RunArgs),
+    /// Show every handler's progress per partition: version, committed offset, lag, events/s, state,
+    /// dead letters.
+    Status(status::StatusArgs),
     /// Measure procd on this machine.
     Bench {
         #[command(subcommand)]
@@ -82,6 +88,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(args) => deploy::run(args, &cli.endpoints).await,
         Command::Handlers { command } => handlers::run(command, &cli.endpoints).await,
         Command::Run(args) => run::run(args).await,
+        Command::Status(args) => status::run(args, &cli.endpoints).await,
         Command::Bench { command } => bench::run(command).await,
     }
 }
