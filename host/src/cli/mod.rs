@@ -5,6 +5,7 @@ mod bench;
 mod consume;
 mod deploy;
 mod handlers;
+mod new;
 mod produce;
 mod progress;
 mod run;
@@ -66,6 +67,8 @@ enum Command {
         #[command(subcommand)]
         command: handlers::HandlersCommand,
     },
+    /// Create a handler crate (example handler, unit tests, sample events) ready for `procd dev`.
+    New(new::NewArgs),
     /// Run a handler over an NDJSON file locally (no server, in-memory state); prints its outputs.
     Run(run::RunArgs),
     /// Show every handler's progress per partition: version, committed offset, lag, events/s, state,
@@ -87,6 +90,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(args, &cli.endpoints).await,
         Command::Deploy(args) => deploy::run(args, &cli.endpoints).await,
         Command::Handlers { command } => handlers::run(command, &cli.endpoints).await,
+        Command::New(args) => new::run(args),
         Command::Run(args) => run::run(args).await,
         Command::Status(args) => status::run(args, &cli.endpoints).await,
         Command::Bench { command } => bench::run(command).await,
