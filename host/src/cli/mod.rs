@@ -4,6 +4,7 @@
 mod bench;
 mod consume;
 mod deploy;
+mod dev;
 mod handlers;
 mod new;
 mod produce;
@@ -60,6 +61,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a topic's events as NDJSON.
     Consume(consume::ConsumeArgs),
+    /// Develop a handler: local server, build, deploy, live reload on every change, outputs tailed.
+    Dev(dev::DevArgs),
     /// Deploy a handler component (a new handler, or a new version of one).
     Deploy(deploy::DeployArgs),
     /// List, show, roll back, pause, resume, reset and remove handlers; print their dead letters.
@@ -89,6 +92,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(args, &cli.endpoints).await,
         Command::Consume(args) => consume::run(args, &cli.endpoints).await,
         Command::Deploy(args) => deploy::run(args, &cli.endpoints).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Handlers { command } => handlers::run(command, &cli.endpoints).await,
         Command::New(args) => new::run(args),
         Command::Run(args) => run::run(args).await,
