@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod cli_handlers;
+mod dev;
 mod handlers;
 mod ingest;
 mod lifecycle;
