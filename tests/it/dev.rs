@@ -47,25 +47,33 @@ fn scaffold(name: &str) -> TestResult<(tempfile::TempDir, PathBuf)> {
     Ok((dir, path))
 }
 
-/// A running `procd dev`, with its stdout lines as they come and its stderr collected.
-struct Dev {
+/// A running `procd dev` (or `procd serve`), with its stdout lines as they come and its stderr
+/// collected.
+pub(crate) struct Dev {
     child: Option<Child>,
     lines: Receiver<String>,
-    seen: Vec<String>,
+    pub(crate) seen: Vec<String>,
     stderr: Arc<Mutex<String>>,
-    data_url: String,
+    pub(crate) data_url: String,
+    pub(crate) admin_url: String,
 }
 
 impl Dev {
     fn start(crate_dir: &Path) -> TestResult<Self> {
-        let mut child = Command::new(TestHost::binary())
-            .arg("dev")
+        let mut cmd = Command::new(TestHost::binary());
+        cmd.arg("dev")
             .arg(crate_dir)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--partitions", "2"])
+            .env("CARGO_TARGET_DIR", handler_target_dir());
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (a `procd dev` or `procd serve` on port 0) and waits for its ready line.
+    pub(crate) fn spawn(mut cmd: Command) -> TestResult<Self> {
+        let mut child = cmd
             .env("RUST_LOG", "warn")
-            .env("CARGO_TARGET_DIR", handler_target_dir())
-            // Cargo may set these for the test process; the handler build must not inherit them.
+            // Cargo may set these for the test process; a handler build must not inherit them.
             .env_remove("RUSTFLAGS")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env_remove("CARGO_BUILD_TARGET")
@@ -102,22 +110,31 @@ impl Dev {
             seen: Vec::new(),
             stderr,
             data_url: String::new(),
+            admin_url: String::new(),
         };
         let ready = dev.wait_for(|l| l.starts_with("procd ready:"), Duration::from_secs(60))?;
-        dev.data_url = ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("data="))
-            .ok_or(format!("bad ready line {ready:?}"))?
-            .to_string();
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+                .ok_or(format!("bad ready line {ready:?}"))
+        };
+        dev.data_url = field("data=")?;
+        dev.admin_url = field("admin=")?;
         Ok(dev)
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Waits for the next stdout line matching `pred` (lines before it are kept in `seen`).
-    fn wait_for(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> TestResult<String> {
+    pub(crate) fn wait_for(
+        &mut self,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> TestResult<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -172,7 +189,7 @@ impl Dev {
     }
 
     /// SIGINT, then the exit code.
-    fn interrupt(&mut self) -> TestResult<i32> {
+    pub(crate) fn interrupt(&mut self) -> TestResult<i32> {
         let mut child = self.child.take().ok_or("not running")?;
         let pid = i32::try_from(child.id())?;
         // SAFETY: kill(2) on a child we spawned and have not waited for.

@@ -9,5 +9,6 @@ mod dev;
 mod handlers;
 mod ingest;
 mod lifecycle;
+mod readme;
 mod status;
 mod topics;
