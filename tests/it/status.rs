@@ -98,3 +98,27 @@ async fn status_errors_are_one_line() -> TestResult {
     assert!(stderr.contains("--watch"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test]
+async fn status_watch_refreshes_until_interrupted() -> TestResult {
+    let host = TestHost::start_with(1, 1, &[])?;
+    let child = std::process::Command::new(TestHost::binary())
+        .args(["status", "--watch", "0.3"])
+        .env("PROCD_ADMIN_URL", &host.admin_url)
+        .env("RUST_LOG", "off")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: kill(2) on a child we spawned and have not waited for.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let refreshes = text(&out.stdout).matches("no handlers deployed").count();
+    assert!(refreshes >= 2, "{}", text(&out.stdout));
+    Ok(())
+}

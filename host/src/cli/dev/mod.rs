@@ -452,3 +452,64 @@ fn print_how_to_send(printer: &Printer, session: &Session, data_url: &str) {
         session.outputs.join(", ")
     ));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> DevArgs {
+        #[derive(Debug, clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: DevArgs,
+        }
+        let argv = ["dev"].iter().chain(extra);
+        match <Wrapper as clap::Parser>::try_parse_from(argv) {
+            Ok(w) => w.args,
+            Err(e) => panic!("test arguments do not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn partitions_bring_a_matching_cell_count() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let one = server_config(&args(&["--partitions", "1"]), dir.path())?;
+        assert_eq!((one.partitions, one.cells), (1, 1));
+        let four = server_config(&args(&["--partitions", "4"]), dir.path())?;
+        assert_eq!((four.partitions, four.cells), (4, 2));
+        Ok(())
+    }
+
+    #[test]
+    fn an_existing_data_directory_keeps_its_shape() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("procd.json"),
+            r#"{"format":1,"partitions":3,"cells":3}"#,
+        )?;
+        let config = server_config(&args(&[]), dir.path())?;
+        assert_eq!((config.partitions, config.cells), (3, 3));
+        Ok(())
+    }
+
+    #[test]
+    fn sources_are_crates_or_components() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("Cargo.toml"), "[package]\nname = \"hi\"\n")?;
+        std::fs::write(dir.path().join("h.wasm"), "")?;
+        let krate = Source::resolve(dir.path())?;
+        assert!(matches!(krate, Source::Crate { .. }));
+        assert_eq!(krate.default_name()?, "hi");
+        let wasm = Source::resolve(&dir.path().join("h.wasm"))?;
+        assert!(matches!(wasm, Source::Wasm { .. }));
+        assert_eq!(wasm.default_name()?, "h");
+        assert_eq!(wasm.root(), dir.path().canonicalize()?);
+        std::fs::write(dir.path().join("notes.txt"), "")?;
+        let err = Source::resolve(&dir.path().join("notes.txt"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("neither"), "{err}");
+        Ok(())
+    }
+}
