@@ -1,9 +1,10 @@
 //! `procd dev [PATH]`: from a handler's source to events flowing through it, with edits applied live.
 //!
-//! It starts an embedded server on a data directory kept in the project (`PATH/.procd/`, reused across
-//! runs so state survives; `--fresh` wipes it), builds the crate for wasm32-wasip2 ([`build`]), creates
-//! the input and output topics if missing, deploys the handler, prints a ready-to-paste curl line and
-//! tails the output topics and the handler's dead letters ([`tail`]). Then it watches the sources
+//! It starts an embedded server on a data directory kept in the project (`PATH/.procd/`, or
+//! `./.procd/` for a `.wasm`; reused across runs so state survives; `--fresh` wipes it), builds the
+//! crate for wasm32-wasip2 ([`build`]), creates the input and output topics if missing, deploys the
+//! handler, prints a ready-to-paste curl line and tails the output topics and the handler's dead
+//! letters ([`tail`]). Then it watches the sources
 //! ([`watch`]): every change rebuilds and deploys a new version, which the server swaps in at a batch
 //! boundary with state and offsets kept. A build that fails leaves the running version in place. PATH
 //! may also be a built `.wasm`, redeployed whenever the file changes. Ctrl-C or SIGTERM stop the
@@ -59,7 +60,8 @@ pub struct DevArgs {
     /// recorded, else 8].
     #[arg(long)]
     partitions: Option<u32>,
-    /// Delete the data directory (`PATH/.procd/`: topics, state, offsets) before starting.
+    /// Delete the data directory (`PATH/.procd/`, or `./.procd/` for a `.wasm`: topics, state,
+    /// offsets) before starting.
     #[arg(long)]
     fresh: bool,
 }
@@ -106,11 +108,12 @@ impl Source {
         }
     }
 
-    /// Where the project lives: the crate, or the directory holding the component.
-    fn root(&self) -> &Path {
+    /// Where the project lives (its `.procd/` and `events.ndjson`): the crate, or for a component
+    /// (often deep in a `target/`), the current directory.
+    fn root(&self) -> PathBuf {
         match self {
-            Source::Crate { dir, .. } => dir,
-            Source::Wasm { path } => path.parent().unwrap_or(Path::new(".")),
+            Source::Crate { dir, .. } => dir.clone(),
+            Source::Wasm { .. } => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
         }
     }
 
@@ -351,7 +354,7 @@ async fn develop(
             print_how_to_send(printer, session, data_url);
         }
         fingerprint = watched.changed(&fingerprint).await;
-        printer.note("change detected; rebuilding");
+        printer.note("change detected");
     }
 }
 
@@ -442,9 +445,14 @@ fn print_how_to_send(printer: &Printer, session: &Session, data_url: &str) {
     println!(
         "  curl -s {url} -H 'content-type: application/x-ndjson' --data-binary '{{\"key\":\"alice\",\"value\":{{\"n\":1}}}}'"
     );
-    if session.source.root().join("events.ndjson").is_file() {
+    let sample = session.source.root().join("events.ndjson");
+    if sample.is_file() {
+        // As the user would type it from where they started `procd dev`.
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let shown = sample.strip_prefix(&cwd).unwrap_or(&sample);
         println!(
-            "  curl -s {url} -H 'content-type: application/x-ndjson' --data-binary @events.ndjson"
+            "  curl -s {url} -H 'content-type: application/x-ndjson' --data-binary @{}",
+            shown.display()
         );
     }
     printer.note(&format!(
@@ -503,7 +511,7 @@ mod tests {
         let wasm = Source::resolve(&dir.path().join("h.wasm"))?;
         assert!(matches!(wasm, Source::Wasm { .. }));
         assert_eq!(wasm.default_name()?, "h");
-        assert_eq!(wasm.root(), dir.path().canonicalize()?);
+        assert_eq!(wasm.root(), std::env::current_dir()?);
         std::fs::write(dir.path().join("notes.txt"), "")?;
         let err = Source::resolve(&dir.path().join("notes.txt"))
             .err()
