@@ -221,3 +221,41 @@ async fn the_readme_tutorial_works_as_written() -> TestResult {
     tutorial.stop_background()?;
     Ok(())
 }
+
+/// The long flags in `procd COMMAND --help`, without the global and standard ones.
+fn flags_of(command: &str) -> TestResult<Vec<String>> {
+    let out = Command::new(TestHost::binary())
+        .args([command, "--help"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("procd {command} --help failed").into());
+    }
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut flags: Vec<String> = help
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("--")))
+        .map(|w| w.trim_end_matches(',').to_string())
+        .filter(|f| !["--url", "--admin-url", "--help", "--version"].contains(&f.as_str()))
+        .collect();
+    flags.dedup();
+    Ok(flags)
+}
+
+#[test]
+fn the_readme_documents_every_flag_of_new_dev_and_status() -> TestResult {
+    let start = README
+        .find("<!-- dev-runner section")
+        .ok_or("README has no dev-runner section")?;
+    let section = &README[start..];
+    for command in ["new", "dev", "status"] {
+        let flags = flags_of(command)?;
+        assert!(!flags.is_empty(), "procd {command} --help lists no flags");
+        for flag in flags {
+            assert!(
+                section.contains(&format!("`{flag}")),
+                "README does not document procd {command} {flag}"
+            );
+        }
+    }
+    Ok(())
+}
