@@ -1,6 +1,7 @@
 //! `procd new` and `procd dev` as a user runs them: scaffold a crate, start the dev runner on it, post
 //! events, see the outputs in its stdout, edit the source and see the new behaviour with no event or
-//! state lost, break the build and see the old version keep running, stop with SIGINT (exit 0).
+//! state lost, break the build and see the old version keep running, stop with SIGINT (exit 0), start
+//! again and find the state where it was.
 //!
 //! The handler builds use their own cargo target directory (`$CARGO_TARGET_DIR/dev-handlers`, else
 //! `target/dev-handlers`), so the first run compiles the SDK's dependencies for wasm32-wasip2 once
@@ -302,6 +303,17 @@ async fn dev_runs_a_new_crate_and_applies_edits_live() -> TestResult {
 
     assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
     assert!(crate_dir.join(".procd").join("procd.json").is_file());
+
+    // A second session on the same crate reuses .procd/: the count goes on from 3.
+    let mut again = Dev::start(&crate_dir)?;
+    again.wait_for(|l| l.contains("deployed greeter v"), FIRST_DEPLOY)?;
+    again.post("{\"key\":\"alice\",\"value\":4}\n").await?;
+    let resumed = again.wait_outputs("bonjour, alice", 1)?;
+    assert!(
+        resumed[0].ends_with(r#"alice {"message":"bonjour, alice","count":4,"value":4}"#),
+        "{resumed:?}"
+    );
+    assert_eq!(again.interrupt()?, 0, "stderr:\n{}", again.stderr());
     Ok(())
 }
 
