@@ -377,17 +377,23 @@ async fn next_component(
                 build::TARGET
             ));
             let started = std::time::Instant::now();
-            match build::build(dir, manifest).await? {
-                build::Outcome::Built(path) => {
+            match build::build(dir, manifest).await {
+                Ok(build::Outcome::Built(path)) => {
                     printer.note(&format!(
                         "built in {:.1} s",
                         started.elapsed().as_secs_f64()
                     ));
                     path
                 }
-                build::Outcome::Failed => {
+                Ok(build::Outcome::Failed) => {
                     printer.warn(&keeps("build failed (cargo's errors are above)"));
                     printer.note("fix the code and save: it rebuilds on every change");
+                    return Ok(None);
+                }
+                // No cargo, or no component from the build (e.g. a crate-type edit): say so and
+                // keep watching, since the next save may fix it.
+                Err(e) => {
+                    printer.warn(&keeps(&format!("{e:#}")));
                     return Ok(None);
                 }
             }
