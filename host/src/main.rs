@@ -8,7 +8,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = procd::cli::Cli::parse();
+    let cli = match procd::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: clap prints them to stdout and exits 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return std::process::ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -24,5 +32,17 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Clap's multi-line usage error as one line: the error, then the usage it showed.
+fn one_line(rendered: &str) -> String {
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("error: invalid arguments");
+    match rendered.lines().find_map(|l| l.strip_prefix("Usage: ")) {
+        Some(usage) => format!("{first} (usage: {usage}; more with --help)"),
+        None => format!("{first} (more with --help)"),
     }
 }

@@ -5,8 +5,11 @@ mod harness;
 
 mod cli;
 mod cli_handlers;
+mod dev;
 mod handlers;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod readme;
+mod status;
 mod topics;

@@ -6,13 +6,12 @@
 //! compile take more than a moment, a spinner on stderr says so (only when stderr is a terminal, so
 //! scripts and logs see nothing but the result line).
 
-use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 
+use super::progress::{human_bytes, with_spinner};
 use super::{Endpoints, check, encode_component, parse_config};
 use crate::catalog::StartPosition;
 use crate::client::Client;
@@ -20,10 +19,6 @@ use crate::client::Client;
 /// The largest component any procd accepts (the top of `handler.max_component_bytes`'s range), so a
 /// wrong path to a huge file fails here instead of being read into memory and uploaded.
 const MAX_COMPONENT_BYTES: u64 = 1 << 30;
-/// How long a deploy runs before the spinner appears: most finish sooner and print just their result.
-const SPINNER_DELAY: Duration = Duration::from_millis(300);
-/// Spinner frame period.
-const SPINNER_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Args)]
 pub struct DeployArgs {
@@ -134,7 +129,7 @@ pub(super) async fn run(args: DeployArgs, endpoints: &Endpoints) -> anyhow::Resu
     let label = format!(
         "deploying {} ({}): uploading and compiling",
         deploy.name,
-        human_bytes(size)
+        human_bytes(size as u64)
     );
     let resp = with_spinner(&label, request).await?;
     let needs_input = resp.status == 400
@@ -168,50 +163,6 @@ pub(super) async fn run(args: DeployArgs, endpoints: &Endpoints) -> anyhow::Resu
         }
     );
     Ok(())
-}
-
-/// Awaits `work`, drawing a spinner on stderr after [`SPINNER_DELAY`] if stderr is a terminal.
-async fn with_spinner<T>(label: &str, work: impl std::future::Future<Output = T>) -> T {
-    if !std::io::stderr().is_terminal() {
-        return work.await;
-    }
-    tokio::pin!(work);
-    tokio::select! {
-        done = &mut work => return done,
-        () = tokio::time::sleep(SPINNER_DELAY) => {}
-    }
-    const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-    let mut tick = tokio::time::interval(SPINNER_TICK);
-    let mut frame = 0usize;
-    let done = loop {
-        tokio::select! {
-            done = &mut work => break done,
-            _ = tick.tick() => {
-                let mut err = std::io::stderr().lock();
-                // A spinner that cannot be drawn is not worth failing the deploy over.
-                let _ = write!(err, "\r{} {label}", FRAMES[frame % FRAMES.len()]);
-                let _ = err.flush();
-                frame += 1;
-            }
-        }
-    };
-    // Erase the spinner line so the result (or the error) starts on a clean line.
-    let mut err = std::io::stderr().lock();
-    let _ = write!(err, "\r\x1b[2K");
-    let _ = err.flush();
-    done
-}
-
-fn human_bytes(n: usize) -> String {
-    const KIB: f64 = 1024.0;
-    let n = n as f64;
-    if n < KIB {
-        format!("{n} B")
-    } else if n < KIB * KIB {
-        format!("{:.1} KiB", n / KIB)
-    } else {
-        format!("{:.1} MiB", n / (KIB * KIB))
-    }
 }
 
 #[cfg(test)]
@@ -265,12 +216,5 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("KEY=VALUE"), "{err}");
-    }
-
-    #[test]
-    fn sizes_read_like_a_person_wrote_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 }

@@ -7,6 +7,7 @@
 use clap::Subcommand;
 use serde_json::{Value, json};
 
+use super::table::print_table;
 use super::{Endpoints, check, encode_component};
 use crate::catalog::ResetTo;
 use crate::client::Client;
@@ -395,33 +396,6 @@ fn show(def: &Value) {
                 text(&p["status"])
             );
         }
-    }
-}
-
-/// Prints left-aligned columns as wide as their widest cell, two spaces apart; the last column is not
-/// padded.
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let last = cells.len().saturating_sub(1);
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == last {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        out
-    };
-    println!("{}", line(headers.to_vec()));
-    for row in &rows {
-        println!("{}", line(row.iter().map(String::as_str).collect()));
     }
 }
 

@@ -4,10 +4,15 @@
 mod bench;
 mod consume;
 mod deploy;
+mod dev;
 mod handlers;
+mod new;
 mod produce;
+mod progress;
 mod run;
 mod serve;
+mod status;
+mod table;
 mod topics;
 
 use clap::{Args, Parser, Subcommand};
@@ -56,6 +61,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a topic's events as NDJSON.
     Consume(consume::ConsumeArgs),
+    /// Develop a handler: local server, build, deploy, live reload on every change, outputs tailed.
+    Dev(dev::DevArgs),
     /// Deploy a handler component (a new handler, or a new version of one).
     Deploy(deploy::DeployArgs),
     /// List, show, roll back, pause, resume, reset and remove handlers; print their dead letters.
@@ -63,8 +70,13 @@ enum Command {
         #[command(subcommand)]
         command: handlers::HandlersCommand,
     },
+    /// Create a handler crate (example handler, unit tests, sample events) ready for `procd dev`.
+    New(new::NewArgs),
     /// Run a handler over an NDJSON file locally (no server, in-memory state); prints its outputs.
     Run(run::RunArgs),
+    /// Show every handler's progress per partition: version, committed offset, lag, events/s, state,
+    /// dead letters.
+    Status(status::StatusArgs),
     /// Measure procd on this machine.
     Bench {
         #[command(subcommand)]
@@ -80,8 +92,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(args, &cli.endpoints).await,
         Command::Consume(args) => consume::run(args, &cli.endpoints).await,
         Command::Deploy(args) => deploy::run(args, &cli.endpoints).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Handlers { command } => handlers::run(command, &cli.endpoints).await,
+        Command::New(args) => new::run(args),
         Command::Run(args) => run::run(args).await,
+        Command::Status(args) => status::run(args, &cli.endpoints).await,
         Command::Bench { command } => bench::run(command).await,
     }
 }

@@ -3,9 +3,10 @@
 //! Lines are sent in batches. Events a cell refused (`503`, with a retry hint) are retried alone, after
 //! the hint, a bounded number of times; an event with an `id` is safe to retry (the server deduplicates),
 //! one without may be appended twice only if a response was lost, never because of a refusal. Errors in
-//! the input name the line of the file.
+//! the input name the line of the file. While it runs, a counter on stderr (only when stderr is a
+//! terminal and the result lines go elsewhere) shows the events sent and how far through the file it is.
 
-use std::io::BufRead as _;
+use std::io::{BufRead as _, IsTerminal as _};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::Endpoints;
+use super::progress::Counter;
 use crate::client::Client;
 
 /// Retries of refused events before giving up.
@@ -30,6 +32,10 @@ pub struct ProduceArgs {
 }
 
 pub(super) async fn run(args: ProduceArgs, endpoints: &Endpoints) -> anyhow::Result<()> {
+    let total_bytes = match &args.file {
+        Some(path) if path.as_os_str() != "-" => std::fs::metadata(path).ok().map(|m| m.len()),
+        _ => None,
+    };
     let reader: Box<dyn std::io::BufRead> = match &args.file {
         Some(path) if path.as_os_str() != "-" => Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
@@ -40,15 +46,21 @@ pub(super) async fn run(args: ProduceArgs, endpoints: &Endpoints) -> anyhow::Res
     let path = format!("/v1/topics/{}/events", args.topic);
     let mut batch: Vec<(usize, String)> = Vec::new();
     let (mut sent, mut failed) = (0usize, 0usize);
+    // Result lines on the same terminal would tear the counter line: show it when they go elsewhere.
+    let mut progress = Counter::new(format!("producing {}", args.topic), total_bytes)
+        .visible_if(!std::io::stdout().is_terminal());
+    let mut bytes_read = 0u64;
     for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("cannot read input line {}", i + 1))?;
+        bytes_read += line.len() as u64 + 1;
         if line.trim().is_empty() {
             continue;
         }
         batch.push((i + 1, line));
         if batch.len() >= args.batch.max(1) {
             failed += send(&mut client, &path, std::mem::take(&mut batch)).await?;
-            sent += args.batch;
+            sent += args.batch.max(1);
+            progress.update(sent as u64, bytes_read);
         }
     }
     let last = batch.len();
@@ -56,6 +68,7 @@ pub(super) async fn run(args: ProduceArgs, endpoints: &Endpoints) -> anyhow::Res
         failed += send(&mut client, &path, batch).await?;
     }
     sent += last;
+    progress.finish();
     if failed > 0 {
         bail!("{failed} of {sent} events were refused; see the result lines with an \"error\"");
     }
