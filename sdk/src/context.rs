@@ -19,9 +19,31 @@ pub(crate) struct Outputs {
     pub value_ends: Vec<u32>,
     /// Per record: 0, or 1 + the index of the input event whose value it forwards (`value-sources`).
     pub value_sources: Vec<u32>,
-    /// The value of the event being handled (address, length) and its source number: emitting that very
-    /// slice forwards it instead of copying it.
-    pub current: (usize, usize, u32),
+    /// Per record: the same for its key (`key-sources`).
+    pub key_sources: Vec<u32>,
+    /// The event being handled: emitting its very key or value slice forwards it instead of copying it.
+    pub current: Current,
+}
+
+/// Where the event being handled lives: its key's and value's (address, length), and its source number
+/// (1 + its index in the batch; 0 before the first event).
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct Current {
+    pub key: (usize, usize),
+    pub value: (usize, usize),
+    pub source: u32,
+}
+
+impl Current {
+    /// The source number if `bytes` is exactly the slice at `at`, else 0.
+    #[inline]
+    fn source_of(&self, bytes: &[u8], at: (usize, usize)) -> u32 {
+        if bytes.as_ptr() as usize == at.0 && bytes.len() == at.1 {
+            self.source
+        } else {
+            0
+        }
+    }
 }
 
 impl Outputs {
@@ -35,7 +57,8 @@ impl Outputs {
             values: Vec::with_capacity(value_bytes),
             value_ends: Vec::with_capacity(events),
             value_sources: Vec::with_capacity(events),
-            current: (0, 0, 0),
+            key_sources: Vec::with_capacity(events),
+            current: Current::default(),
         }
     }
 
@@ -43,20 +66,23 @@ impl Outputs {
     /// `ctx.emit(0, event.key(), event.value())`) is forwarded by reference, anything else copied.
     #[inline]
     fn push_value(&mut self, value: &[u8]) {
-        let (addr, len, source) = self.current;
-        if source != 0 && value.as_ptr() as usize == addr && value.len() == len {
-            self.end_value(source);
-        } else {
+        let source = self.current.source_of(value, self.current.value);
+        if source == 0 {
             self.values.extend_from_slice(value);
-            self.end_value(0);
         }
+        self.end_value(source);
     }
 
+    /// Starts a record: its output and its key, forwarded like values.
     #[inline]
     fn push_key(&mut self, output: u16, key: &[u8]) {
         self.topics.push(output);
-        self.keys.extend_from_slice(key);
+        let source = self.current.source_of(key, self.current.key);
+        if source == 0 {
+            self.keys.extend_from_slice(key);
+        }
         self.key_ends.push(end(&self.keys));
+        self.key_sources.push(source);
     }
 
     #[inline]
@@ -69,6 +95,7 @@ impl Outputs {
     fn abandon_key(&mut self) {
         self.topics.pop();
         self.key_ends.pop();
+        self.key_sources.pop();
         let key_end = self.key_ends.last().map_or(0, |&e| e as usize);
         self.keys.truncate(key_end);
     }
@@ -246,22 +273,30 @@ impl fmt::Debug for ValueWriter<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::Outputs;
+    use super::{Current, Outputs};
 
     #[test]
     fn the_handled_events_own_value_is_forwarded_and_anything_else_copied() {
         let input = b"hello".to_vec();
         let copy = input.clone();
         let mut outputs = Outputs::with_capacity(3, 0, 0);
-        outputs.current = (input.as_ptr() as usize, input.len(), 7);
-        outputs.push_key(0, b"k");
+        let key = b"k".to_vec();
+        outputs.current = Current {
+            key: (key.as_ptr() as usize, key.len()),
+            value: (input.as_ptr() as usize, input.len()),
+            source: 7,
+        };
+        outputs.push_key(0, &key);
         outputs.push_value(&input);
         outputs.push_key(0, b"k");
         outputs.push_value(&copy);
-        outputs.push_key(0, b"k");
+        outputs.push_key(0, &key);
         outputs.push_value(&input[1..]);
         assert_eq!(outputs.value_sources, [7, 0, 0]);
         assert_eq!(outputs.values, b"helloello");
         assert_eq!(outputs.value_ends, [0, 5, 9]);
+        assert_eq!(outputs.key_sources, [7, 0, 7]);
+        assert_eq!(outputs.keys, b"k");
+        assert_eq!(outputs.key_ends, [0, 1, 1]);
     }
 }

@@ -74,6 +74,7 @@ impl<H: Handler + Default> bindings::Guest for Guest<H> {
                     values: out.values,
                     value_ends: out.value_ends,
                     value_sources: out.value_sources,
+                    key_sources: out.key_sources,
                 }),
                 Err(failure) => Err(EventError {
                     index: failure.index,

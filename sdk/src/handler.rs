@@ -1,6 +1,6 @@
 //! The handler trait, the function form, and the batch loop both share.
 
-use crate::context::Outputs;
+use crate::context::{Current, Outputs};
 use crate::event::{Columns, Events};
 use crate::state::{Backend, Cache};
 use crate::{Config, Context, Error, Event, State};
@@ -96,11 +96,11 @@ impl<H: Handler> Runtime<H> {
             let event = event.map_err(|message| failure(index, message))?;
             index += 1;
             ctx.state.writer = event.index();
-            ctx.outputs.current = (
-                event.value().as_ptr() as usize,
-                event.value().len(),
-                event.index() + 1,
-            );
+            ctx.outputs.current = Current {
+                key: (event.key().as_ptr() as usize, event.key().len()),
+                value: (event.value().as_ptr() as usize, event.value().len()),
+                source: event.index() + 1,
+            };
             if let Err(error) = self.handler.handle(&event, &mut ctx) {
                 return Err(Failure {
                     index: event.index(),

@@ -296,12 +296,13 @@ impl<H: Handler> TestDriver<H> {
     fn records(&self, outputs: Outputs, input: &TestBatch) -> Vec<Record> {
         let mut records = Vec::with_capacity(outputs.topics.len());
         let (mut key_start, mut value_start) = (0, 0);
-        for (((&output, &key_end), &value_end), &source) in outputs
+        for ((((&output, &key_end), &value_end), &source), &key_source) in outputs
             .topics
             .iter()
             .zip(&outputs.key_ends)
             .zip(&outputs.value_ends)
             .zip(&outputs.value_sources)
+            .zip(&outputs.key_sources)
         {
             let topic = self.outputs.as_ref().map(|names| match names.get(usize::from(output)) {
                 Some(name) => name.clone(),
@@ -313,7 +314,10 @@ impl<H: Handler> TestDriver<H> {
             records.push(Record {
                 output,
                 topic,
-                key: outputs.keys[key_start..key_end as usize].to_vec(),
+                key: match key_source.checked_sub(1) {
+                    Some(event) => input.key(event as usize).to_vec(),
+                    None => outputs.keys[key_start..key_end as usize].to_vec(),
+                },
                 value: match source.checked_sub(1) {
                     Some(event) => input.value(event as usize).to_vec(),
                     None => outputs.values[value_start..value_end as usize].to_vec(),
@@ -714,6 +718,12 @@ impl TestBatch {
             batch.header_ends.push(crate::state::end(&batch.headers));
         }
         batch
+    }
+
+    /// Event `i`'s key.
+    fn key(&self, i: usize) -> &[u8] {
+        let start = i.checked_sub(1).map_or(0, |p| self.key_ends[p] as usize);
+        &self.keys[start..self.key_ends[i] as usize]
     }
 
     /// Event `i`'s value.

@@ -118,6 +118,16 @@ impl InputBatch {
         self.batch.offsets.len()
     }
 
+    /// Event `i`'s key (empty for none).
+    fn key(&self, i: usize) -> Option<&[u8]> {
+        let b = &self.batch;
+        let start = match i.checked_sub(1) {
+            Some(prev) => *b.key_ends.get(prev)? as usize,
+            None => 0,
+        };
+        b.keys.get(start..*b.key_ends.get(i)? as usize)
+    }
+
     /// Event `i`'s value, with its kind.
     fn value(&self, i: usize) -> Option<PayloadRef<'_>> {
         let b = &self.batch;
@@ -143,18 +153,26 @@ pub(crate) fn to_records(
     version: &HandlerVersion,
 ) -> Result<EncodedOutputs, String> {
     let n = outputs.topics.len();
-    let sources = &outputs.value_sources;
+    let (sources, key_sources) = (&outputs.value_sources, &outputs.key_sources);
     if outputs.key_ends.len() != n
         || outputs.value_ends.len() != n
         || !(sources.is_empty() || sources.len() == n)
+        || !(key_sources.is_empty() || key_sources.len() == n)
     {
         return Err(format!(
-            "output columns disagree: {n} topics, {} keys, {} values, {} value sources",
+            "output columns disagree: {n} topics, {} keys, {} values, {} key sources, {} value sources",
             outputs.key_ends.len(),
             outputs.value_ends.len(),
+            key_sources.len(),
             sources.len()
         ));
     }
+    let forwarded = |what: &str, i: usize, event: u32| {
+        format!(
+            "output {i} forwards the {what} of input event {event}, but the batch holds {} events",
+            input.len()
+        )
+    };
     let topics: Vec<Arc<str>> = version
         .outputs
         .iter()
@@ -170,10 +188,16 @@ pub(crate) fn to_records(
             )
         })?;
         let (key_end, value_end) = (outputs.key_ends[i] as usize, outputs.value_ends[i] as usize);
-        let key = outputs
+        let own_key = outputs
             .keys
             .get(key_start..key_end)
             .ok_or("output key offsets are out of range")?;
+        let key = match key_sources.get(i).copied().unwrap_or(0).checked_sub(1) {
+            None => own_key,
+            Some(event) => input
+                .key(event as usize)
+                .ok_or_else(|| forwarded("key", i, event))?,
+        };
         let own = outputs
             .values
             .get(value_start..value_end)
@@ -181,12 +205,9 @@ pub(crate) fn to_records(
         (key_start, value_start) = (key_end, value_end);
         let value = match sources.get(i).copied().unwrap_or(0).checked_sub(1) {
             None => classify(own),
-            Some(event) => input.value(event as usize).ok_or_else(|| {
-                format!(
-                    "output {i} forwards the value of input event {event}, but the batch holds {} events",
-                    input.len()
-                )
-            })?,
+            Some(event) => input
+                .value(event as usize)
+                .ok_or_else(|| forwarded("value", i, event))?,
         };
         let record = RecordRef {
             timestamp_ms: 0,
@@ -259,14 +280,30 @@ mod tests {
         // event 0 (JSON), output 2 brings its own JSON, output 3 its own non-JSON bytes.
         let outputs = OutputBatch {
             topics: vec![0, 0, 0, 0],
-            keys: b"abcd".to_vec(),
-            key_ends: vec![1, 2, 3, 4],
+            keys: b"acd".to_vec(),
+            key_ends: vec![1, 1, 2, 3],
             values: b"7{x".to_vec(),
             value_ends: vec![0, 0, 1, 3],
             value_sources: vec![2, 1, 0, 0],
+            key_sources: vec![0, 2, 0, 0],
         };
         let records =
             to_records(&outputs, &input, &version(&["out"])).map_err(anyhow::Error::msg)?;
+        let keys: Vec<Option<Vec<u8>>> = records
+            .iter()
+            .map(|(_, bytes)| Record::decode(bytes).map(|r| r.key))
+            .collect::<Result<_, _>>()?;
+        let keys: Vec<Option<&[u8]>> = keys.iter().map(Option::as_deref).collect();
+        assert_eq!(
+            keys,
+            [
+                Some(&b"a"[..]),
+                Some(&b"k2"[..]),
+                Some(&b"c"[..]),
+                Some(&b"d"[..])
+            ],
+            "output 1 forwards event 1's key"
+        );
         let values: Vec<Payload> = records
             .iter()
             .map(|(_, bytes)| Record::decode(bytes).map(|r| r.value))
@@ -294,6 +331,7 @@ mod tests {
             values: vec![],
             value_ends: vec![0],
             value_sources: vec![5],
+            key_sources: vec![],
         };
         let err = to_records(&forward_missing, &input, &version(&["out"])).err();
         assert!(err.is_some_and(|e| e.contains("input event 4")));

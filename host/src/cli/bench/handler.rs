@@ -15,8 +15,8 @@
 //!   what the counter's `get-many` reads. That is everything the server does per batch with a handler's
 //!   result except storage (the fjall read of the input and the commit) and re-encoding the outputs.
 //! - **native**: the same logic compiled into procd, over the same [`Batch`], producing the same
-//!   [`OutputBatch`]: passthrough copies each event's key and forwards its value (`value-sources`, as
-//!   the SDK does when a handler emits the event's own value); counter
+//!   [`OutputBatch`]: passthrough forwards each event's key and value (`key-sources`/`value-sources`,
+//!   as the SDK does when a handler emits the event's own key or value); counter
 //!   keeps a `u64` per key in a `HashMap<Vec<u8>, u64>` and emits the new count as decimal text. Both
 //!   paths are checked to give identical outputs before anything is timed, so wasm/native is the cost
 //!   of the boundary, the sandbox and the SDK for the same work.
@@ -332,6 +332,7 @@ fn output_batch(events: usize, key_bytes: usize, value_bytes: usize) -> OutputBa
         values: Vec::with_capacity(value_bytes),
         value_ends: Vec::with_capacity(events),
         value_sources: Vec::with_capacity(events),
+        key_sources: Vec::with_capacity(events),
     }
 }
 
@@ -356,14 +357,14 @@ fn events(batch: &Batch) -> impl Iterator<Item = (&[u8], &[u8])> {
         })
 }
 
-/// `passthrough` in native Rust: every event's key, and its value forwarded, to output 0.
+/// `passthrough` in native Rust: every event, key and value forwarded, to output 0.
 fn native_passthrough(batch: &Batch) -> OutputBatch {
-    let mut out = output_batch(batch.key_ends.len(), batch.keys.len(), 0);
-    for (source, (key, _)) in (1u32..).zip(events(batch)) {
+    let mut out = output_batch(batch.key_ends.len(), 0, 0);
+    for source in (1u32..).take(batch.key_ends.len()) {
         out.topics.push(0);
-        out.keys.extend_from_slice(key);
-        out.key_ends.push(end(&out.keys));
-        out.value_ends.push(end(&out.values));
+        out.key_ends.push(0);
+        out.key_sources.push(source);
+        out.value_ends.push(0);
         out.value_sources.push(source);
     }
     out
@@ -372,8 +373,8 @@ fn native_passthrough(batch: &Batch) -> OutputBatch {
 /// `counter` in native Rust: count per key, emit the key and the new count in decimal to output 0.
 fn native_counter(counts: &mut HashMap<Vec<u8>, u64>, batch: &Batch) -> OutputBatch {
     let n = batch.key_ends.len();
-    let mut out = output_batch(n, batch.keys.len(), n * 4);
-    for (key, _) in events(batch) {
+    let mut out = output_batch(n, 0, n * 4);
+    for (source, (key, _)) in (1u32..).zip(events(batch)) {
         let count = match counts.get_mut(key) {
             Some(count) => {
                 *count += 1;
@@ -385,8 +386,8 @@ fn native_counter(counts: &mut HashMap<Vec<u8>, u64>, batch: &Batch) -> OutputBa
             }
         };
         out.topics.push(0);
-        out.keys.extend_from_slice(key);
-        out.key_ends.push(end(&out.keys));
+        out.key_ends.push(0);
+        out.key_sources.push(source);
         push_decimal(&mut out.values, count);
         out.value_ends.push(end(&out.values));
         out.value_sources.push(0);
@@ -416,6 +417,7 @@ fn same_outputs(a: &OutputBatch, b: &OutputBatch) -> bool {
         && a.values == b.values
         && a.value_ends == b.value_ends
         && a.value_sources == b.value_sources
+        && a.key_sources == b.key_sources
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -838,8 +840,8 @@ mod tests {
         let batch = batch_of(&[("a", "1"), ("bb", "\"x\""), ("", "2")]);
         let out = native_passthrough(&batch);
         assert_eq!(out.topics, [0, 0, 0]);
-        assert_eq!(out.keys, b"abb");
-        assert_eq!(out.key_ends, [1, 3, 3]);
+        assert!(out.keys.is_empty());
+        assert_eq!(out.key_sources, [1, 2, 3]);
         assert!(out.values.is_empty());
         assert_eq!(out.value_ends, [0, 0, 0]);
         assert_eq!(out.value_sources, [1, 2, 3]);
