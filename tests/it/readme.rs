@@ -259,3 +259,92 @@ fn the_readme_documents_every_flag_of_new_dev_and_status() -> TestResult {
     }
     Ok(())
 }
+
+const CLI_BEGIN: &str = "<!-- cli-reference: begin -->";
+const CLI_END: &str = "<!-- cli-reference: end -->";
+
+/// `procd ARGS --help`, as a user without `PROCD_*` variables sees it.
+fn help_of(args: &[&str]) -> TestResult<String> {
+    let out = Command::new(TestHost::binary())
+        .args(args)
+        .arg("--help")
+        .env_remove("PROCD_URL")
+        .env_remove("PROCD_ADMIN_URL")
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("procd {} --help failed", args.join(" ")).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The subcommands a help text lists under `Commands:` (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// The README's CLI reference: every command's `--help`, verbatim.
+fn cli_reference() -> TestResult<String> {
+    let mut out = String::new();
+    let mut section = |args: &[&str]| -> TestResult<String> {
+        let help = help_of(args)?;
+        let name = if args.is_empty() {
+            "procd".to_string()
+        } else {
+            format!("procd {}", args.join(" "))
+        };
+        out.push_str(&format!(
+            "\n#### `{name}`\n\n```text\n{}\n```\n",
+            help.trim_end()
+        ));
+        Ok(help)
+    };
+    let top = section(&[])?;
+    for command in subcommands(&top) {
+        let help = section(&[&command])?;
+        for sub in subcommands(&help) {
+            section(&[&command, &sub])?;
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_readme_cli_reference_is_the_help_output() -> TestResult {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let begin = readme
+        .find(CLI_BEGIN)
+        .ok_or("README has no CLI reference")?
+        + CLI_BEGIN.len();
+    let end = readme
+        .find(CLI_END)
+        .ok_or("README's CLI reference has no end")?;
+    let expected = cli_reference()?;
+    if std::env::var_os("PROCD_BLESS").is_some() {
+        let updated = format!("{}{expected}\n{}", &readme[..begin], &readme[end..]);
+        std::fs::write(&path, updated)?;
+        return Ok(());
+    }
+    let documented = readme[begin..end].trim_end_matches('\n');
+    if documented != expected.trim_end_matches('\n') {
+        let first = documented
+            .lines()
+            .zip(expected.lines())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("README: {a:?}\n--help: {b:?}"))
+            .unwrap_or_else(|| "one is longer than the other".into());
+        return Err(format!(
+            "the README's CLI reference is not the --help output ({first}); regenerate it with \
+             PROCD_BLESS=1 cargo test -p procd --test it readme::the_readme_cli_reference"
+        )
+        .into());
+    }
+    Ok(())
+}

@@ -65,7 +65,7 @@ enum Command {
     Dev(dev::DevArgs),
     /// Deploy a handler component (a new handler, or a new version of one).
     Deploy(deploy::DeployArgs),
-    /// List, show, roll back, pause, resume, reset and remove handlers; print their dead letters.
+    /// List, show, roll back, pause, resume, reset and remove handlers; list, replay and purge their dead letters.
     Handlers {
         #[command(subcommand)]
         command: handlers::HandlersCommand,
