@@ -146,6 +146,9 @@ pub struct CellConfig {
     pub max_memtable_bytes: u64,
     /// Block cache per cell.
     pub cache_bytes: u64,
+    /// How long a cell's processor may make no progress while it has work before `/readyz` reports
+    /// it stalled.
+    pub processing_stall_ms: u64,
 }
 
 /// Read API.
@@ -208,6 +211,7 @@ impl Default for CellConfig {
             maintenance_interval_ms: cell.maintenance_interval_ms,
             max_memtable_bytes: store.max_memtable_bytes,
             cache_bytes: store.cache_bytes,
+            processing_stall_ms: cell.processing_stall_ms,
         }
     }
 }
@@ -391,6 +395,12 @@ impl Config {
             1_000_000,
         )?;
         range(
+            "cell.processing_stall_ms",
+            self.cell.processing_stall_ms,
+            100,
+            86_400_000,
+        )?;
+        range(
             "cell.maintenance_interval_ms",
             self.cell.maintenance_interval_ms,
             10,
@@ -505,6 +515,7 @@ impl Config {
             dedup_window_ms: self.dedup.window_ms,
             dedup_max_ids: self.dedup.max_ids,
             maintenance_interval_ms: self.cell.maintenance_interval_ms,
+            processing_stall_ms: self.cell.processing_stall_ms,
             processor: crate::cell::ProcessorOptions {
                 limits: self.handler_limits(),
                 batch_max_events: self.handler.batch_max_events,

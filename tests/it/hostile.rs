@@ -160,3 +160,62 @@ async fn a_slow_handler_is_slow_but_loses_nothing() -> TestResult {
     assert!(dead.is_empty(), "{dead:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_watchdog_reports_a_cell_whose_processing_is_stuck() -> TestResult {
+    // A deadline far longer than the watchdog's threshold: the loop holds the cell's processor.
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &["handler.deadline_ms=60000", "cell.processing_stall_ms=500"],
+    )?;
+    host.create_topic("in").await?;
+    host.create_topic("bad-out").await?;
+    let config = ["config=mode=loop", "config=on=666"];
+    deploy_ok(
+        &host,
+        "bad",
+        test_guest("hostile")?,
+        "in",
+        &["bad-out"],
+        &config,
+        1,
+    )
+    .await?;
+    let mut admin = host.admin()?;
+    let ready = admin.get("/readyz").await?;
+    assert_eq!(ready.status, 200);
+    assert_eq!(
+        ready.json()?["stalled"],
+        json!([]),
+        "nothing stalls while idle"
+    );
+
+    let placed = post_all(&host, "in", &[(Some("k".to_string()), json!(666))]).await?;
+    let cell = u64::from(placed[0].partition % 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ready = admin.get("/readyz").await?;
+        assert_eq!(
+            ready.status, 200,
+            "a stalled processor does not make the server unready"
+        );
+        let v = ready.json()?;
+        if let Some(stalled) = v["stalled"].as_array().and_then(|s| s.first()) {
+            assert_eq!(stalled["cell"].as_u64(), Some(cell), "{v}");
+            assert!(
+                stalled["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("1 events wait")),
+                "{v}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watchdog never noticed: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -98,8 +98,18 @@ fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> 
     ))
 }
 
-/// Ready when every cell is healthy; otherwise `503` naming the failed cells and why.
+/// Ready when every cell is healthy; otherwise `503` naming the failed cells and why. A cell whose
+/// processing stalled (the watchdog) is listed under `stalled` without making the server unready:
+/// it still takes writes, and refusing them would not help its handlers.
 fn readyz(state: &AppState) -> HttpResponse {
+    let stalled: Vec<_> = state
+        .cells
+        .iter()
+        .filter_map(|c| {
+            c.processing_stall()
+                .map(|reason| json!({"cell": c.index(), "reason": reason}))
+        })
+        .collect();
     let failed: Vec<_> = state
         .cells
         .iter()
@@ -111,12 +121,12 @@ fn readyz(state: &AppState) -> HttpResponse {
     if failed.is_empty() {
         json(
             StatusCode::OK,
-            &json!({"status": "ready", "cells": state.cells.len()}),
+            &json!({"status": "ready", "cells": state.cells.len(), "stalled": stalled}),
         )
     } else {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"error": "cells_failed", "detail": format!("{} of {} cells failed", failed.len(), state.cells.len()), "failed": failed}),
+            &json!({"error": "cells_failed", "detail": format!("{} of {} cells failed", failed.len(), state.cells.len()), "failed": failed, "stalled": stalled}),
         )
     }
 }

@@ -15,7 +15,7 @@ mod retention;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,6 +50,8 @@ pub struct CellOptions {
     pub dedup_max_ids: usize,
     /// How often retention and journal upkeep run.
     pub maintenance_interval_ms: u64,
+    /// No processing progress for this long while there is work: the cell reports itself stalled.
+    pub processing_stall_ms: u64,
     /// Handler processing.
     pub processor: ProcessorOptions,
 }
@@ -63,6 +65,7 @@ impl Default for CellOptions {
             dedup_window_ms: 10 * 60 * 1000,
             dedup_max_ids: 100_000,
             maintenance_interval_ms: 10_000,
+            processing_stall_ms: 60_000,
             processor: ProcessorOptions::default(),
         }
     }
@@ -255,6 +258,11 @@ struct Shared {
     catalog: Arc<Catalog>,
     /// Dead-letter replays waiting for the processor.
     replays: Mutex<Vec<ReplayRequest>>,
+    /// When the processor last made progress (ms since the Unix epoch): it finished a pass over its
+    /// tasks or a commit of one became durable. The watchdog reads it.
+    heartbeat_ms: AtomicU64,
+    /// See [`CellOptions::processing_stall_ms`].
+    processing_stall_ms: u64,
 }
 
 impl Shared {
@@ -321,6 +329,8 @@ impl Cell {
             statuses: Mutex::new(HashMap::new()),
             catalog: catalog.clone(),
             replays: Mutex::new(Vec::new()),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+            processing_stall_ms: options.processing_stall_ms,
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };
@@ -382,6 +392,30 @@ impl Cell {
     /// `Some(reason)` once the cell has failed.
     pub fn failure(&self) -> Option<String> {
         self.shared.health.failure()
+    }
+
+    /// The watchdog: why this cell's processing counts as stalled, if it does (no progress for
+    /// `processing_stall_ms` while some handler has events to process).
+    pub fn processing_stall(&self) -> Option<String> {
+        let idle_ms = now_ms().saturating_sub(self.shared.heartbeat_ms.load(Ordering::Acquire));
+        if idle_ms < self.shared.processing_stall_ms {
+            return None;
+        }
+        let waiting: u64 = self
+            .shared
+            .statuses
+            .lock()
+            .ok()?
+            .values()
+            .filter(|s| s.status != "paused")
+            .map(|s| s.end_offset.saturating_sub(s.committed_offset))
+            .sum();
+        (waiting > 0).then(|| {
+            format!(
+                "no processing progress for {} s while {waiting} events wait",
+                idle_ms / 1000
+            )
+        })
     }
 
     /// Makes this cell's storage fail every later write, as a failed fsync would (test hook, enabled

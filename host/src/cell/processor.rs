@@ -213,6 +213,7 @@ impl Processor {
                 self.publish(&task);
                 self.tasks.insert(key, task);
             }
+            self.beat();
             if !worked {
                 std::thread::park_timeout(IDLE_PARK);
             }
@@ -350,6 +351,11 @@ impl Processor {
             });
         }
         Ok(outcome)
+    }
+
+    /// Tells the watchdog the processor is making progress.
+    fn beat(&self) {
+        self.shared.heartbeat_ms.store(now_ms(), Ordering::Release);
     }
 
     fn publish(&self, task: &Task) {
@@ -539,6 +545,7 @@ impl Processor {
         answer: Option<Result<(), CellError>>,
     ) -> Result<(), StepError> {
         // No answer: the writer is gone, which only happens when the cell shuts down.
+        self.beat();
         answer.ok_or(CellError::ShuttingDown {
             cell: self.shared.index,
         })??;
