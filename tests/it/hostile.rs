@@ -203,6 +203,11 @@ async fn the_watchdog_reports_a_cell_whose_processing_is_stuck() -> TestResult {
         let v = ready.json()?;
         if let Some(stalled) = v["stalled"].as_array().and_then(|s| s.first()) {
             assert_eq!(stalled["cell"].as_u64(), Some(cell), "{v}");
+            assert_eq!(
+                (stalled["handler"].as_str(), stalled["partition"].as_u64()),
+                (Some("bad"), Some(u64::from(placed[0].partition))),
+                "{v}"
+            );
             assert!(
                 stalled["reason"]
                     .as_str()

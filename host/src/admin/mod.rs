@@ -105,9 +105,10 @@ fn readyz(state: &AppState) -> HttpResponse {
     let stalled: Vec<_> = state
         .cells
         .iter()
-        .filter_map(|c| {
-            c.processing_stall()
-                .map(|reason| json!({"cell": c.index(), "reason": reason}))
+        .flat_map(|c| {
+            c.stalled_tasks().into_iter().map(|(handler, partition, reason)| {
+                json!({"cell": c.index(), "handler": handler, "partition": partition, "reason": reason})
+            })
         })
         .collect();
     let failed: Vec<_> = state

@@ -15,7 +15,7 @@ mod retention;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -250,17 +250,17 @@ struct Shared {
     store: Store,
     health: Health,
     topics: ArcSwap<HashMap<Arc<str>, Arc<TopicPartitions>>>,
-    /// The processor thread, which the writer wakes when new input is durable.
-    processor: std::sync::OnceLock<std::thread::Thread>,
+    /// The processor's supervisor thread (woken for dead-letter replays).
+    supervisor: std::sync::OnceLock<std::thread::Thread>,
+    /// The processor's task threads, which the writer wakes when a commit is durable (new input, or
+    /// a task's own batch commit).
+    runners: ArcSwap<Vec<std::thread::Thread>>,
     /// What each (handler, partition) task is doing; written by the processor, read by status requests.
     statuses: Mutex<HashMap<(String, u32), TaskStatus>>,
     /// Handler definitions (read-only here): retention must not drop what a handler has not processed.
     catalog: Arc<Catalog>,
     /// Dead-letter replays waiting for the processor.
     replays: Mutex<Vec<ReplayRequest>>,
-    /// When the processor last made progress (ms since the Unix epoch): it finished a pass over its
-    /// tasks or a commit of one became durable. The watchdog reads it.
-    heartbeat_ms: AtomicU64,
     /// See [`CellOptions::processing_stall_ms`].
     processing_stall_ms: u64,
 }
@@ -325,11 +325,11 @@ impl Cell {
             store,
             health: Health::default(),
             topics: ArcSwap::from_pointee(views),
-            processor: std::sync::OnceLock::new(),
+            supervisor: std::sync::OnceLock::new(),
+            runners: ArcSwap::from_pointee(Vec::new()),
             statuses: Mutex::new(HashMap::new()),
             catalog: catalog.clone(),
             replays: Mutex::new(Vec::new()),
-            heartbeat_ms: AtomicU64::new(now_ms()),
             processing_stall_ms: options.processing_stall_ms,
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
@@ -361,19 +361,19 @@ impl Cell {
             })
             .map_err(thread_err)?;
         let stop_processor = Arc::new(AtomicBool::new(false));
-        let processor = processor::Processor::new(
-            shared.clone(),
-            tx.clone(),
-            catalog.clone(),
-            runtime.clone(),
-            options.processor.clone(),
-            stop_processor.clone(),
-        );
+        let processor = processor::Supervisor::new(processor::ProcessorContext {
+            shared: shared.clone(),
+            tx: tx.clone(),
+            catalog: catalog.clone(),
+            runtime: runtime.clone(),
+            options: options.processor.clone(),
+            stop: stop_processor.clone(),
+        });
         let processor_thread = std::thread::Builder::new()
             .name(format!("procd-cell-{index}-processor"))
             .spawn(move || processor.run())
             .map_err(thread_err)?;
-        let _ = shared.processor.set(processor_thread.thread().clone());
+        let _ = shared.supervisor.set(processor_thread.thread().clone());
         Ok(Self {
             shared,
             tx,
@@ -394,28 +394,32 @@ impl Cell {
         self.shared.health.failure()
     }
 
-    /// The watchdog: why this cell's processing counts as stalled, if it does (no progress for
-    /// `processing_stall_ms` while some handler has events to process).
-    pub fn processing_stall(&self) -> Option<String> {
-        let idle_ms = now_ms().saturating_sub(self.shared.heartbeat_ms.load(Ordering::Acquire));
-        if idle_ms < self.shared.processing_stall_ms {
-            return None;
-        }
-        let waiting: u64 = self
-            .shared
-            .statuses
-            .lock()
-            .ok()?
-            .values()
-            .filter(|s| s.status != "paused")
-            .map(|s| s.end_offset.saturating_sub(s.committed_offset))
-            .sum();
-        (waiting > 0).then(|| {
-            format!(
-                "no processing progress for {} s while {waiting} events wait",
-                idle_ms / 1000
-            )
-        })
+    /// The watchdog: the (handler, partition, why) of every task of this cell that has events to
+    /// process and has made no progress for `processing_stall_ms`.
+    pub fn stalled_tasks(&self) -> Vec<(String, u32, String)> {
+        let now = now_ms();
+        let Ok(statuses) = self.shared.statuses.lock() else {
+            return Vec::new();
+        };
+        let mut stalled: Vec<(String, u32, String)> = statuses
+            .iter()
+            .filter_map(|((handler, partition), s)| {
+                let waiting = s.end_offset.saturating_sub(s.committed_offset);
+                let idle_ms = now.saturating_sub(s.last_progress_ms);
+                let stuck = waiting > 0
+                    && idle_ms >= self.shared.processing_stall_ms
+                    && !matches!(s.status, "paused" | "tripped");
+                stuck.then(|| {
+                    let why = format!(
+                        "no progress for {} s with {waiting} events waiting",
+                        idle_ms / 1000
+                    );
+                    (handler.clone(), *partition, why)
+                })
+            })
+            .collect();
+        stalled.sort();
+        stalled
     }
 
     /// Makes this cell's storage fail every later write, as a failed fsync would (test hook, enabled
@@ -511,8 +515,8 @@ impl Cell {
             Ok(mut replays) => replays.push(request),
             Err(_) => return Err(CellError::ShuttingDown { cell }),
         }
-        if let Some(processor) = self.shared.processor.get() {
-            processor.unpark();
+        if let Some(supervisor) = self.shared.supervisor.get() {
+            supervisor.unpark();
         }
         rx.await.map_err(|_| CellError::ShuttingDown { cell })?
     }

@@ -1,26 +1,31 @@
 //! The cell processor: runs every handler on every partition the cell owns, one batch at a time.
 //!
-//! For each (handler, partition) it reads a batch from the committed offset (only durable input), calls
-//! the handler's instance under its limits, and sends the cell writer ONE commit holding the output
-//! records (appended to the output topics' same partition, which this cell owns), the state writes and
-//! the new committed offset. The writer commits it atomically, so a crash leaves either all of a batch's
-//! effects or none: processing is exactly-once within the cell. It waits for that commit before the next
-//! batch of the same partition, so state reads always see committed state; meanwhile it runs the cell's
-//! other partitions, whose commits then share one fsync.
+//! Each (handler, partition) task has its own thread, started and stopped by the cell's supervisor
+//! thread, so a task that is slow, loops until its deadline or is halving a poisoned batch never holds
+//! up another partition or handler; no code path here waits across partitions.
+//!
+//! A task reads a batch from its committed offset (only durable input), calls the handler's instance
+//! under its limits, and sends the cell writer ONE commit holding the output records (appended to the
+//! output topics' same partition, which this cell owns), the state writes and the new committed offset.
+//! The writer commits it atomically, so a crash leaves either all of a batch's effects or none:
+//! processing is exactly-once within the cell. The task's next step waits for that commit, so state
+//! reads always see committed state; the commits of the cell's tasks share the writer's fsyncs.
 //!
 //! Version swaps happen between batches: each batch runs entirely on one version (recorded with its
 //! offset), state carries over because it lives host-side. Failures:
 //! - the handler reports event `i` failed: the events before it are run again (handlers are deterministic)
 //!   and committed together with a dead letter for event `i` and the offset after it;
-//! - a trap or deadline (which does not say which event was at fault): the instance is rebuilt and the
-//!   batch is processed one event at a time; an event that fails alone is dead-lettered.
+//! - a trap, deadline or output limit (which does not say which event was at fault): the batch is
+//!   halved until the failing event is alone, which is dead-lettered (see [`Runner::bisect`]);
+//! - too many failures trip the task's circuit breaker (`super::breaker`).
 //!
-//! Processing never blocks ingest: it runs on its own thread and only talks to the writer through the
+//! Processing never blocks ingest: it runs on its own threads and only talks to the writer through the
 //! same bounded queue as ingest.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -29,8 +34,8 @@ use tokio::sync::oneshot;
 use super::batch::{EncodedOutputs, InputBatch, to_records};
 use super::breaker::{Admit, Breaker, BreakerOptions};
 use super::{
-    CellError, Command, MAX_REPLAY, ProcessCommit, ReplayFailure, ReplayOutcome, Shared, now_ms,
-    panic_message,
+    CellError, Command, MAX_REPLAY, ProcessCommit, ReplayFailure, ReplayOutcome, ReplayRequest,
+    Shared, now_ms, panic_message,
 };
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
@@ -92,6 +97,9 @@ pub struct TaskStatus {
     pub events_processed: u64,
     /// Dead letters written since the server started.
     pub dead_letters: u64,
+    /// When the task last made progress or had nothing to do (ms since the Unix epoch). The watchdog
+    /// flags a task with events waiting whose progress is older than `cell.processing_stall_ms`.
+    pub last_progress_ms: u64,
 }
 
 /// The committed state of one handler on one partition, read by its instance.
@@ -128,15 +136,43 @@ struct InFlight {
     dead_letters: u64,
 }
 
-pub(super) struct Processor {
-    shared: Arc<Shared>,
-    tx: flume::Sender<Command>,
-    catalog: Arc<Catalog>,
-    runtime: Arc<Runtime>,
-    options: ProcessorOptions,
+/// What every thread of a cell's processor shares.
+#[derive(Clone)]
+pub(super) struct ProcessorContext {
+    pub shared: Arc<Shared>,
+    pub tx: flume::Sender<Command>,
+    pub catalog: Arc<Catalog>,
+    pub runtime: Arc<Runtime>,
+    pub options: ProcessorOptions,
+    /// Set when the cell shuts down.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The cell's processor: a supervisor thread that runs one thread per (handler, partition) task, so
+/// a task that is slow, loops until its deadline or halves a poisoned batch never holds up another
+/// partition or handler. It starts threads for new tasks, stops and joins those of removed handlers
+/// (then deletes their storage), and hands dead-letter replays to the task they are for.
+pub(super) struct Supervisor {
+    ctx: ProcessorContext,
+    tasks: BTreeMap<(Arc<str>, u32), TaskHandle>,
+}
+
+/// The supervisor's handle on one task thread.
+struct TaskHandle {
+    incarnation: u64,
+    /// Tells the task's thread to finish.
+    quit: Arc<AtomicBool>,
+    /// Dead-letter replays for this task.
+    replays: Arc<Mutex<Vec<ReplayRequest>>>,
+    thread: JoinHandle<Option<ConsumerLog>>,
+}
+
+/// One task's thread: runs its handler on its partition, batch after batch.
+struct Runner {
+    ctx: ProcessorContext,
     compiled: HashMap<(Arc<str>, u32), Compiled>,
-    tasks: BTreeMap<(Arc<str>, u32), Task>,
-    stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    replays: Arc<Mutex<Vec<ReplayRequest>>>,
     /// The batch being handled; its buffers are reused from batch to batch.
     scratch: InputBatch,
 }
@@ -152,72 +188,257 @@ enum StepError {
     Other(String),
 }
 
-impl Processor {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        tx: flume::Sender<Command>,
-        catalog: Arc<Catalog>,
-        runtime: Arc<Runtime>,
-        options: ProcessorOptions,
-        stop: Arc<AtomicBool>,
-    ) -> Self {
+impl Supervisor {
+    pub(super) fn new(ctx: ProcessorContext) -> Self {
         Self {
-            shared,
-            tx,
-            catalog,
-            runtime,
-            options,
-            compiled: HashMap::new(),
+            ctx,
             tasks: BTreeMap::new(),
-            stop,
-            scratch: InputBatch::new(0),
         }
     }
 
     pub(super) fn run(mut self) {
-        let _span = tracing::info_span!("procd.cell.processor", cell = self.shared.index).entered();
-        while !self.stop.load(Ordering::Acquire) {
-            let defs = self.catalog.handlers();
+        let _span =
+            tracing::info_span!("procd.cell.processor", cell = self.ctx.shared.index).entered();
+        while !self.ctx.stop.load(Ordering::Acquire) {
+            let defs = self.ctx.catalog.handlers();
             self.sync_tasks(&defs);
-            self.run_replays(&defs);
-            let mut worked = false;
-            let keys: Vec<(Arc<str>, u32)> = self.tasks.keys().cloned().collect();
-            for key in keys {
-                if self.stop.load(Ordering::Acquire) || self.shared.health.failure().is_some() {
-                    break;
+            self.route_replays();
+            std::thread::park_timeout(IDLE_PARK);
+        }
+        for (_, task) in std::mem::take(&mut self.tasks) {
+            task.quit.store(true, Ordering::Release);
+            task.thread.thread().unpark();
+            let _ = task.thread.join();
+        }
+    }
+
+    /// Hands each waiting dead-letter replay to its task's thread, or answers it if there is none.
+    fn route_replays(&mut self) {
+        let requests = match self.ctx.shared.replays.lock() {
+            Ok(mut replays) => std::mem::take(&mut *replays),
+            Err(_) => return,
+        };
+        for request in requests {
+            let key = (
+                Arc::<str>::from(request.handler.as_str()),
+                request.partition,
+            );
+            match self.tasks.get(&key) {
+                Some(task) => {
+                    if let Ok(mut queue) = task.replays.lock() {
+                        queue.push(request);
+                    }
+                    task.thread.thread().unpark();
                 }
-                let Some(mut task) = self.tasks.remove(&key) else {
+                None => {
+                    let _ = request.reply.send(Err(CellError::Unavailable {
+                        cell: self.ctx.shared.index,
+                        reason: format!(
+                            "handler {:?} is not running on partition {}",
+                            request.handler, request.partition
+                        ),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Starts threads for new tasks; stops those of removed handlers and deletes their storage.
+    fn sync_tasks(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
+        let gone: Vec<(Arc<str>, u32)> = self
+            .tasks
+            .iter()
+            .filter(|((name, _), t)| {
+                defs.get(&**name)
+                    .is_none_or(|d| d.incarnation != t.incarnation)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let changed = !gone.is_empty();
+        for key in gone {
+            let Some(task) = self.tasks.remove(&key) else {
+                continue;
+            };
+            task.quit.store(true, Ordering::Release);
+            task.thread.thread().unpark();
+            let consumer = task.thread.join().ok().flatten();
+            if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
+                statuses.remove(&(key.0.to_string(), key.1));
+            }
+            if let Some(consumer) = consumer {
+                let (reply, rx) = oneshot::channel();
+                if self
+                    .ctx
+                    .tx
+                    .send(Command::DropConsumer { consumer, reply })
+                    .is_ok()
+                {
+                    let _ = rx.blocking_recv();
+                }
+            }
+        }
+        let mut started = false;
+        for def in defs.values() {
+            let name: Arc<str> = Arc::from(def.name.as_str());
+            for partition in self.ctx.shared.shape.partitions_of(self.ctx.shared.index) {
+                if self.tasks.contains_key(&(name.clone(), partition)) {
                     continue;
+                }
+                let consumer = match self.ctx.shared.store.consumer(&def.name, partition) {
+                    Ok(consumer) => consumer,
+                    Err(e) => {
+                        self.ctx
+                            .shared
+                            .health
+                            .fail(self.ctx.shared.index, e.to_string());
+                        return;
+                    }
                 };
-                if let Some(def) = defs.get(&*task.handler) {
-                    // A panic in one task (a bug) must not stop the cell's other handlers: it is
-                    // reported like any failure of the task, which is retried later.
-                    let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.step(&mut task, def)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let what = panic_message(&*panic);
-                        Err(StepError::Other(format!("processor panicked: {what}")))
-                    });
-                    match stepped {
-                        Ok(did) => worked |= did,
-                        Err(e) => {
-                            tracing::warn!(handler = %task.handler, partition = task.partition, error = %e, "handler task failed; retrying");
-                            task.status.status = "failed";
-                            task.status.detail = Some(e.to_string());
-                            task.retry_at = Some(Instant::now() + RETRY_AFTER);
-                            task.instance = None;
-                        }
+                let task = Task::new(
+                    name.clone(),
+                    def.incarnation,
+                    partition,
+                    consumer,
+                    &self.ctx,
+                );
+                let quit = Arc::new(AtomicBool::new(false));
+                let replays = Arc::new(Mutex::new(Vec::new()));
+                let runner = Runner {
+                    ctx: self.ctx.clone(),
+                    compiled: HashMap::new(),
+                    quit: quit.clone(),
+                    replays: replays.clone(),
+                    scratch: InputBatch::new(partition),
+                };
+                let thread = std::thread::Builder::new()
+                    .name(format!("procd-cell-{}-p{partition}", self.ctx.shared.index))
+                    .spawn(move || runner.run(task));
+                match thread {
+                    Ok(thread) => {
+                        self.tasks.insert(
+                            (name.clone(), partition),
+                            TaskHandle {
+                                incarnation: def.incarnation,
+                                quit,
+                                replays,
+                                thread,
+                            },
+                        );
+                        started = true;
+                    }
+                    Err(e) => {
+                        self.ctx.shared.health.fail(
+                            self.ctx.shared.index,
+                            format!("cannot start a processor thread: {e}"),
+                        );
+                        return;
                     }
                 }
-                self.publish(&task);
-                self.tasks.insert(key, task);
             }
-            self.beat();
+        }
+        if started || changed {
+            let threads: Vec<std::thread::Thread> = self
+                .tasks
+                .values()
+                .map(|t| t.thread.thread().clone())
+                .collect();
+            self.ctx.shared.runners.store(Arc::new(threads));
+        }
+    }
+}
+
+impl Task {
+    fn new(
+        handler: Arc<str>,
+        incarnation: u64,
+        partition: u32,
+        consumer: ConsumerLog,
+        ctx: &ProcessorContext,
+    ) -> Self {
+        Task {
+            handler,
+            incarnation,
+            partition,
+            consumer,
+            committed: None,
+            instance: None,
+            dlq_next: None,
+            retry_at: None,
+            in_flight: None,
+            breaker: Breaker::new(ctx.options.breaker),
+            status: TaskStatus {
+                partition,
+                version: 0,
+                committed_offset: 0,
+                end_offset: 0,
+                status: "idle",
+                detail: None,
+                events_processed: 0,
+                dead_letters: 0,
+                last_progress_ms: now_ms(),
+            },
+        }
+    }
+}
+
+impl Runner {
+    /// The task's loop, until its handler is removed (or re-created) or the cell stops. Returns the
+    /// task's storage for the supervisor to delete when the handler is gone.
+    fn run(mut self, mut task: Task) -> Option<ConsumerLog> {
+        let _span = tracing::info_span!(
+            "procd.cell.task",
+            cell = self.ctx.shared.index,
+            handler = %task.handler,
+            partition = task.partition
+        )
+        .entered();
+        loop {
+            if self.quit.load(Ordering::Acquire) || self.ctx.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let def = match self.ctx.catalog.handler(&task.handler) {
+                Some(def) if def.incarnation == task.incarnation => def,
+                // Removed or re-created: the supervisor stops this thread.
+                _ => {
+                    std::thread::park_timeout(IDLE_PARK);
+                    continue;
+                }
+            };
+            self.run_replays(&mut task, &def);
+            if self.ctx.shared.health.failure().is_some() {
+                std::thread::park_timeout(IDLE_PARK);
+                continue;
+            }
+            // A panic in a step (a bug) must not end the task: it is reported like any failure of the
+            // task, which is retried later.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step(&mut task, &def)
+            }))
+            .unwrap_or_else(|panic| {
+                let what = panic_message(&*panic);
+                Err(StepError::Other(format!("processor panicked: {what}")))
+            });
+            let worked = match stepped {
+                Ok(did) => did,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handler task failed; retrying");
+                    task.status.status = "failed";
+                    task.status.detail = Some(e.to_string());
+                    task.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    task.instance = None;
+                    false
+                }
+            };
+            self.publish(&task);
             if !worked {
                 std::thread::park_timeout(IDLE_PARK);
             }
         }
+        // The last commit sent must be answered before the storage may go.
+        if let Some(in_flight) = task.in_flight.take() {
+            let _ = in_flight.reply.blocking_recv();
+        }
+        Some(task.consumer)
     }
 
     /// Makes sure the task has a healthy instance of `version`.
@@ -238,48 +459,27 @@ impl Processor {
         Ok(())
     }
 
-    /// Answers the dead-letter replays waiting for this cell.
-    fn run_replays(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
-        let requests = match self.shared.replays.lock() {
+    /// Answers the dead-letter replays waiting for this task.
+    fn run_replays(&mut self, task: &mut Task, def: &HandlerDef) {
+        let requests = match self.replays.lock() {
             Ok(mut replays) => std::mem::take(&mut *replays),
             Err(_) => return,
         };
         for request in requests {
-            let key = (
-                Arc::<str>::from(request.handler.as_str()),
-                request.partition,
-            );
-            let outcome = match (self.tasks.remove(&key), defs.get(&request.handler)) {
-                (Some(mut task), Some(def)) => {
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.replay(&mut task, def, request.seq)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        Err(StepError::Other(format!(
-                            "processor panicked: {}",
-                            panic_message(&*panic)
-                        )))
-                    });
-                    self.publish(&task);
-                    self.tasks.insert(key, task);
-                    outcome.map_err(|e| CellError::Unavailable {
-                        cell: self.shared.index,
-                        reason: e.to_string(),
-                    })
-                }
-                (task, _) => {
-                    if let Some(task) = task {
-                        self.tasks.insert(key, task);
-                    }
-                    Err(CellError::Unavailable {
-                        cell: self.shared.index,
-                        reason: format!(
-                            "handler {:?} is not running on partition {}",
-                            request.handler, request.partition
-                        ),
-                    })
-                }
-            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.replay(task, def, request.seq)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(StepError::Other(format!(
+                    "processor panicked: {}",
+                    panic_message(&*panic)
+                )))
+            })
+            .map_err(|e| CellError::Unavailable {
+                cell: self.ctx.shared.index,
+                reason: e.to_string(),
+            });
+            self.publish(task);
             let _ = request.reply.send(outcome);
         }
     }
@@ -353,89 +553,12 @@ impl Processor {
         Ok(outcome)
     }
 
-    /// Tells the watchdog the processor is making progress.
-    fn beat(&self) {
-        self.shared.heartbeat_ms.store(now_ms(), Ordering::Release);
-    }
-
     fn publish(&self, task: &Task) {
-        if let Ok(mut statuses) = self.shared.statuses.lock() {
+        if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
             statuses.insert(
                 (task.handler.to_string(), task.partition),
                 task.status.clone(),
             );
-        }
-    }
-
-    /// Creates tasks for new handlers and drops (and deletes the storage of) removed ones.
-    fn sync_tasks(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
-        let gone: Vec<(Arc<str>, u32)> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| {
-                defs.get(&*t.handler)
-                    .is_none_or(|d| d.incarnation != t.incarnation)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            if let Some(task) = self.tasks.remove(&key) {
-                if let Ok(mut statuses) = self.shared.statuses.lock() {
-                    statuses.remove(&(task.handler.to_string(), task.partition));
-                }
-                self.compiled.retain(|(name, _), _| *name != task.handler);
-                let (reply, rx) = oneshot::channel();
-                if self
-                    .tx
-                    .send(Command::DropConsumer {
-                        consumer: task.consumer,
-                        reply,
-                    })
-                    .is_ok()
-                {
-                    let _ = rx.blocking_recv();
-                }
-            }
-        }
-        for def in defs.values() {
-            let name: Arc<str> = Arc::from(def.name.as_str());
-            for partition in self.shared.shape.partitions_of(self.shared.index) {
-                if self.tasks.contains_key(&(name.clone(), partition)) {
-                    continue;
-                }
-                match self.shared.store.consumer(&def.name, partition) {
-                    Ok(consumer) => {
-                        let status = TaskStatus {
-                            partition,
-                            version: 0,
-                            committed_offset: 0,
-                            end_offset: 0,
-                            status: "idle",
-                            detail: None,
-                            events_processed: 0,
-                            dead_letters: 0,
-                        };
-                        let task = Task {
-                            handler: name.clone(),
-                            incarnation: def.incarnation,
-                            partition,
-                            consumer,
-                            committed: None,
-                            instance: None,
-                            dlq_next: None,
-                            retry_at: None,
-                            in_flight: None,
-                            breaker: Breaker::new(self.options.breaker),
-                            status,
-                        };
-                        self.tasks.insert((name.clone(), partition), task);
-                    }
-                    Err(e) => {
-                        self.shared.health.fail(self.shared.index, e.to_string());
-                        return;
-                    }
-                }
-            }
         }
     }
 
@@ -444,6 +567,7 @@ impl Processor {
             return Ok(c.clone());
         }
         let bytes = self
+            .ctx
             .catalog
             .component(name, version)
             .map_err(|e| StepError::Other(e.to_string()))?
@@ -451,6 +575,7 @@ impl Processor {
                 StepError::Other(format!("component of {name} v{version} is missing"))
             })?;
         let compiled = self
+            .ctx
             .runtime
             .compile(&bytes)
             .map_err(|e| StepError::Other(e.to_string()))?;
@@ -470,10 +595,11 @@ impl Processor {
             version: version.version,
             partition: task.partition,
         };
-        self.runtime
+        self.ctx
+            .runtime
             .instantiate(
                 &compiled,
-                &self.options.limits,
+                &self.ctx.options.limits,
                 Box::new(ConsumerState(task.consumer.clone())),
                 &version.config,
                 label,
@@ -526,9 +652,12 @@ impl Processor {
             clear_state: commit.clear_state,
             reply,
         }));
-        self.tx.send(command).map_err(|_| CellError::ShuttingDown {
-            cell: self.shared.index,
-        })?;
+        self.ctx
+            .tx
+            .send(command)
+            .map_err(|_| CellError::ShuttingDown {
+                cell: self.ctx.shared.index,
+            })?;
         Ok(InFlight {
             reply: rx,
             committed,
@@ -545,9 +674,8 @@ impl Processor {
         answer: Option<Result<(), CellError>>,
     ) -> Result<(), StepError> {
         // No answer: the writer is gone, which only happens when the cell shuts down.
-        self.beat();
         answer.ok_or(CellError::ShuttingDown {
-            cell: self.shared.index,
+            cell: self.ctx.shared.index,
         })??;
         task.status.events_processed += committed
             .offset
@@ -558,6 +686,7 @@ impl Processor {
         }
         task.committed = Some(committed);
         task.status.committed_offset = committed.offset;
+        task.status.last_progress_ms = now_ms();
         Ok(())
     }
 
@@ -566,8 +695,9 @@ impl Processor {
         if !self.settle_in_flight(task)? {
             return Ok(false);
         }
-        let Some(view) = self.shared.view(&def.input, task.partition) else {
+        let Some(view) = self.ctx.shared.view(&def.input, task.partition) else {
             task.status.status = "waiting";
+            task.status.last_progress_ms = now_ms();
             task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
             return Ok(false);
         };
@@ -575,6 +705,7 @@ impl Processor {
         task.status.end_offset = end;
         if def.paused {
             task.status.status = "paused";
+            task.status.last_progress_ms = now_ms();
             task.status.detail = None;
             task.instance = None;
             return Ok(false);
@@ -584,6 +715,7 @@ impl Processor {
         }
         if let Admit::Wait { reason, retry_in } = task.breaker.admit() {
             task.status.status = "tripped";
+            task.status.last_progress_ms = now_ms();
             task.status.detail = Some(format!(
                 "circuit breaker open: {reason}; one trial batch in {} s",
                 retry_in.as_secs().max(1)
@@ -650,6 +782,7 @@ impl Processor {
         task.status.version = version.version;
         if committed.offset >= end {
             task.status.status = "idle";
+            task.status.last_progress_ms = now_ms();
             task.status.detail = None;
             return Ok(false);
         }
@@ -659,7 +792,7 @@ impl Processor {
         let records = view.log().read(
             committed.offset,
             end,
-            self.options.batch_max_events,
+            self.ctx.options.batch_max_events,
             MAX_BATCH_BYTES,
         )?;
         let Some(&(last, _)) = records.last() else {

@@ -387,8 +387,8 @@ impl Writer {
                     answer.send();
                 }
                 // New input may be waiting for a handler of this cell.
-                if let Some(processor) = shared.processor.get() {
-                    processor.unpark();
+                for runner in shared.runners.load().iter() {
+                    runner.unpark();
                 }
             }
             Err(e) => {
