@@ -112,8 +112,11 @@ pub struct Context<'a> {
 
 impl<'a> Context<'a> {
     /// Emits a record to output `output`: the index of a topic in the output topics declared at deploy
-    /// time (0 for the first). An empty `key` means "no key": the host then spreads the records over the
-    /// output topic's partitions.
+    /// time (0 for the first). An empty `key` means "no key". Every output goes to the same partition
+    /// of its output topic as the input event (so a batch's effects commit atomically in one cell).
+    ///
+    /// Passing the handled event's own `event.key()` or `event.value()` (the same slice, not a copy)
+    /// forwards it: the bytes do not cross the boundary again.
     #[inline]
     pub fn emit(&mut self, output: u16, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.outputs.push_key(output, key.as_ref());

@@ -132,7 +132,8 @@
 //! - **Outputs**: [`Context::emit`] appends a record to output topic `output` (the index of the topic in
 //!   the list declared at deploy time, 0 for the first), [`emit_json`](Context::emit_json) and
 //!   [`emit_with`](Context::emit_with) write the value straight into the output column. An **empty key
-//!   means "no key"**. Records reach the host only if the whole batch succeeds.
+//!   means "no key"**. Records reach the host only if the whole batch succeeds. Emitting the event's own
+//!   `event.key()` or `event.value()` slice costs no copy: the SDK tells the host which input it is.
 //! - **State** ([`State`], from [`Context::state`]) is a key-value store per partition. The first read
 //!   of a key in a batch asks the host; later reads, and every write, hit a batch-local cache; the writes
 //!   reach the host in one `set-many` and one `delete-many` when the batch ends. Reads see the batch's own
