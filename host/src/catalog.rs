@@ -6,10 +6,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
+
+use crate::runtime::Limits;
 
 /// Longest topic name accepted.
 pub const MAX_TOPIC_NAME_LEN: usize = 128;
@@ -132,6 +135,113 @@ pub struct HandlerVersion {
     pub size_bytes: u64,
     /// Deploy time, ms since the Unix epoch.
     pub created_ms: u64,
+    /// Limits this version asked for, below the server's.
+    #[serde(default, skip_serializing_if = "HandlerLimits::is_empty")]
+    pub limits: HandlerLimits,
+}
+
+/// Limits a handler version asked for at deploy time (`limit.NAME=VALUE`), each at most the server's
+/// `handler.*` setting; an unset one is the server's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerLimits {
+    /// Linear memory per instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
+    /// Wall-clock time per batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Records one batch may emit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outputs_per_batch: Option<u64>,
+    /// Bytes of keys and values one batch may emit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes_per_batch: Option<u64>,
+    /// Largest state value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_state_value_bytes: Option<u64>,
+    /// Log lines per second per instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_lines_per_sec: Option<u64>,
+}
+
+impl HandlerLimits {
+    /// Whether no limit was asked for.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Sets limit `name` (a field name) to `value`, which must be a whole number from 1 to the server's
+    /// maximum for it.
+    pub fn set(&mut self, name: &str, value: &str, server: &Limits) -> Result<(), String> {
+        let max = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let (slot, max) = match name {
+            "max_memory_bytes" => (&mut self.max_memory_bytes, as_u64(server.max_memory_bytes)),
+            "deadline_ms" => (&mut self.deadline_ms, max(server.deadline)),
+            "max_outputs_per_batch" => (
+                &mut self.max_outputs_per_batch,
+                as_u64(server.max_outputs_per_batch),
+            ),
+            "max_output_bytes_per_batch" => (
+                &mut self.max_output_bytes_per_batch,
+                as_u64(server.max_output_bytes_per_batch),
+            ),
+            "max_state_value_bytes" => (
+                &mut self.max_state_value_bytes,
+                as_u64(server.max_state_value_bytes),
+            ),
+            "log_lines_per_sec" => (
+                &mut self.log_lines_per_sec,
+                u64::from(server.log_lines_per_sec),
+            ),
+            other => {
+                return Err(format!(
+                    "unknown limit {other:?}; use max_memory_bytes, deadline_ms, max_outputs_per_batch, \
+                     max_output_bytes_per_batch, max_state_value_bytes or log_lines_per_sec"
+                ));
+            }
+        };
+        let n = value
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "limit.{name} must be in 1..={max} (the server's handler.{name}); got {value:?}"
+                )
+            })?;
+        *slot = Some(n);
+        Ok(())
+    }
+
+    /// The limits an instance of this version runs under: the server's, lowered where it asked.
+    pub fn apply(&self, server: &Limits) -> Limits {
+        let size = |asked: Option<u64>, server: usize| {
+            asked.map_or(server, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX).min(server)
+            })
+        };
+        Limits {
+            max_memory_bytes: size(self.max_memory_bytes, server.max_memory_bytes),
+            deadline: self.deadline_ms.map_or(server.deadline, |ms| {
+                Duration::from_millis(ms).min(server.deadline)
+            }),
+            max_state_value_bytes: size(self.max_state_value_bytes, server.max_state_value_bytes),
+            log_lines_per_sec: self
+                .log_lines_per_sec
+                .map_or(server.log_lines_per_sec, |n| {
+                    u32::try_from(n)
+                        .unwrap_or(u32::MAX)
+                        .min(server.log_lines_per_sec)
+                }),
+            max_outputs_per_batch: size(self.max_outputs_per_batch, server.max_outputs_per_batch),
+            max_output_bytes_per_batch: size(
+                self.max_output_bytes_per_batch,
+                server.max_output_bytes_per_batch,
+            ),
+        }
+    }
 }
 
 /// A deployed handler.

@@ -11,7 +11,7 @@ use crate::handlers::{
     test_guest, wait_processed,
 };
 use crate::harness::guests::example;
-use crate::harness::{TestHost, TestResult};
+use crate::harness::{TestHost, TestResult, ensure_status};
 
 /// Per-batch deadline of the servers here: short, so halving a looping batch takes seconds.
 const DEADLINE_MS: u64 = 300;
@@ -113,6 +113,49 @@ async fn an_infinite_loop_is_cut_by_the_deadline() -> TestResult {
 async fn a_memory_bomb_hits_the_memory_limit() -> TestResult {
     let why = reason(&beside_counter("memory", &[], &[]).await?);
     assert!(why.contains("memory limit 64 MiB exceeded"), "{why}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_can_ask_for_tighter_limits_than_the_server() -> TestResult {
+    let why = reason(&beside_counter("memory", &["limit.max_memory_bytes=16777216"], &[]).await?);
+    assert!(why.contains("memory limit 16 MiB exceeded"), "{why}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_limit_above_the_servers_is_refused_at_deploy() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("in").await?;
+    let too_much = "limit.deadline_ms=5000";
+    let resp = host
+        .deploy(
+            "bad",
+            test_guest("hostile")?,
+            "in",
+            &[],
+            &["config=mode=loop", too_much],
+        )
+        .await?;
+    ensure_status(&resp, 400)?;
+    let v = resp.json()?;
+    assert_eq!(v["error"], "invalid_limit", "{v}");
+    assert!(
+        v["detail"].as_str().is_some_and(|d| d.contains("1..=1000")),
+        "names the server's maximum: {v}"
+    );
+    let resp = host
+        .deploy(
+            "bad",
+            test_guest("hostile")?,
+            "in",
+            &[],
+            &["config=mode=loop", "limit.bogus=1"],
+        )
+        .await?;
+    ensure_status(&resp, 400)?;
+    let resp = host.admin()?.get("/v1/handlers/bad").await?;
+    ensure_status(&resp, 404)?;
     Ok(())
 }
 

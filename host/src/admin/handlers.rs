@@ -12,7 +12,9 @@ use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::catalog::{CatalogError, HandlerDef, HandlerVersion, Reset, ResetTo, StartPosition};
+use crate::catalog::{
+    CatalogError, HandlerDef, HandlerLimits, HandlerVersion, Reset, ResetTo, StartPosition,
+};
 use crate::http::{ApiError, HttpResponse, json, read_body};
 use crate::runtime::{CompileError, LogLabel, StateStore};
 use crate::server::AppState;
@@ -138,7 +140,17 @@ pub(super) async fn deploy(
     let mut config = Vec::new();
     let mut start = None;
     let mut config_given = false;
+    let mut limits = HandlerLimits::default();
+    let mut limits_given = false;
+    let server_limits = state.config.handler_limits();
     for (key, value) in params {
+        if let Some(limit) = key.strip_prefix("limit.") {
+            limits_given = true;
+            limits
+                .set(limit, &value, &server_limits)
+                .map_err(|e| ApiError::bad_request("invalid_limit", e))?;
+            continue;
+        }
         match key.as_str() {
             "input" => input = Some(value),
             "output" => outputs.push(value),
@@ -162,7 +174,7 @@ pub(super) async fn deploy(
                 return Err(ApiError::bad_request(
                     "invalid_query",
                     format!(
-                        "unknown parameter {other:?}; use input, output (repeatable), config=KEY=VALUE (repeatable), from"
+                        "unknown parameter {other:?}; use input, output (repeatable), config=KEY=VALUE (repeatable), from, limit.NAME"
                     ),
                 ));
             }
@@ -203,6 +215,12 @@ pub(super) async fn deploy(
             .map(|v| v.config.clone())
             .unwrap_or_default();
     }
+    if !limits_given {
+        limits = previous
+            .as_ref()
+            .map(|v| v.limits.clone())
+            .unwrap_or_default();
+    }
     for topic in std::iter::once(&input).chain(&outputs) {
         if state.catalog.get(topic).is_none() {
             return Err(ApiError::not_found(
@@ -220,7 +238,7 @@ pub(super) async fn deploy(
 
     // Compile and check `init` off the async threads: a big component takes a while.
     let runtime = state.runtime.clone();
-    let limits = state.config.handler_limits();
+    let check_limits = limits.apply(&server_limits);
     let check_config = config.clone();
     let label = LogLabel {
         handler: Arc::from(name),
@@ -237,7 +255,7 @@ pub(super) async fn deploy(
             runtime
                 .instantiate(
                     &compiled,
-                    &limits,
+                    &check_limits,
                     Box::new(EmptyState),
                     &check_config,
                     label,
@@ -272,6 +290,7 @@ pub(super) async fn deploy(
         config,
         size_bytes: body.len() as u64,
         created_ms: now_ms(),
+        limits,
     };
     let def = match existing {
         Some(def) => {

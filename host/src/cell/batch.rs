@@ -259,6 +259,7 @@ mod tests {
             config: vec![],
             size_bytes: 0,
             created_ms: 0,
+            limits: Default::default(),
         }
     }
 

@@ -599,7 +599,7 @@ impl Runner {
             .runtime
             .instantiate(
                 &compiled,
-                &self.ctx.options.limits,
+                &version.limits.apply(&self.ctx.options.limits),
                 Box::new(ConsumerState(task.consumer.clone())),
                 &version.config,
                 label,

@@ -1,4 +1,4 @@
-//! `procd deploy handler.wasm --name NAME --input TOPIC [--output TOPIC]... [--config K=V]... [--from P]`:
+//! `procd deploy handler.wasm --name NAME --input TOPIC [--output TOPIC]... [--config K=V]... [--limit N=V]... [--from P]`:
 //! uploads a component as a new handler or a new version of one (`PUT /v1/handlers/{name}`).
 //!
 //! Flags are validated here before anything is sent; the server validates the rest (the component, its
@@ -41,6 +41,11 @@ pub struct DeployArgs {
     /// Where a new handler starts on each partition: earliest, latest or an offset [default: earliest].
     #[arg(long, value_name = "earliest|latest|OFFSET")]
     from: Option<String>,
+    /// A limit for this version, below the server's handler.* maximum: max_memory_bytes, deadline_ms,
+    /// max_outputs_per_batch, max_output_bytes_per_batch, max_state_value_bytes or log_lines_per_sec.
+    /// Repeatable; a new version without any keeps the previous version's limits.
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    limits: Vec<String>,
 }
 
 /// Deploy settings, validated.
@@ -68,6 +73,18 @@ impl Deploy {
         for kv in &args.config {
             parse_config(kv)?;
             query.push(format!("config={}", encode_component(kv)));
+        }
+        for limit in &args.limits {
+            let (name, value) = limit.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--limit {limit:?} must be NAME=VALUE, e.g. --limit deadline_ms=200"
+                )
+            })?;
+            query.push(format!(
+                "limit.{}={}",
+                encode_component(name),
+                encode_component(value)
+            ));
         }
         if let Some(from) = &args.from {
             let from: StartPosition = from.parse().map_err(|e| anyhow::anyhow!("--from: {e}"))?;

@@ -612,6 +612,7 @@ impl<W: Write> Ctx<'_, W> {
             config: vec![],
             size_bytes: 0,
             created_ms: 0,
+            limits: Default::default(),
         };
         to_records(outputs, input, &version)
     }

@@ -571,6 +571,7 @@ pub(super) fn run(args: HandlerArgs) -> anyhow::Result<()> {
             config: Vec::new(),
             size_bytes: 0,
             created_ms: 0,
+            limits: Default::default(),
         },
         scratch: InputBatch::new(0),
         wasm_counted: 0,
