@@ -35,6 +35,8 @@ pub struct Config {
     pub cell: CellConfig,
     /// Read API bounds.
     pub read: ReadConfig,
+    /// Admission at the edge: per-tenant and global token buckets.
+    pub admission: AdmissionConfig,
     /// Handlers: limits and batching.
     pub handler: HandlerConfig,
     /// Test hooks; all off by default.
@@ -151,6 +153,31 @@ pub struct CellConfig {
     pub processing_stall_ms: u64,
 }
 
+/// Admission (see [`crate::backpressure`]): rates of 0 turn a bucket off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Body bytes per second each tenant (`Procd-Tenant` header) may append; over it: `429`.
+    pub tenant_bytes_per_sec: u64,
+    /// A tenant's burst in bytes (also its largest request).
+    pub tenant_burst_bytes: u64,
+    /// Body bytes per second the server accepts in all; over it: `503`.
+    pub global_bytes_per_sec: u64,
+    /// The server's burst in bytes.
+    pub global_burst_bytes: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            tenant_bytes_per_sec: 0,
+            tenant_burst_bytes: 16 * 1024 * 1024,
+            global_bytes_per_sec: 0,
+            global_burst_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 /// Read API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -175,6 +202,7 @@ impl Default for Config {
             dedup: DedupConfig::default(),
             cell: CellConfig::default(),
             read: ReadConfig::default(),
+            admission: AdmissionConfig::default(),
             handler: HandlerConfig::default(),
             debug: DebugConfig::default(),
         }
@@ -493,6 +521,31 @@ impl Config {
             86_400_000,
         )?;
         range("read.max_wait_ms", self.read.max_wait_ms, 0, 3_600_000)?;
+        let a = &self.admission;
+        range(
+            "admission.tenant_bytes_per_sec",
+            a.tenant_bytes_per_sec,
+            0,
+            1 << 40,
+        )?;
+        range(
+            "admission.tenant_burst_bytes",
+            a.tenant_burst_bytes,
+            1,
+            1 << 40,
+        )?;
+        range(
+            "admission.global_bytes_per_sec",
+            a.global_bytes_per_sec,
+            0,
+            1 << 40,
+        )?;
+        range(
+            "admission.global_burst_bytes",
+            a.global_burst_bytes,
+            1,
+            1 << 40,
+        )?;
         range(
             "read.max_response_bytes",
             self.read.max_response_bytes,
@@ -527,6 +580,17 @@ impl Config {
                 },
                 dlq_max_entries: self.handler.dlq_max_entries,
             },
+        }
+    }
+
+    /// The admission settings these give.
+    pub fn admission_options(&self) -> crate::backpressure::AdmissionOptions {
+        let a = &self.admission;
+        crate::backpressure::AdmissionOptions {
+            tenant_bytes_per_sec: a.tenant_bytes_per_sec,
+            tenant_burst_bytes: a.tenant_burst_bytes,
+            global_bytes_per_sec: a.global_bytes_per_sec,
+            global_burst_bytes: a.global_burst_bytes,
         }
     }
 

@@ -7,7 +7,8 @@
 //! - [`runtime`]: the wasmtime engine, handler components (compiled, cached) and sandboxed instances.
 //! - [`catalog`]: topics and handlers, persisted in the control Database.
 //! - [`ingest`]: the HTTP data plane (append and read events), and the partitioner.
-//! - [`admin`]: the HTTP control plane (topics, health).
+//! - [`backpressure`]: admission at the edge (per-tenant and global token buckets).
+//! - [`admin`]: the HTTP control plane (topics, handlers, health).
 //! - [`http`]: what both listeners share: error bodies, body limits, connection serving.
 //! - [`server`]: wires the above together and runs until shutdown.
 //! - [`config`]: layered configuration (defaults < `procd.toml` < `PROCD_*` env < flags), validated once.
@@ -15,6 +16,7 @@
 //! - [`cli`]: the `procd` command line.
 
 pub mod admin;
+pub mod backpressure;
 pub mod catalog;
 pub mod cell;
 pub mod cli;

@@ -29,6 +29,8 @@ pub struct AppState {
     pub runtime: Arc<Runtime>,
     /// Cells, indexed by cell number.
     pub cells: Vec<Cell>,
+    /// Admission of appends (token buckets).
+    pub admission: crate::backpressure::Admission,
     /// Serializes control-plane changes (create, delete) so each is applied whole. Never taken by the
     /// data plane.
     pub admin_lock: tokio::sync::Mutex<()>,
@@ -90,7 +92,9 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let admin_lock = tokio::sync::Mutex::new(());
+        let admission = crate::backpressure::Admission::new(config.admission_options());
         let state = AppState {
+            admission,
             config,
             shape,
             catalog,

@@ -369,3 +369,59 @@ async fn long_poll_returns_as_soon_as_data_arrives() -> TestResult {
     assert_eq!(resp.header("procd-next-offset"), Some("2"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.tenant_bytes_per_sec=2000",
+            "admission.tenant_burst_bytes=4000",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let body: String = (0..100)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    assert!(body.len() > 2000 && body.len() < 4000);
+    let post = |tenant: &'static str, body: String| {
+        let url = host.url.clone();
+        async move {
+            let mut data = Client::new(&url)?;
+            let resp = data
+                .request(
+                    hyper::Method::POST,
+                    "/v1/topics/t/events",
+                    &[
+                        ("content-type", "application/x-ndjson"),
+                        ("procd-tenant", tenant),
+                    ],
+                    body.into_bytes(),
+                )
+                .await?;
+            TestResult::Ok(resp)
+        }
+    };
+    // The first request fits the burst; the second, right after, does not.
+    ensure_status(&post("hot", body.clone()).await?, 202)?;
+    let refused = post("hot", body.clone()).await?;
+    ensure_status(&refused, 429)?;
+    let retry: u64 = refused
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .ok_or("a 429 has a Retry-After")?;
+    assert!(
+        (1..=2).contains(&retry),
+        "about a second at 2000 B/s: {retry}"
+    );
+    assert_eq!(refused.json()?["error"], "over_quota");
+    // Another tenant is untouched, and the refused request appended nothing.
+    ensure_status(&post("calm", body.clone()).await?, 202)?;
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 200);
+    // After the advertised wait, the hot tenant is served again.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    ensure_status(&post("hot", body).await?, 202)?;
+    Ok(())
+}

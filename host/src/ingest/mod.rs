@@ -132,12 +132,26 @@ async fn append(
     })?;
     let raw_key = header_string(&req, "procd-key")?;
     let raw_id = header_string(&req, "procd-id")?;
+    // Admission before the body is read when its length is declared: a refusal then costs nothing.
+    let tenant = header_string(&req, "procd-tenant")?.unwrap_or_else(|| "default".into());
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&n| n <= state.config.ingest.max_body_bytes as u64);
+    if let Some(bytes) = declared {
+        state.admission.admit(&tenant, bytes)?;
+    }
     let body: Bytes = read_body(
         req,
         state.config.ingest.max_body_bytes,
         state.config.body_timeout(),
     )
     .await?;
+    if declared.is_none() {
+        state.admission.admit(&tenant, body.len() as u64)?;
+    }
     let events = match format {
         parse::Format::Ndjson => parse::ndjson(&body),
         parse::Format::Json => parse::json(&body),

@@ -1,0 +1,217 @@
+//! Backpressure at the edge: overload is refused before it costs anything, with a status and a
+//! `Retry-After` a client can act on, instead of being queued without bound.
+//!
+//! Admission of an append request, in order (`bucket` holds the token bucket):
+//! 1. the tenant's token bucket, in bytes of request body per second (tenant from the `Procd-Tenant`
+//!    header, `default` without one) → `429`, so one tenant over its quota cannot take the others'
+//!    share;
+//! 2. the server's global token bucket in bytes per second → `503`: the server as a whole is at capacity.
+//!
+//! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
+//! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
+//! bounded queues (full → `503`) stay the last line behind both. Both buckets are off (rate 0) by
+//! default.
+
+mod bucket;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+
+pub use bucket::TokenBucket;
+
+use crate::http::ApiError;
+
+/// Tenants whose buckets are kept at most; beyond it, full (idle) buckets are forgotten first.
+const MAX_TENANTS: usize = 10_000;
+
+/// Admission settings; a rate of 0 turns that bucket off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdmissionOptions {
+    /// Body bytes per second each tenant may append.
+    pub tenant_bytes_per_sec: u64,
+    /// A tenant's burst, in bytes (also its largest request).
+    pub tenant_burst_bytes: u64,
+    /// Body bytes per second the whole server accepts.
+    pub global_bytes_per_sec: u64,
+    /// The server's burst, in bytes.
+    pub global_burst_bytes: u64,
+}
+
+/// The admission state of the data plane.
+#[derive(Debug)]
+pub struct Admission {
+    options: AdmissionOptions,
+    tenants: Mutex<HashMap<String, TokenBucket>>,
+    global: Mutex<Option<TokenBucket>>,
+}
+
+impl Admission {
+    /// Admission with `options`.
+    pub fn new(options: AdmissionOptions) -> Self {
+        let global = (options.global_bytes_per_sec > 0).then(|| {
+            TokenBucket::new(
+                options.global_bytes_per_sec,
+                options.global_burst_bytes,
+                Instant::now(),
+            )
+        });
+        Self {
+            options,
+            tenants: Mutex::new(HashMap::new()),
+            global: Mutex::new(global),
+        }
+    }
+
+    /// Charges `bytes` to `tenant` and to the server, or refuses with `429` (the tenant's quota) or
+    /// `503` (the server's) and a `Retry-After` from the bucket that refused.
+    pub fn admit(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
+        self.admit_at(tenant, bytes, Instant::now())
+    }
+
+    fn admit_at(&self, tenant: &str, bytes: u64, now: Instant) -> Result<(), ApiError> {
+        let o = self.options;
+        let tenant_charged = if o.tenant_bytes_per_sec > 0 {
+            if bytes > o.tenant_burst_bytes.max(1) {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "over_quota",
+                    format!(
+                        "a {bytes}-byte request is larger than tenant {tenant:?}'s burst of {} bytes \
+                         (admission.tenant_burst_bytes); send smaller requests",
+                        o.tenant_burst_bytes
+                    ),
+                )
+                .retry_after(1));
+            }
+            let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            if tenants.len() >= MAX_TENANTS && !tenants.contains_key(tenant) {
+                forget_idle(&mut tenants, now, o);
+            }
+            let bucket = tenants.entry(tenant.to_string()).or_insert_with(|| {
+                TokenBucket::new(o.tenant_bytes_per_sec, o.tenant_burst_bytes, now)
+            });
+            bucket.try_take(bytes, now).map_err(|wait| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "over_quota",
+                    format!(
+                        "tenant {tenant:?} is over its quota of {} bytes/s \
+                         (admission.tenant_bytes_per_sec); retry in {} ms",
+                        o.tenant_bytes_per_sec,
+                        wait.as_millis()
+                    ),
+                )
+                .retry_after(secs(wait))
+            })?;
+            true
+        } else {
+            false
+        };
+        let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = global.as_mut()
+            && let Err(wait) = bucket.try_take(bytes, now)
+        {
+            drop(global);
+            // The server refused, not the tenant: its quota was not used.
+            if tenant_charged
+                && let Some(b) = self
+                    .tenants
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(tenant)
+            {
+                b.give_back(bytes);
+            }
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "the server is at its ingest capacity of {} bytes/s (admission.global_bytes_per_sec); \
+                     retry in {} ms",
+                    o.global_bytes_per_sec,
+                    wait.as_millis()
+                ),
+            )
+            .retry_after(secs(wait)));
+        }
+        Ok(())
+    }
+}
+
+/// Forgets the buckets that are full again (their tenants have been idle), or all if none is.
+fn forget_idle(tenants: &mut HashMap<String, TokenBucket>, now: Instant, o: AdmissionOptions) {
+    let before = tenants.len();
+    tenants.retain(|_, b| {
+        let mut probe = b.clone();
+        probe.try_take(o.tenant_burst_bytes.max(1), now).is_err()
+    });
+    if tenants.len() == before {
+        tenants.clear();
+    }
+}
+
+/// `Retry-After` is in whole seconds: round up, at least 1.
+fn secs(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).max(1) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission() -> Admission {
+        Admission::new(AdmissionOptions {
+            tenant_bytes_per_sec: 1000,
+            tenant_burst_bytes: 1000,
+            global_bytes_per_sec: 1500,
+            global_burst_bytes: 1500,
+        })
+    }
+
+    #[test]
+    fn a_tenant_over_its_quota_gets_429_and_others_do_not_notice() {
+        let a = admission();
+        let t0 = Instant::now();
+        assert!(a.admit_at("hot", 1000, t0).is_ok());
+        let err = a.admit_at("hot", 500, t0).err();
+        assert_eq!(
+            err.as_ref().map(|e| e.status),
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        );
+        assert_eq!(err.and_then(|e| e.retry_after_secs), Some(1));
+        assert!(
+            a.admit_at("calm", 400, t0).is_ok(),
+            "another tenant is unaffected"
+        );
+    }
+
+    #[test]
+    fn the_server_refuses_with_503_and_the_tenant_keeps_its_quota() {
+        let a = admission();
+        let t0 = Instant::now();
+        assert!(a.admit_at("a", 1000, t0).is_ok());
+        let err = a.admit_at("b", 1000, t0).err();
+        assert_eq!(err.map(|e| e.status), Some(StatusCode::SERVICE_UNAVAILABLE));
+        // b's bucket got its tokens back: once the server has room, b's full burst passes.
+        let later = t0 + Duration::from_millis(700);
+        assert!(a.admit_at("b", 1000, later).is_ok());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_is_told_to_shrink() {
+        let a = admission();
+        let err = a.admit_at("a", 5000, Instant::now()).err();
+        assert!(err.is_some_and(|e| e.detail.contains("send smaller requests")));
+    }
+
+    #[test]
+    fn off_by_default() {
+        let a = Admission::new(AdmissionOptions::default());
+        for _ in 0..1000 {
+            assert!(a.admit("any", 1 << 30).is_ok());
+        }
+    }
+}
