@@ -165,6 +165,10 @@ pub struct AdmissionConfig {
     pub global_bytes_per_sec: u64,
     /// The server's burst in bytes.
     pub global_burst_bytes: u64,
+    /// A partition whose handlers lag more events than this refuses writes (`429`); 0: off.
+    pub lag_high_events: u64,
+    /// ... until they are back under this many.
+    pub lag_low_events: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -174,6 +178,8 @@ impl Default for AdmissionConfig {
             tenant_burst_bytes: 16 * 1024 * 1024,
             global_bytes_per_sec: 0,
             global_burst_bytes: 64 * 1024 * 1024,
+            lag_high_events: 0,
+            lag_low_events: 0,
         }
     }
 }
@@ -546,6 +552,13 @@ impl Config {
             1,
             1 << 40,
         )?;
+        range("admission.lag_high_events", a.lag_high_events, 0, 1 << 40)?;
+        if a.lag_high_events > 0 && a.lag_low_events >= a.lag_high_events {
+            return Err(ConfigError(format!(
+                "admission.lag_low_events must be below admission.lag_high_events ({}); got {}",
+                a.lag_high_events, a.lag_low_events
+            )));
+        }
         range(
             "read.max_response_bytes",
             self.read.max_response_bytes,
@@ -579,6 +592,10 @@ impl Config {
                     cooldown: Duration::from_millis(self.handler.breaker_cooldown_ms),
                 },
                 dlq_max_entries: self.handler.dlq_max_entries,
+                lag_watermarks: (self.admission.lag_high_events > 0).then_some((
+                    self.admission.lag_high_events,
+                    self.admission.lag_low_events,
+                )),
             },
         }
     }

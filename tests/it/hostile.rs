@@ -267,3 +267,88 @@ async fn the_watchdog_reports_a_cell_whose_processing_is_stuck() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "handler.deadline_ms=2000",
+            "admission.lag_high_events=5",
+            "admission.lag_low_events=2",
+        ],
+    )?;
+    host.create_topic("in").await?;
+    host.create_topic("bad-out").await?;
+    let config = ["config=mode=loop", "config=on=666"];
+    deploy_ok(
+        &host,
+        "bad",
+        test_guest("hostile")?,
+        "in",
+        &["bad-out"],
+        &config,
+        1,
+    )
+    .await?;
+    // The trigger holds partition p's handler for a deadline or more; events keep arriving behind it.
+    let key = |k: &str| Some(k.to_string());
+    let first = post_all(&host, "in", &[(key("k"), json!(666))]).await?;
+    let p = first[0].partition;
+    let behind: Vec<_> = (0..10).map(|i| (key("k"), json!(i))).collect();
+    post_all(&host, "in", &behind).await?;
+    let other = (0..100)
+        .map(|i| format!("o{i}"))
+        .find(|k| procd::ingest::partitioner::route(Some(k.as_bytes()), None, PARTITIONS) != p)
+        .ok_or("no key for another partition")?;
+
+    let mut data = host.data()?;
+    let body = |keys: &[&str]| -> String {
+        keys.iter()
+            .map(|k| format!("{{\"key\":\"{k}\",\"value\":1}}\n"))
+            .collect()
+    };
+    // Lag 11 > 5: p refuses, another partition does not; a mixed request says which, per event.
+    let refused = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let resp = data
+                .post_ndjson("/v1/topics/in/events", body(&["k"]))
+                .await?;
+            if resp.status == 429 {
+                break resp;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "p never refused: {}",
+                resp.status
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(refused.json()?["error"], "partition_lagging");
+    assert!(refused.header("retry-after").is_some());
+    let mixed = data
+        .post_ndjson("/v1/topics/in/events", body(&["k", &other]))
+        .await?;
+    ensure_status(&mixed, 207)?;
+    let results = mixed.json()?["results"].clone();
+    assert_eq!(results[0]["error"], "partition_lagging", "{results}");
+    assert!(results[1]["offset"].is_u64(), "{results}");
+
+    // The poison event is dead-lettered after its deadlines, the handler catches up, p accepts again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let resp = data
+            .post_ndjson("/v1/topics/in/events", body(&["k"]))
+            .await?;
+        if resp.status == 202 {
+            break;
+        }
+        assert_eq!(resp.status, 429);
+        assert!(std::time::Instant::now() < deadline, "p never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

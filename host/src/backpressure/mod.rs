@@ -5,7 +5,10 @@
 //! 1. the tenant's token bucket, in bytes of request body per second (tenant from the `Procd-Tenant`
 //!    header, `default` without one) → `429`, so one tenant over its quota cannot take the others'
 //!    share;
-//! 2. the server's global token bucket in bytes per second → `503`: the server as a whole is at capacity.
+//! 2. the server's global token bucket in bytes per second → `503`: the server as a whole is at capacity;
+//! 3. per partition, the lag watermark ([`lag_watermark`]): while a partition's handlers are more than
+//!    `admission.lag_high_events` behind, its events are refused (`429`, per event in a mixed batch)
+//!    until the lag is back under `admission.lag_low_events`; other partitions are not affected.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
 //! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
@@ -141,6 +144,13 @@ impl Admission {
     }
 }
 
+/// Lag watermarks with hysteresis: a partition starts refusing writes when its lag goes above `high`
+/// and resumes only once it is back below `low`, so it does not flap around one threshold. Returns
+/// whether the partition refuses writes now.
+pub fn lag_watermark(refusing: bool, lag: u64, high: u64, low: u64) -> bool {
+    if refusing { lag >= low } else { lag > high }
+}
+
 /// Forgets the buckets that are full again (their tenants have been idle), or all if none is.
 fn forget_idle(tenants: &mut HashMap<String, TokenBucket>, now: Instant, o: AdmissionOptions) {
     let before = tenants.len();
@@ -205,6 +215,21 @@ mod tests {
         let a = admission();
         let err = a.admit_at("a", 5000, Instant::now()).err();
         assert!(err.is_some_and(|e| e.detail.contains("send smaller requests")));
+    }
+
+    #[test]
+    fn watermarks_have_hysteresis() {
+        let (high, low) = (100, 20);
+        let mut refusing = false;
+        let mut flips = Vec::new();
+        for lag in [0, 50, 100, 101, 150, 60, 21, 20, 19, 50, 100, 101] {
+            let next = lag_watermark(refusing, lag, high, low);
+            if next != refusing {
+                flips.push((lag, next));
+            }
+            refusing = next;
+        }
+        assert_eq!(flips, [(101, true), (19, false), (101, true)]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod retention;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -86,6 +86,12 @@ pub enum CellError {
     /// The server is shutting down.
     #[error("cell {cell} is shutting down")]
     ShuttingDown { cell: u32 },
+    /// The partition's handlers lag past the high watermark: its writes wait until they catch up.
+    #[error(
+        "partition {partition} is lagging: its handlers are {lag} events behind \
+         (admission.lag_high_events); writes resume below admission.lag_low_events"
+    )]
+    Lagging { partition: u32, lag: u64 },
 }
 
 /// One event to append: its partition, its encoded record (the writer stamps the time) and its id.
@@ -193,9 +199,21 @@ pub struct PartitionView {
     pub partition: u32,
     log: PartitionLog,
     durable_end: watch::Sender<u64>,
+    /// Handlers' lag past the high watermark (set and cleared by the processor's supervisor, with
+    /// hysteresis): ingest refuses this partition's writes while it is set.
+    lagging: AtomicU64,
 }
 
 impl PartitionView {
+    /// The lag that made this partition refuse writes, if it does (0: it does not).
+    pub fn lagging(&self) -> Option<u64> {
+        Some(self.lagging.load(Ordering::Relaxed)).filter(|&lag| lag > 0)
+    }
+
+    fn set_lagging(&self, lag: Option<u64>) {
+        self.lagging.store(lag.unwrap_or(0), Ordering::Relaxed);
+    }
+
     /// One past the last durable offset.
     pub fn end_offset(&self) -> u64 {
         *self.durable_end.borrow()

@@ -64,6 +64,9 @@ pub struct ProcessorOptions {
     pub breaker: BreakerOptions,
     /// Dead letters kept per handler and partition; beyond it the oldest are deleted.
     pub dlq_max_entries: u64,
+    /// Lag watermarks (high, low) in events: a partition whose handlers lag past `high` refuses writes
+    /// until they are back under `low`. `None`: off.
+    pub lag_watermarks: Option<(u64, u64)>,
 }
 
 impl Default for ProcessorOptions {
@@ -73,6 +76,7 @@ impl Default for ProcessorOptions {
             batch_max_events: 1000,
             breaker: BreakerOptions::default(),
             dlq_max_entries: 10_000,
+            lag_watermarks: None,
         }
     }
 }
@@ -203,12 +207,48 @@ impl Supervisor {
             let defs = self.ctx.catalog.handlers();
             self.sync_tasks(&defs);
             self.route_replays();
+            self.update_watermarks(&defs);
             std::thread::park_timeout(IDLE_PARK);
         }
         for (_, task) in std::mem::take(&mut self.tasks) {
             task.quit.store(true, Ordering::Release);
             task.thread.thread().unpark();
             let _ = task.thread.join();
+        }
+    }
+
+    /// Sets or clears each of the cell's partitions' lag flag from its handlers' lag (the live end
+    /// offset minus the committed one; paused and tripped handlers do not count: they lag on purpose,
+    /// and producers should not pay for it).
+    fn update_watermarks(&self, defs: &HashMap<String, Arc<HandlerDef>>) {
+        let Some((high, low)) = self.ctx.options.lag_watermarks else {
+            return;
+        };
+        let shared = &self.ctx.shared;
+        let mut lag: HashMap<(&str, u32), u64> = HashMap::new();
+        if let Ok(statuses) = shared.statuses.lock() {
+            for ((handler, partition), status) in statuses.iter() {
+                if matches!(status.status, "paused" | "tripped") {
+                    continue;
+                }
+                let Some(def) = defs.get(handler) else {
+                    continue;
+                };
+                let Some(view) = shared.view(&def.input, *partition) else {
+                    continue;
+                };
+                let behind = view.end_offset().saturating_sub(status.committed_offset);
+                let worst = lag.entry((def.input.as_str(), *partition)).or_insert(0);
+                *worst = (*worst).max(behind);
+            }
+        }
+        for (name, topic) in shared.topics.load().iter() {
+            for (p, view) in &topic.by_partition {
+                let behind = lag.get(&(&**name, *p)).copied().unwrap_or(0);
+                let refusing = view.lagging().is_some();
+                let next = crate::backpressure::lag_watermark(refusing, behind, high, low);
+                view.set_lagging(next.then_some(behind.max(1)));
+            }
         }
     }
 

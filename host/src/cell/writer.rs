@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{oneshot, watch};
 
@@ -150,6 +151,7 @@ impl Writer {
                 partition: p,
                 log,
                 durable_end,
+                lagging: AtomicU64::new(0),
             });
             views.insert(p, view.clone());
             states.insert(

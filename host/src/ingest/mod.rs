@@ -89,6 +89,7 @@ fn refusal(err: &CellError) -> (&'static str, u64) {
         CellError::Overloaded { .. } => ("cell_overloaded", 100),
         CellError::UnknownTopic(_) => ("unknown_topic", 1_000),
         CellError::ShuttingDown { .. } => ("shutting_down", 1_000),
+        CellError::Lagging { .. } => ("partition_lagging", 1_000),
     }
 }
 
@@ -171,6 +172,9 @@ async fn append(
     let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> =
         (0..cells).map(|_| (Vec::new(), Vec::new())).collect();
     let mut placed = Vec::with_capacity(events.len());
+    // Partitions refusing writes because their handlers lag (looked up once per partition).
+    let mut lagging: Vec<Option<Option<u64>>> = vec![None; partitions as usize];
+    let mut refused_lagging: Vec<(usize, CellError)> = Vec::new();
     for (index, event) in events.into_iter().enumerate() {
         let partition = partitioner::route(
             event.key.as_deref().map(str::as_bytes),
@@ -178,6 +182,16 @@ async fn append(
             partitions,
         );
         placed.push(partition);
+        let lag = *lagging[partition as usize].get_or_insert_with(|| {
+            state
+                .cell_for(partition)
+                .partition(topic, partition)
+                .and_then(|v| v.lagging())
+        });
+        if let Some(lag) = lag {
+            refused_lagging.push((index, CellError::Lagging { partition, lag }));
+            continue;
+        }
         let record = event.record(0).encode();
         let slot = &mut per_cell[state.shape.cell_of(partition) as usize];
         slot.0.push(index);
@@ -193,6 +207,9 @@ async fn append(
     let topic: Arc<str> = Arc::from(topic);
     let mut pending = Vec::new();
     let mut outcomes: Vec<Option<Outcome>> = placed.iter().map(|_| None).collect();
+    for (i, err) in refused_lagging {
+        outcomes[i] = Some(Outcome::refused(placed[i], &err));
+    }
     for (cell, (indices, events)) in per_cell.into_iter().enumerate() {
         if events.is_empty() {
             continue;
@@ -265,10 +282,10 @@ async fn append(
     // Nothing was accepted: answer with the (first) refusal's status and retry hint.
     let code = refused[0].error.unwrap_or("refused");
     let retry_ms = refused[0].retry_after_ms.unwrap_or(1_000);
-    let status = if code == "unknown_topic" {
-        StatusCode::NOT_FOUND
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let status = match code {
+        "unknown_topic" => StatusCode::NOT_FOUND,
+        "partition_lagging" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     let detail = refused[0].detail.clone().unwrap_or_default();
     let mut resp = json(
