@@ -425,3 +425,32 @@ async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResul
     ensure_status(&post("hot", body).await?, 202)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn priorities_are_read_and_a_bad_one_is_refused() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    for (priority, status) in [
+        ("critical", 202),
+        ("low", 202),
+        ("Normal", 202),
+        ("urgent", 400),
+    ] {
+        let resp = data
+            .request(
+                hyper::Method::POST,
+                "/v1/topics/t/events",
+                &[
+                    ("content-type", "application/x-ndjson"),
+                    ("procd-priority", priority),
+                ],
+                b"{\"value\":1}".to_vec(),
+            )
+            .await?;
+        ensure_status(&resp, status)?;
+    }
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 3);
+    Ok(())
+}

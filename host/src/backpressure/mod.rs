@@ -8,7 +8,9 @@
 //! 2. the server's global token bucket in bytes per second → `503`: the server as a whole is at capacity;
 //! 3. per partition, the lag watermark ([`lag_watermark`]): while a partition's handlers are more than
 //!    `admission.lag_high_events` behind, its events are refused (`429`, per event in a mixed batch)
-//!    until the lag is back under `admission.lag_low_events`; other partitions are not affected.
+//!    until the lag is back under `admission.lag_low_events`; other partitions are not affected;
+//! 4. per cell, its bounded queue with [`Priority`]: as it fills, `low` requests are shed first (`503`
+//!    at half full), then `normal` (at 80 %), `critical` only when it is full.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
 //! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
@@ -144,6 +146,44 @@ impl Admission {
     }
 }
 
+/// How much a request matters when a cell's queue fills (`Procd-Priority` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Priority {
+    /// Shed first, once the queue is half full.
+    Low,
+    /// Shed once the queue is 80 % full.
+    #[default]
+    Normal,
+    /// Refused only when the queue is full.
+    Critical,
+}
+
+impl Priority {
+    /// Parses the `Procd-Priority` header value.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "low" => Ok(Self::Low),
+            "normal" => Ok(Self::Normal),
+            "critical" => Ok(Self::Critical),
+            other => Err(format!(
+                "Procd-Priority {other:?} is not one of critical, normal, low"
+            )),
+        }
+    }
+
+    /// Whether a request of this priority may join a queue holding `depth` of `capacity` entries:
+    /// `low` is shed first, then `normal`, `critical` only when the queue is full.
+    pub fn admits(self, depth: usize, capacity: usize) -> bool {
+        let capacity = capacity.max(1);
+        let limit = match self {
+            Self::Low => capacity / 2,
+            Self::Normal => capacity * 4 / 5,
+            Self::Critical => capacity,
+        };
+        depth < limit.max(1)
+    }
+}
+
 /// Lag watermarks with hysteresis: a partition starts refusing writes when its lag goes above `high`
 /// and resumes only once it is back below `low`, so it does not flap around one threshold. Returns
 /// whether the partition refuses writes now.
@@ -230,6 +270,30 @@ mod tests {
             refusing = next;
         }
         assert_eq!(flips, [(101, true), (19, false), (101, true)]);
+    }
+
+    #[test]
+    fn low_is_shed_first_then_normal_then_critical() {
+        let capacity = 100;
+        let shed_at = |p: Priority| (0..=capacity).find(|&d| !p.admits(d, capacity));
+        assert_eq!(shed_at(Priority::Low), Some(50));
+        assert_eq!(shed_at(Priority::Normal), Some(80));
+        assert_eq!(shed_at(Priority::Critical), Some(100));
+        for depth in 0..=capacity {
+            // Whatever admits a lower priority admits every higher one.
+            if Priority::Low.admits(depth, capacity) {
+                assert!(Priority::Normal.admits(depth, capacity));
+            }
+            if Priority::Normal.admits(depth, capacity) {
+                assert!(Priority::Critical.admits(depth, capacity));
+            }
+        }
+        assert!(
+            Priority::Low.admits(0, 1),
+            "a tiny queue still takes one request"
+        );
+        assert_eq!(Priority::parse(" Critical"), Ok(Priority::Critical));
+        assert!(Priority::parse("urgent").is_err());
     }
 
     #[test]

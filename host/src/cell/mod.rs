@@ -457,10 +457,14 @@ impl Cell {
         &self,
         topic: Arc<str>,
         events: Vec<AppendEvent>,
+        priority: crate::backpressure::Priority,
     ) -> Result<oneshot::Receiver<AppendReply>, CellError> {
         let cell = self.shared.index;
         if let Some(reason) = self.failure() {
             return Err(CellError::Unavailable { cell, reason });
+        }
+        if !priority.admits(self.tx.len(), self.tx.capacity().unwrap_or(usize::MAX)) {
+            return Err(CellError::Overloaded { cell });
         }
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Command::Append {

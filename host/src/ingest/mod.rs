@@ -135,6 +135,11 @@ async fn append(
     let raw_id = header_string(&req, "procd-id")?;
     // Admission before the body is read when its length is declared: a refusal then costs nothing.
     let tenant = header_string(&req, "procd-tenant")?.unwrap_or_else(|| "default".into());
+    let priority = match header_string(&req, "procd-priority")? {
+        Some(p) => crate::backpressure::Priority::parse(&p)
+            .map_err(|e| ApiError::bad_request("invalid_header", e))?,
+        None => crate::backpressure::Priority::default(),
+    };
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -214,7 +219,7 @@ async fn append(
         if events.is_empty() {
             continue;
         }
-        match state.cells[cell].append(topic.clone(), events) {
+        match state.cells[cell].append(topic.clone(), events, priority) {
             Ok(rx) => pending.push((indices, rx)),
             Err(err) => {
                 for i in indices {
