@@ -4,6 +4,7 @@
 //! procd's world), the topics it names, and its `init` with the given config. Only then is the version
 //! recorded; each partition's processor swaps to it at its next batch boundary.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -516,35 +517,15 @@ pub(super) async fn purge_dead_letters(
     query: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     state.catalog.handler(name).ok_or_else(|| not_found(name))?;
-    let (mut partition, mut through) = (None, None);
-    for (key, value) in query_pairs(query)? {
-        let n = value.parse::<u64>().map_err(|_| {
-            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
-        })?;
-        match key.as_str() {
-            "partition" => partition = Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            "through" => through = Some(n),
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown parameter {other:?}; use partition, through"),
-                ));
-            }
-        }
-    }
+    let params = number_params(query, &["partition", "through"])?;
+    let (partition, through) = (partition_param(&params), params.get("through").copied());
     let mut purged = 0;
     for p in dlq_partitions(state, partition)? {
         purged += state
             .cell_for(p)
             .purge_dead_letters(name, p, through)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cell_unavailable",
-                    e.to_string(),
-                )
-            })?;
+            .map_err(cell_unavailable)?;
     }
     tracing::info!(
         handler = name,
@@ -565,35 +546,15 @@ pub(super) async fn replay_dead_letters(
     query: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     state.catalog.handler(name).ok_or_else(|| not_found(name))?;
-    let (mut partition, mut seq) = (None, None);
-    for (key, value) in query_pairs(query)? {
-        let n = value.parse::<u64>().map_err(|_| {
-            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
-        })?;
-        match key.as_str() {
-            "partition" => partition = Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            "seq" => seq = Some(n),
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown parameter {other:?}; use partition, seq"),
-                ));
-            }
-        }
-    }
+    let params = number_params(query, &["partition", "seq"])?;
+    let (partition, seq) = (partition_param(&params), params.get("seq").copied());
     let (mut replayed, mut failed) = (0, Vec::new());
     for p in dlq_partitions(state, partition)? {
         let outcome = state
             .cell_for(p)
             .replay_dead_letters(name, p, seq)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cell_unavailable",
-                    e.to_string(),
-                )
-            })?;
+            .map_err(cell_unavailable)?;
         replayed += outcome.replayed;
         failed.extend(
             outcome
@@ -612,6 +573,39 @@ pub(super) async fn replay_dead_letters(
         StatusCode::OK,
         &json!({ "replayed": replayed, "failed": failed }),
     ))
+}
+
+/// The query's parameters, each a whole number and one of `allowed`.
+fn number_params(query: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, u64>, ApiError> {
+    let mut out = HashMap::new();
+    for (key, value) in query_pairs(query)? {
+        if !allowed.contains(&key.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown parameter {key:?}; use {}", allowed.join(", ")),
+            ));
+        }
+        let n = value.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
+        })?;
+        out.insert(key, n);
+    }
+    Ok(out)
+}
+
+/// The `partition` parameter, if given.
+fn partition_param(params: &HashMap<String, u64>) -> Option<u32> {
+    params
+        .get("partition")
+        .map(|&n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+fn cell_unavailable(e: crate::cell::CellError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "cell_unavailable",
+        e.to_string(),
+    )
 }
 
 /// The partitions a dead-letter request is about: `partition` if given (which must exist), else all.
@@ -633,23 +627,12 @@ pub(super) async fn dead_letters(
     query: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     state.catalog.handler(name).ok_or_else(|| not_found(name))?;
-    let (mut partition, mut from, mut limit) = (None, 0u64, 100usize);
-    for (key, value) in query_pairs(query)? {
-        let n = value.parse::<u64>().map_err(|_| {
-            ApiError::bad_request("invalid_query", format!("{key} must be a whole number"))
-        })?;
-        match key.as_str() {
-            "partition" => partition = Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            "from" => from = n,
-            "limit" => limit = usize::try_from(n).unwrap_or(usize::MAX).clamp(1, 10_000),
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown parameter {other:?}; use partition, from, limit"),
-                ));
-            }
-        }
-    }
+    let params = number_params(query, &["partition", "from", "limit"])?;
+    let partition = partition_param(&params);
+    let from = params.get("from").copied().unwrap_or(0);
+    let limit = params.get("limit").map_or(100, |&n| {
+        usize::try_from(n).unwrap_or(usize::MAX).clamp(1, 10_000)
+    });
     let mut entries = Vec::new();
     for p in dlq_partitions(state, partition)? {
         let consumer = state

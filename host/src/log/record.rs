@@ -35,14 +35,6 @@ pub struct Record {
     pub id: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Body {
-    key: Option<Vec<u8>>,
-    value: Payload,
-    headers: Vec<(String, String)>,
-    id: Option<String>,
-}
-
 /// An event's value borrowed from wherever it lives; encodes exactly like [`Payload`] (postcard writes a
 /// string, a byte slice and a `Vec<u8>` the same way: a varint length, then the bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -117,7 +109,8 @@ impl Serialize for AsBytes<'_> {
     }
 }
 
-/// The body as it is written, from borrowed pieces: the same postcard layout as [`Body`].
+/// The postcard body, written from borrowed pieces: `key: Option<bytes>, value: Payload (variant 0
+/// Json as a string, 1 Bytes as bytes), headers: seq of (string, string), id: Option<string>`.
 #[derive(Serialize)]
 struct BodyOut<'a, H> {
     key: Option<AsBytes<'a>>,
@@ -166,21 +159,7 @@ impl Record {
 
     /// Decodes a record of any supported version.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let Some((&version, rest)) = bytes.split_first() else {
-            return Err(DecodeError::Truncated(0));
-        };
-        if version != FORMAT_V1 {
-            return Err(DecodeError::UnknownVersion(version));
-        }
-        let timestamp_ms = timestamp_of(bytes).ok_or(DecodeError::Truncated(bytes.len()))?;
-        let body: Body = postcard::from_bytes(&rest[8..])?;
-        Ok(Self {
-            timestamp_ms,
-            key: body.key,
-            value: body.value,
-            headers: body.headers,
-            id: body.id,
-        })
+        RecordRef::decode(bytes).map(|r| r.to_owned())
     }
 }
 
