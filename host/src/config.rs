@@ -122,6 +122,8 @@ pub struct IngestConfig {
     pub header_read_timeout_ms: u64,
     /// Connections served at once per listener.
     pub max_connections: usize,
+    /// Header fields a request may have (`431` above).
+    pub max_headers: usize,
 }
 
 /// Dedup window.
@@ -222,6 +224,7 @@ impl Default for IngestConfig {
             body_timeout_ms: 30_000,
             header_read_timeout_ms: 10_000,
             max_connections: 1024,
+            max_headers: 100,
         }
     }
 }
@@ -414,6 +417,7 @@ impl Config {
             1,
             1_000_000,
         )?;
+        range("ingest.max_headers", self.ingest.max_headers, 1, 10_000)?;
         range(
             "dedup.window_ms",
             self.dedup.window_ms,

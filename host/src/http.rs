@@ -163,6 +163,8 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Time allowed to send the request head.
     pub header_read_timeout: Duration,
+    /// Header fields a request may have; hyper answers `431` above.
+    pub max_headers: usize,
 }
 
 /// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves, then stops accepting and waits
@@ -184,6 +186,10 @@ pub async fn serve<H, F>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    // hyper's default is 100 on the stack; any other value moves the header array to the heap.
+    if limits.max_headers != 100 {
+        builder.max_headers(limits.max_headers.max(1));
+    }
     tokio::pin!(shutdown);
     loop {
         // Take a connection slot first, so the accept backlog absorbs the excess instead of our memory.

@@ -142,6 +142,7 @@ impl Server {
             header_read_timeout: std::time::Duration::from_millis(
                 config.ingest.header_read_timeout_ms,
             ),
+            max_headers: config.ingest.max_headers,
         };
         if let Ok(addr) = data.local_addr() {
             tracing::info!(%addr, "data plane listening");

@@ -454,3 +454,29 @@ async fn priorities_are_read_and_a_bad_one_is_refused() -> TestResult {
     assert_eq!(total, 3);
     Ok(())
 }
+
+#[tokio::test]
+async fn too_many_header_fields_get_431() -> TestResult {
+    use std::io::{Read, Write};
+    let host = TestHost::start_with(PARTITIONS, 2, &["ingest.max_headers=20"])?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let request = |headers: usize| -> TestResult<String> {
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut head = String::from("GET /v1/topics/t/partitions/0/events HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..headers {
+            head.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        stream.write_all(head.as_bytes())?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    let many = request(50)?;
+    assert!(many.starts_with("HTTP/1.1 431"), "{many}");
+    let few = request(5)?;
+    assert!(few.starts_with("HTTP/1.1 200"), "{few}");
+    Ok(())
+}
