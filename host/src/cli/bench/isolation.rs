@@ -78,11 +78,12 @@ pub struct IsolationArgs {
     /// Directory holding hostile.wasm [default: tests/guests/target/wasm32-wasip2/release].
     #[arg(long, value_name = "DIR")]
     components: Option<PathBuf>,
-    /// Events each phase writes in each round.
-    #[arg(long, default_value_t = 100_000)]
+    /// Events each phase writes in each round (at 100 000 a phase lasts under a second on 2 cores,
+    /// too short to compare against another process's noise).
+    #[arg(long, default_value_t = 200_000)]
     events: usize,
     /// Rounds of (A) then (B); figures are totals over all rounds.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Events per HTTP request.
     #[arg(long, default_value_t = 1000)]
