@@ -4,6 +4,7 @@
 mod e2e;
 mod handler;
 mod ingest;
+mod isolation;
 mod util;
 
 use anyhow::Context as _;
@@ -18,6 +19,9 @@ pub enum BenchCommand {
     Handler(handler::HandlerArgs),
     /// HTTP ingest alone versus HTTP ingest -> passthrough handler -> output topic, in one run.
     E2e(e2e::E2eArgs),
+    /// Other partitions' throughput and event->output latency while one partition's handler loops
+    /// forever on a trigger, against a run without triggers, in one run.
+    Isolation(isolation::IsolationArgs),
 }
 
 pub(super) async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -28,5 +32,6 @@ pub(super) async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await
             .context("the handler benchmark panicked")?,
         BenchCommand::E2e(args) => e2e::run(args).await,
+        BenchCommand::Isolation(args) => isolation::run(args).await,
     }
 }
