@@ -274,7 +274,7 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
         PARTITIONS,
         2,
         &[
-            "handler.deadline_ms=2000",
+            "handler.deadline_ms=500",
             "admission.lag_high_events=5",
             "admission.lag_low_events=2",
         ],

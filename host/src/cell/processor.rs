@@ -50,6 +50,9 @@ type Stored = (u64, fjall::Slice);
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long the processor sleeps when no partition has work (the writer wakes it on new input).
 const IDLE_PARK: Duration = Duration::from_millis(50);
+/// After a call that ran out its deadline, the task waits this many deadlines before its next call, so
+/// a looping handler uses at most 1/(1 + this) of a core while its poison event is being isolated.
+const DEADLINE_PENALTY: u32 = 4;
 /// Bytes of input read per batch at most.
 pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -131,6 +134,8 @@ struct Task {
     /// commits share the writer's fsync.
     in_flight: Option<InFlight>,
     breaker: Breaker,
+    /// Set after a call ran out its deadline: the next call waits until then.
+    cool_until: Option<Instant>,
 }
 
 /// A commit the writer has not answered yet, with what the task records once it is durable.
@@ -406,6 +411,7 @@ impl Task {
             retry_at: None,
             in_flight: None,
             breaker: Breaker::new(ctx.options.breaker),
+            cool_until: None,
             status: TaskStatus {
                 partition,
                 version: 0,
@@ -727,6 +733,8 @@ impl Runner {
         task.committed = Some(committed);
         task.status.committed_offset = committed.offset;
         task.status.last_progress_ms = now_ms();
+        // Published at once: a long halving commits many times within one step.
+        self.publish(task);
         Ok(())
     }
 
@@ -1034,10 +1042,20 @@ impl Runner {
                 Err(e) => return Err(CallError::Trap(e.to_string())),
             }
         }
-        match task.instance.as_mut() {
+        // A task whose last call ran out its deadline waits before the next one: a handler that loops
+        // burns a core for each deadline, and on a small machine that core is its neighbours'.
+        if let Some(until) = task.cool_until.take() {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        let outcome = match task.instance.as_mut() {
             Some((_, instance)) => instance.handle(&batch.batch),
             None => Err(CallError::Trap("no instance".into())),
+        };
+        if let Err(CallError::Deadline(_)) = outcome {
+            let deadline = version.limits.apply(&self.ctx.options.limits).deadline;
+            task.cool_until = Some(Instant::now() + deadline * DEADLINE_PENALTY);
         }
+        outcome
     }
 
     fn take_writes(&mut self, task: &mut Task) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
