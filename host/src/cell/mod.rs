@@ -1,5 +1,6 @@
 //! Cells: the unit of isolation. Cell `k` owns the partitions `p` with `p % C == k` and shares nothing with
 //! other cells: its own fjall Database (`DIR/cells/k`), its own writer thread, its own maintenance thread,
+//! its own processor (a supervisor thread and one thread per handler and partition, see `processor`),
 //! its own bounded queue and its own health.
 //!
 //! The writer ([`writer`]) is the only thread that writes to the cell's Database: it group-commits
