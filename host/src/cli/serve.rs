@@ -62,12 +62,13 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(file.as_deref(), std::env::vars(), flags)?;
     let server = Server::open(config)?;
     let (data, admin) = server.bind().await?;
+    let shutdown = shutdown_signal();
     // One machine-readable line on stdout, for people and for scripts that start procd on port 0.
     println!(
         "procd ready: data=http://{} admin=http://{}",
         data.local_addr()?,
         admin.local_addr()?
     );
-    server.run(data, admin, shutdown_signal()).await;
+    server.run(data, admin, shutdown).await;
     Ok(())
 }

@@ -73,10 +73,12 @@ pub(super) async fn run(args: StatusArgs, endpoints: &Endpoints) -> anyhow::Resu
     let period = Duration::from_secs_f64(period);
     // Redraw in place on a terminal; append tables (separated by a blank line) when piped.
     let clear = std::io::stdout().is_terminal();
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = tokio::time::sleep(period) => {}
-            () = crate::server::shutdown_signal() => return Ok(()),
+            () = &mut shutdown => return Ok(()),
         }
         let current = sample(&mut admin).await?;
         let table = render(&previous, &current);

@@ -229,6 +229,8 @@ pub(super) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_url = format!("http://{}", data.local_addr()?);
     let admin_url = format!("http://{}", admin.local_addr()?);
     let printer = Printer::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     // Same shape as `procd serve`'s ready line, so scripts can read the ports.
     println!("procd ready: data={data_url} admin={admin_url}");
     printer.note(&format!(
@@ -249,7 +251,7 @@ pub(super) async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let result = tokio::select! {
         r = develop(&session, &printer, &data_url, &admin_url) => r,
-        () = shutdown_signal() => Ok(()),
+        () = &mut shutdown => Ok(()),
     };
     printer.note("stopping: finishing requests in flight and closing the data directory");
     stop.send_replace(true);
