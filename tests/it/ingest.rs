@@ -480,3 +480,91 @@ async fn too_many_header_fields_get_431() -> TestResult {
     assert!(few.starts_with("HTTP/1.1 200"), "{few}");
     Ok(())
 }
+
+/// Writes `bytes` on a fresh connection to `addr`, optionally half-closes, and reads what comes back
+/// (until the server closes or 10 s pass).
+fn raw_exchange(addr: &str, bytes: &[u8], half_close: bool) -> TestResult<(String, Duration)> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(bytes)?;
+    if half_close {
+        stream.shutdown(std::net::Shutdown::Write)?;
+    }
+    let mut answer = Vec::new();
+    // A reset after the answer is fine: what matters is what arrived before it.
+    let _ = stream.read_to_end(&mut answer);
+    Ok((
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    ))
+}
+
+#[tokio::test]
+async fn slow_or_lying_requests_are_cut_off_and_append_nothing() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "ingest.header_read_timeout_ms=500",
+            "ingest.body_timeout_ms=500",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let head = |length: usize| {
+        format!(
+            "POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n\
+             Connection: close\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let line = "{\"key\":\"k\",\"value\":1}\n";
+
+    // Slow headers (slowloris): the head never ends; the connection is closed at the timeout.
+    let (answer, took) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            raw_exchange(
+                &addr,
+                b"POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\n",
+                false,
+            )
+        }
+    })
+    .await??;
+    assert!(
+        took < Duration::from_secs(5),
+        "closed after {took:?}: {answer:?}"
+    );
+    assert!(!answer.contains(" 202 "), "{answer}");
+
+    // Slow body: the head promises 1000 bytes, 22 arrive, then nothing: 408 at the body timeout.
+    let request = format!("{}{line}", head(1000));
+    let (answer, took) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || raw_exchange(&addr, request.as_bytes(), false)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // A body shorter than its Content-Length (the client gives up): an error, never a partial append.
+    let request = format!("{}{line}", head(1000));
+    let (answer, _) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || raw_exchange(&addr, request.as_bytes(), true)
+    })
+    .await??;
+    assert!(!answer.contains(" 202 "), "{answer}");
+
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 0, "nothing of any of them was appended");
+    // And the server still serves a well-formed request.
+    let request = format!("{}{line}", head(line.len()));
+    let (answer, _) =
+        tokio::task::spawn_blocking(move || raw_exchange(&addr, request.as_bytes(), false))
+            .await??;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    Ok(())
+}
