@@ -28,21 +28,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Args;
-use serde::Deserialize;
 
+use super::server::{AppendResults, Running, post_all};
 use super::util::{
     Component, Scratch, check_range, components_dir, event_value, machine_line, percentile,
     process_cpu, read_component,
 };
-use crate::client::Client;
 use crate::config::{Config, Overrides};
-use crate::server::{AppState, Server};
 
 /// Input topic of both phases, and output topic of (ii).
 const INPUT: &str = "in";
@@ -231,172 +228,6 @@ pub(super) async fn run(args: E2eArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server running in this process.
-struct Running {
-    state: Arc<AppState>,
-    data: Client,
-    admin: Client,
-    data_url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(plan: &Plan, data_dir: &Path) -> anyhow::Result<Self> {
-        let config = Config {
-            data_dir: data_dir.to_path_buf(),
-            ..plan.config.clone()
-        };
-        let server = Server::open(config).context("cannot open the benchmark server")?;
-        let state = server.state().clone();
-        let (data, admin) = server.bind().await?;
-        let data_url = format!("http://{}", data.local_addr()?);
-        let admin_url = format!("http://{}", admin.local_addr()?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(data, admin, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            state,
-            data: Client::new(&data_url)?,
-            admin: Client::new(&admin_url)?,
-            data_url,
-            stop,
-            task,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let Self {
-            state, stop, task, ..
-        } = self;
-        let _ = stop.send(());
-        task.await.context("the benchmark server panicked")?;
-        // The last handle on the cells: their Databases close here, before the directory is removed.
-        drop(state);
-        Ok(())
-    }
-
-    async fn create_topic(&mut self, name: &str) -> anyhow::Result<()> {
-        let created = self
-            .admin
-            .post_json("/v1/topics", &serde_json::json!({ "name": name }))
-            .await?;
-        crate::cli::check(created).with_context(|| format!("cannot create topic {name:?}"))?;
-        Ok(())
-    }
-
-    /// Events durable in `topic`, from the admin API.
-    async fn end_offsets(&mut self, topic: &str) -> anyhow::Result<u64> {
-        #[derive(Deserialize)]
-        struct Topic {
-            partition_offsets: Vec<PartitionOffsets>,
-        }
-        #[derive(Deserialize)]
-        struct PartitionOffsets {
-            end_offset: u64,
-        }
-        let resp = self.admin.get(&format!("/v1/topics/{topic}")).await?;
-        let resp = crate::cli::check(resp)?;
-        let topic: Topic =
-            serde_json::from_slice(&resp.body).context("unexpected GET /v1/topics answer")?;
-        Ok(topic.partition_offsets.iter().map(|p| p.end_offset).sum())
-    }
-
-    /// Deploys passthrough from `in` to `out` and waits until every partition runs an instance of it.
-    async fn deploy(&mut self, component: Bytes) -> anyhow::Result<()> {
-        let resp = self
-            .admin
-            .request(
-                hyper::Method::PUT,
-                &format!("/v1/handlers/{HANDLER}?input={INPUT}&output={OUTPUT}"),
-                &[("content-type", "application/wasm")],
-                component,
-            )
-            .await?;
-        crate::cli::check(resp).context("cannot deploy passthrough.wasm")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = self.handler_status().await?;
-            let partitions = self.state.shape.partitions as usize;
-            if status.partitions.len() == partitions
-                && status
-                    .partitions
-                    .iter()
-                    .all(|p| p.version == 1 && p.status == "idle")
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("passthrough did not start on every partition within 30 s: {status:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn handler_status(&mut self) -> anyhow::Result<HandlerStatus> {
-        let resp = self.admin.get(&format!("/v1/handlers/{HANDLER}")).await?;
-        let resp = crate::cli::check(resp)?;
-        serde_json::from_slice(&resp.body).context("unexpected GET /v1/handlers answer")
-    }
-
-    /// `(offset, timestamp_ms, key)` of up to `limit` events of `topic`'s partition from `from`.
-    async fn read(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        limit: u64,
-    ) -> anyhow::Result<Vec<ReadEvent>> {
-        let resp = self
-            .data
-            .get(&format!(
-                "/v1/topics/{topic}/partitions/{partition}/events?from={from}&limit={limit}"
-            ))
-            .await?;
-        let resp = crate::cli::check(resp)?;
-        resp.body
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(|line| serde_json::from_slice(line).context("unexpected event line"))
-            .collect()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct HandlerStatus {
-    partitions: Vec<TaskStatus>,
-}
-
-#[derive(Debug, Deserialize)]
-struct TaskStatus {
-    version: u32,
-    status: String,
-    #[serde(default)]
-    dead_letters: u64,
-}
-
-#[derive(Deserialize)]
-struct ReadEvent {
-    offset: u64,
-    timestamp_ms: u64,
-    key: Option<String>,
-}
-
-/// The part of an append response the benchmark checks.
-#[derive(Deserialize)]
-struct AppendResults {
-    results: Vec<AppendOutcome>,
-}
-
-#[derive(Deserialize)]
-struct AppendOutcome {
-    partition: u32,
-    offset: Option<u64>,
-    #[serde(default)]
-    duplicate: bool,
-}
-
 /// One phase on a fresh server: (i) without `component`, (ii) with it.
 async fn phase(
     plan: &Plan,
@@ -404,7 +235,7 @@ async fn phase(
     bodies: Arc<Vec<Bytes>>,
     component: Option<Bytes>,
 ) -> anyhow::Result<Measured> {
-    let mut server = Running::start(plan, data_dir).await?;
+    let mut server = Running::start(&plan.config, data_dir).await?;
     let measured = measure_phase(plan, &mut server, bodies, component).await;
     server.stop().await?;
     measured
@@ -420,12 +251,25 @@ async fn measure_phase(
     let pipeline = component.is_some();
     if let Some(component) = component {
         server.create_topic(OUTPUT).await?;
-        server.deploy(component).await?;
+        server
+            .deploy(
+                HANDLER,
+                &format!("input={INPUT}&output={OUTPUT}"),
+                component,
+            )
+            .await?;
     }
 
     let cpu_before = process_cpu();
     let started = Instant::now();
-    post_all(plan, &server.data_url, bodies).await?;
+    post_all(
+        &server.data_url,
+        INPUT,
+        plan.connections,
+        bodies,
+        plan.events,
+    )
+    .await?;
     let ingest = started.elapsed();
     let mut measured = Measured {
         ingest,
@@ -450,7 +294,7 @@ async fn measure_phase(
         bail!("{target} events were accepted but {INPUT} holds {stored}");
     }
     if pipeline {
-        let status = server.handler_status().await?;
+        let status = server.handler_status(HANDLER).await?;
         let dead: u64 = status.partitions.iter().map(|p| p.dead_letters).sum();
         if dead > 0 {
             bail!("passthrough dead-lettered {dead} events");
@@ -459,42 +303,6 @@ async fn measure_phase(
         measured.probe_ms = probe_delays(plan, server, target).await?;
     }
     Ok(measured)
-}
-
-/// Posts every body over `plan.connections` keep-alive connections; fails unless every event was
-/// accepted as new.
-async fn post_all(plan: &Plan, data_url: &str, bodies: Arc<Vec<Bytes>>) -> anyhow::Result<()> {
-    let path: Arc<str> = Arc::from(format!("/v1/topics/{INPUT}/events"));
-    // Connections take the next body from a shared cursor, so they all finish together.
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut connections = tokio::task::JoinSet::new();
-    for _ in 0..plan.connections {
-        let mut client = Client::new(data_url)?;
-        let (bodies, path, next) = (bodies.clone(), path.clone(), next.clone());
-        connections.spawn(async move {
-            let mut accepted = 0usize;
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(index) else { break };
-                let resp = client.post_ndjson(&path, body.clone()).await?;
-                if resp.status != 202 {
-                    bail!("request {index} was answered {}; a benchmark run needs every event accepted", resp.error_line());
-                }
-                let answer: AppendResults = serde_json::from_slice(&resp.body)
-                    .with_context(|| format!("request {index}: unexpected answer"))?;
-                accepted += answer.results.iter().filter(|o| o.offset.is_some() && !o.duplicate).count();
-            }
-            anyhow::Ok(accepted)
-        });
-    }
-    let mut accepted = 0;
-    while let Some(joined) = connections.join_next().await {
-        accepted += joined.context("a benchmark connection panicked")??;
-    }
-    if accepted != plan.events {
-        bail!("{accepted} of {} events were accepted as new", plan.events);
-    }
-    Ok(())
 }
 
 /// Polls `out`'s end offsets until they reach `target`; fails if they stop moving for [`STALL`].
@@ -511,7 +319,7 @@ async fn wait_for_outputs(server: &mut Running, target: u64) -> anyhow::Result<(
         if done != last.0 {
             last = (done, Instant::now());
         } else if last.1.elapsed() > STALL {
-            let status = server.handler_status().await?;
+            let status = server.handler_status(HANDLER).await?;
             bail!(
                 "the output stopped at {done} of {target} events for {} s; handler: {status:?}",
                 STALL.as_secs()

@@ -31,22 +31,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Args;
-use serde::Deserialize;
 
+use super::server::{Running, post_all};
 use super::util::{
     Component, Scratch, check_range, event_value, machine_line, percentile, process_cpu,
     read_component,
 };
-use crate::client::Client;
 use crate::config::{Config, Overrides};
 use crate::ingest::partitioner::route;
-use crate::server::{AppState, Server};
 
 /// Input and output topics.
 const INPUT: &str = "in";
@@ -327,182 +324,6 @@ pub(super) async fn run(args: IsolationArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server running in this process (as in `procd bench e2e`).
-struct Running {
-    state: Arc<AppState>,
-    data: Client,
-    admin: Client,
-    data_url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(plan: &Plan, data_dir: &Path) -> anyhow::Result<Self> {
-        let config = Config {
-            data_dir: data_dir.to_path_buf(),
-            ..plan.config.clone()
-        };
-        let server = Server::open(config).context("cannot open the benchmark server")?;
-        let state = server.state().clone();
-        let (data, admin) = server.bind().await?;
-        let data_url = format!("http://{}", data.local_addr()?);
-        let admin_url = format!("http://{}", admin.local_addr()?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(data, admin, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            state,
-            data: Client::new(&data_url)?,
-            admin: Client::new(&admin_url)?,
-            data_url,
-            stop,
-            task,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let Self {
-            state, stop, task, ..
-        } = self;
-        let _ = stop.send(());
-        task.await.context("the benchmark server panicked")?;
-        // The last handle on the cells: their Databases close here, before the directory is removed.
-        drop(state);
-        Ok(())
-    }
-
-    async fn create_topic(&mut self, name: &str) -> anyhow::Result<()> {
-        let created = self
-            .admin
-            .post_json("/v1/topics", &serde_json::json!({ "name": name }))
-            .await?;
-        crate::cli::check(created).with_context(|| format!("cannot create topic {name:?}"))?;
-        Ok(())
-    }
-
-    /// The durable end offset of `topic`'s `partition`, read in-process (no request in the way).
-    fn end_offset(&self, topic: &str, partition: u32) -> u64 {
-        self.state
-            .cell_for(partition)
-            .partition(topic, partition)
-            .map_or(0, |view| view.end_offset())
-    }
-
-    /// Deploys hostile in `mode=loop` on the trigger and waits until every partition runs it.
-    async fn deploy(&mut self, component: Bytes, trigger: &str) -> anyhow::Result<()> {
-        let on = trigger.replace('"', "%22");
-        let resp = self
-            .admin
-            .request(
-                hyper::Method::PUT,
-                &format!(
-                    "/v1/handlers/{HANDLER}?input={INPUT}&output={OUTPUT}&config=mode=loop&config=on={on}"
-                ),
-                &[("content-type", "application/wasm")],
-                component,
-            )
-            .await?;
-        crate::cli::check(resp).context("cannot deploy hostile.wasm")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = self.handler_status().await?;
-            let partitions = self.state.shape.partitions as usize;
-            if status.partitions.len() == partitions
-                && status
-                    .partitions
-                    .iter()
-                    .all(|p| p.version == 1 && p.status == "idle")
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("hostile did not start on every partition within 30 s: {status:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn handler_status(&mut self) -> anyhow::Result<HandlerStatus> {
-        let resp = self.admin.get(&format!("/v1/handlers/{HANDLER}")).await?;
-        let resp = crate::cli::check(resp)?;
-        serde_json::from_slice(&resp.body).context("unexpected GET /v1/handlers answer")
-    }
-
-    /// Dead letters of the handler on `partition` (up to the API's page size of 10 000).
-    async fn dead_letters(&mut self, partition: u32) -> anyhow::Result<usize> {
-        #[derive(Deserialize)]
-        struct Dlq {
-            dead_letters: Vec<serde_json::Value>,
-        }
-        let resp = self
-            .admin
-            .get(&format!(
-                "/v1/handlers/{HANDLER}/dlq?partition={partition}&limit=10000"
-            ))
-            .await?;
-        let resp = crate::cli::check(resp)?;
-        let dlq: Dlq = serde_json::from_slice(&resp.body).context("unexpected GET dlq answer")?;
-        Ok(dlq.dead_letters.len())
-    }
-
-    /// Up to `limit` events of `topic`'s partition from `from`.
-    async fn read(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        limit: u64,
-    ) -> anyhow::Result<Vec<ReadEvent>> {
-        let resp = self
-            .data
-            .get(&format!(
-                "/v1/topics/{topic}/partitions/{partition}/events?from={from}&limit={limit}"
-            ))
-            .await?;
-        let resp = crate::cli::check(resp)?;
-        resp.body
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(|line| serde_json::from_slice(line).context("unexpected event line"))
-            .collect()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct HandlerStatus {
-    partitions: Vec<TaskStatus>,
-}
-
-#[derive(Debug, Deserialize)]
-struct TaskStatus {
-    partition: u32,
-    version: u32,
-    status: String,
-    committed_offset: u64,
-}
-
-#[derive(Deserialize)]
-struct ReadEvent {
-    offset: u64,
-    timestamp_ms: u64,
-    key: Option<String>,
-}
-
-/// The part of an append response the benchmark checks.
-#[derive(Deserialize)]
-struct AppendResults {
-    results: Vec<AppendOutcome>,
-}
-
-#[derive(Deserialize)]
-struct AppendOutcome {
-    offset: Option<u64>,
-    #[serde(default)]
-    duplicate: bool,
-}
-
 /// One phase on a fresh server.
 async fn phase(
     plan: &Plan,
@@ -511,7 +332,7 @@ async fn phase(
     component: Bytes,
     triggers: usize,
 ) -> anyhow::Result<Measured> {
-    let mut server = Running::start(plan, data_dir).await?;
+    let mut server = Running::start(&plan.config, data_dir).await?;
     let measured = measure_phase(plan, &mut server, bodies, component, triggers).await;
     server.stop().await?;
     measured
@@ -526,13 +347,21 @@ async fn measure_phase(
 ) -> anyhow::Result<Measured> {
     server.create_topic(INPUT).await?;
     server.create_topic(OUTPUT).await?;
-    server
-        .deploy(component, &trigger_value(plan.value_bytes))
-        .await?;
+    // The trigger is a JSON string: its quotes are escaped for the query.
+    let on = trigger_value(plan.value_bytes).replace('"', "%22");
+    let query = format!("input={INPUT}&output={OUTPUT}&config=mode=loop&config=on={on}");
+    server.deploy(HANDLER, &query, component).await?;
 
     let cpu_before = process_cpu();
     let started = Instant::now();
-    post_all(plan, &server.data_url, bodies).await?;
+    post_all(
+        &server.data_url,
+        INPUT,
+        plan.connections,
+        bodies,
+        plan.events,
+    )
+    .await?;
     let ingest = started.elapsed();
     // Every input is durable now, so the targets are known.
     let targets: Vec<(u32, u64)> = plan
@@ -546,7 +375,7 @@ async fn measure_phase(
         .map(|(now, before)| now.saturating_sub(before));
 
     // The bad partition as it stood when the others were done.
-    let status = server.handler_status().await?;
+    let status = server.handler_status(HANDLER).await?;
     let committed = status
         .partitions
         .iter()
@@ -556,11 +385,11 @@ async fn measure_phase(
         inputs: server.end_offset(INPUT, plan.bad),
         outputs: server.end_offset(OUTPUT, plan.bad),
         committed,
-        dead_letters: server.dead_letters(plan.bad).await?,
+        dead_letters: server.dead_letters(HANDLER, plan.bad).await?,
         triggers,
     };
     for (p, _) in &targets {
-        let dead = server.dead_letters(*p).await?;
+        let dead = server.dead_letters(HANDLER, *p).await?;
         if dead > 0 {
             bail!("partition {p} (not the bad one) dead-lettered {dead} events");
         }
@@ -577,42 +406,6 @@ async fn measure_phase(
         delays_ms,
         bad,
     })
-}
-
-/// Posts every body over `plan.connections` keep-alive connections; fails unless every event was
-/// accepted as new.
-async fn post_all(plan: &Plan, data_url: &str, bodies: Arc<Vec<Bytes>>) -> anyhow::Result<()> {
-    let path: Arc<str> = Arc::from(format!("/v1/topics/{INPUT}/events"));
-    // Connections take the next body from a shared cursor, so they all finish together.
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut connections = tokio::task::JoinSet::new();
-    for _ in 0..plan.connections {
-        let mut client = Client::new(data_url)?;
-        let (bodies, path, next) = (bodies.clone(), path.clone(), next.clone());
-        connections.spawn(async move {
-            let mut accepted = 0usize;
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(index) else { break };
-                let resp = client.post_ndjson(&path, body.clone()).await?;
-                if resp.status != 202 {
-                    bail!("request {index} was answered {}; a benchmark run needs every event accepted", resp.error_line());
-                }
-                let answer: AppendResults = serde_json::from_slice(&resp.body)
-                    .with_context(|| format!("request {index}: unexpected answer"))?;
-                accepted += answer.results.iter().filter(|o| o.offset.is_some() && !o.duplicate).count();
-            }
-            anyhow::Ok(accepted)
-        });
-    }
-    let mut accepted = 0;
-    while let Some(joined) = connections.join_next().await {
-        accepted += joined.context("a benchmark connection panicked")??;
-    }
-    if accepted != plan.events {
-        bail!("{accepted} of {} events were accepted as new", plan.events);
-    }
-    Ok(())
 }
 
 /// Polls the good partitions' output end offsets until each reaches its input's; fails if they stop
@@ -637,7 +430,7 @@ async fn wait_for_good_outputs(server: &mut Running, targets: &[(u32, u64)]) -> 
         if done != last.0 {
             last = (done, Instant::now());
         } else if last.1.elapsed() > STALL {
-            let status = server.handler_status().await?;
+            let status = server.handler_status(HANDLER).await?;
             bail!(
                 "the good partitions' output stopped at {done} of {total} events for {} s; handler: {status:?}",
                 STALL.as_secs()

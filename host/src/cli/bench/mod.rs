@@ -5,6 +5,7 @@ mod e2e;
 mod handler;
 mod ingest;
 mod isolation;
+mod server;
 mod util;
 
 use anyhow::Context as _;
