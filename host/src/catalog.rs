@@ -160,6 +160,9 @@ pub struct HandlerLimits {
     /// Largest state value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_state_value_bytes: Option<u64>,
+    /// State bytes (keys and values) per partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_state_bytes: Option<u64>,
     /// Log lines per second per instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_lines_per_sec: Option<u64>,
@@ -191,6 +194,7 @@ impl HandlerLimits {
                 &mut self.max_state_value_bytes,
                 as_u64(server.max_state_value_bytes),
             ),
+            "max_state_bytes" => (&mut self.max_state_bytes, server.max_state_bytes),
             "log_lines_per_sec" => (
                 &mut self.log_lines_per_sec,
                 u64::from(server.log_lines_per_sec),
@@ -198,7 +202,7 @@ impl HandlerLimits {
             other => {
                 return Err(format!(
                     "unknown limit {other:?}; use max_memory_bytes, deadline_ms, max_outputs_per_batch, \
-                     max_output_bytes_per_batch, max_state_value_bytes or log_lines_per_sec"
+                     max_output_bytes_per_batch, max_state_value_bytes, max_state_bytes or log_lines_per_sec"
                 ));
             }
         };
@@ -228,6 +232,9 @@ impl HandlerLimits {
                 Duration::from_millis(ms).min(server.deadline)
             }),
             max_state_value_bytes: size(self.max_state_value_bytes, server.max_state_value_bytes),
+            max_state_bytes: self
+                .max_state_bytes
+                .map_or(server.max_state_bytes, |n| n.min(server.max_state_bytes)),
             log_lines_per_sec: self
                 .log_lines_per_sec
                 .map_or(server.log_lines_per_sec, |n| {

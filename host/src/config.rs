@@ -57,6 +57,8 @@ pub struct HandlerConfig {
     pub batch_max_events: usize,
     /// Largest state value.
     pub max_state_value_bytes: usize,
+    /// State bytes (keys and values) one handler may hold on one partition.
+    pub max_state_bytes: u64,
     /// Log lines per second per instance.
     pub log_lines_per_sec: u32,
     /// Records one batch may emit (more fails the batch, which is then halved).
@@ -85,6 +87,7 @@ impl Default for HandlerConfig {
             deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(1000),
             batch_max_events: 1000,
             max_state_value_bytes: limits.max_state_value_bytes,
+            max_state_bytes: limits.max_state_bytes,
             log_lines_per_sec: limits.log_lines_per_sec,
             max_outputs_per_batch: limits.max_outputs_per_batch,
             max_output_bytes_per_batch: limits.max_output_bytes_per_batch,
@@ -483,6 +486,12 @@ impl Config {
             64 << 20,
         )?;
         range(
+            "handler.max_state_bytes",
+            self.handler.max_state_bytes,
+            1,
+            1 << 44,
+        )?;
+        range(
             "handler.log_lines_per_sec",
             self.handler.log_lines_per_sec,
             1,
@@ -621,6 +630,7 @@ impl Config {
             max_memory_bytes: self.handler.max_memory_bytes,
             deadline: Duration::from_millis(self.handler.deadline_ms),
             max_state_value_bytes: self.handler.max_state_value_bytes,
+            max_state_bytes: self.handler.max_state_bytes,
             log_lines_per_sec: self.handler.log_lines_per_sec,
             max_outputs_per_batch: self.handler.max_outputs_per_batch,
             max_output_bytes_per_batch: self.handler.max_output_bytes_per_batch,

@@ -239,7 +239,7 @@ fn running_counts(events: &[Value]) -> Vec<(Option<String>, u64)> {
 }
 
 /// A counter's outputs of one partition as (key, count).
-fn counter_outputs(events: &[Value]) -> Vec<(Option<String>, Option<u64>)> {
+pub(crate) fn counter_outputs(events: &[Value]) -> Vec<(Option<String>, Option<u64>)> {
     events
         .iter()
         .map(|e| (key_of(e), e["value"].as_u64()))

@@ -7,8 +7,8 @@
 use serde_json::{Value, json};
 
 use crate::handlers::{
-    PARTITIONS, check_counter, dead_letters, deploy_ok, partitions, post_all, read_topic,
-    test_guest, wait_processed,
+    PARTITIONS, check_counter, counter_outputs, dead_letters, deploy_ok, partitions, post_all,
+    read_topic, test_guest, wait_processed,
 };
 use crate::harness::guests::example;
 use crate::harness::{TestHost, TestResult, ensure_status};
@@ -201,6 +201,121 @@ async fn a_slow_handler_is_slow_but_loses_nothing() -> TestResult {
     // Each trigger spins for a while; batches that run past the deadline are halved until they fit.
     let dead = beside_counter("slow", &["config=spin=3000000"], &[]).await?;
     assert!(dead.is_empty(), "{dead:?}");
+    Ok(())
+}
+
+/// What the counter under a `max_state_bytes` limit should do with one partition's input: per event,
+/// `Some(count)` or `None` for an event whose new key does not fit (it is dead-lettered). An entry
+/// counts its key's bytes and the count's 8.
+fn counts_within(events: &[Value], limit: usize) -> Vec<Option<u64>> {
+    let mut counts: std::collections::HashMap<String, u64> = Default::default();
+    let mut bytes = 0;
+    events
+        .iter()
+        .map(|e| {
+            let key = e["key"].as_str().unwrap_or_default().to_string();
+            if let Some(n) = counts.get_mut(&key) {
+                *n += 1;
+                return Some(*n);
+            }
+            if bytes + key.len() + 8 > limit {
+                return None;
+            }
+            bytes += key.len() + 8;
+            counts.insert(key, 1);
+            Some(1)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn state_bytes_per_partition_are_limited_and_the_count_survives_a_restart() -> TestResult {
+    const LIMIT: usize = 55; // five 3-byte keys with their 8-byte counts per partition
+    let mut host = TestHost::start()?;
+    host.create_topic("in").await?;
+    host.create_topic("out").await?;
+    let limit = format!("limit.max_state_bytes={LIMIT}");
+    deploy_ok(
+        &host,
+        "c",
+        example("counter")?,
+        "in",
+        &["out"],
+        &[&limit],
+        1,
+    )
+    .await?;
+    // 40 keys, each twice: about five keys per partition, so some partitions fill up.
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    let events: Vec<(Option<String>, Value)> = keys
+        .iter()
+        .chain(&keys)
+        .map(|k| (Some(k.clone()), json!(1)))
+        .collect();
+    post_all(&host, "in", &events).await?;
+    wait_processed(&host, "c", "in").await?;
+
+    let check = |inputs: &[Vec<Value>], outputs: &[Vec<Value>], dead: &[Value]| {
+        let mut refused = 0;
+        for (p, (inp, out)) in inputs.iter().zip(outputs).enumerate() {
+            let expected = counts_within(inp, LIMIT);
+            let kept: Vec<(Option<String>, Option<u64>)> = inp
+                .iter()
+                .zip(&expected)
+                .filter_map(|(e, n)| n.map(|n| (e["key"].as_str().map(String::from), Some(n))))
+                .collect();
+            assert_eq!(
+                counter_outputs(out),
+                kept,
+                "partition {p}: counts within the limit"
+            );
+            let refused_here: Vec<u64> = inp
+                .iter()
+                .zip(&expected)
+                .filter(|(_, n)| n.is_none())
+                .filter_map(|(e, _)| e["offset"].as_u64())
+                .collect();
+            let mut dead_here: Vec<u64> = dead
+                .iter()
+                .filter(|d| d["partition"].as_u64() == Some(p as u64))
+                .filter_map(|d| d["offset"].as_u64())
+                .collect();
+            dead_here.sort_unstable();
+            assert_eq!(
+                dead_here, refused_here,
+                "partition {p}: the events over the limit"
+            );
+            refused += refused_here.len();
+        }
+        refused
+    };
+    let dead = dead_letters(&host, "c", "?limit=1000").await?;
+    let refused = check(
+        &read_topic(&host, "in").await?,
+        &read_topic(&host, "out").await?,
+        &dead,
+    );
+    assert!(refused > 0, "some partition must have filled up");
+    for d in &dead {
+        let why = d["error"].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with("state write refused: partition state would grow to ")
+                && why.ends_with(&format!("; the limit is {LIMIT} bytes (max_state_bytes)")),
+            "{why}"
+        );
+    }
+
+    // After a restart the count is read back from storage: full partitions stay full.
+    host.restart()?;
+    post_all(&host, "in", &events).await?;
+    wait_processed(&host, "c", "in").await?;
+    let dead = dead_letters(&host, "c", "?limit=1000").await?;
+    let refused_now = check(
+        &read_topic(&host, "in").await?,
+        &read_topic(&host, "out").await?,
+        &dead,
+    );
+    assert_eq!(refused_now, refused * 2, "the same keys are refused again");
     Ok(())
 }
 

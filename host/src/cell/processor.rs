@@ -40,7 +40,8 @@ use super::{
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
 use crate::runtime::{
-    CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateStore,
+    CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateChanges,
+    StateStore,
 };
 
 /// Stored input events: offset and encoded record, as read from the log.
@@ -116,6 +117,10 @@ impl StateStore for ConsumerState {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
         self.0.state_get(key).map_err(|e| e.to_string())
     }
+
+    fn value_len(&self, key: &[u8]) -> Result<Option<u64>, String> {
+        self.0.state_value_len(key).map_err(|e| e.to_string())
+    }
 }
 
 struct Task {
@@ -133,6 +138,9 @@ struct Task {
     /// the next batch reads the state it wrote; other tasks of the cell run meanwhile, and their
     /// commits share the writer's fsync.
     in_flight: Option<InFlight>,
+    /// Key and value bytes of the committed state (the `max_state_bytes` base), counted once by reading
+    /// the state, then kept up to date by each commit; unknown again after a failed commit.
+    state_bytes: Option<u64>,
     breaker: Breaker,
     /// Set after a call ran out its deadline: the next call waits until then.
     cool_until: Option<Instant>,
@@ -141,8 +149,17 @@ struct Task {
 /// A commit the writer has not answered yet, with what the task records once it is durable.
 struct InFlight {
     reply: oneshot::Receiver<Result<(), CellError>>,
+    sent: Sent,
+}
+
+/// What a commit changes in the task once it is durable.
+#[derive(Clone, Copy)]
+struct Sent {
     committed: Committed,
     dead_letters: u64,
+    /// How the commit changes the partition's state bytes.
+    state_delta: i64,
+    clear_state: bool,
 }
 
 /// What every thread of a cell's processor shares.
@@ -410,6 +427,7 @@ impl Task {
             dlq_next: None,
             retry_at: None,
             in_flight: None,
+            state_bytes: None,
             breaker: Breaker::new(ctx.options.breaker),
             cool_until: None,
             status: TaskStatus {
@@ -542,7 +560,7 @@ impl Runner {
         // The task's last batch commit must be durable first: the replay reads the state it wrote.
         if let Some(in_flight) = task.in_flight.take() {
             let answer = in_flight.reply.blocking_recv().ok();
-            self.settle(task, in_flight.committed, in_flight.dead_letters, answer)?;
+            self.settle(task, in_flight.sent, answer)?;
         }
         let version = def.active_version().ok_or_else(|| {
             StepError::Other(format!("active version v{} is missing", def.active))
@@ -657,7 +675,7 @@ impl Runner {
     fn commit(&self, task: &mut Task, commit: PendingCommit) -> Result<(), StepError> {
         let in_flight = self.send_commit(task, commit)?;
         let answer = in_flight.reply.blocking_recv().ok();
-        self.settle(task, in_flight.committed, in_flight.dead_letters, answer)
+        self.settle(task, in_flight.sent, answer)
     }
 
     /// Sends a commit to the writer without waiting: the task's next step settles it.
@@ -679,7 +697,7 @@ impl Runner {
             Err(oneshot::error::TryRecvError::Closed) => None,
             Ok(answer) => Some(answer),
         };
-        self.settle(task, in_flight.committed, in_flight.dead_letters, answer)?;
+        self.settle(task, in_flight.sent, answer)?;
         Ok(true)
     }
 
@@ -687,11 +705,12 @@ impl Runner {
         let (reply, rx) = oneshot::channel();
         let committed = commit.committed;
         let dead_letters = commit.dead_letters.len() as u64;
+        let (state_delta, clear_state) = (commit.state.bytes_delta, commit.clear_state);
         let command = Command::Process(Box::new(ProcessCommit {
             consumer: task.consumer.clone(),
             partition: task.partition,
             outputs: commit.outputs,
-            state: commit.state,
+            state: commit.state.writes,
             committed,
             dead_letters: commit.dead_letters,
             replayed: commit.replayed,
@@ -706,8 +725,12 @@ impl Runner {
             })?;
         Ok(InFlight {
             reply: rx,
-            committed,
-            dead_letters,
+            sent: Sent {
+                committed,
+                dead_letters,
+                state_delta,
+                clear_state,
+            },
         })
     }
 
@@ -715,14 +738,25 @@ impl Runner {
     fn settle(
         &self,
         task: &mut Task,
-        committed: Committed,
-        dead: u64,
+        sent: Sent,
         answer: Option<Result<(), CellError>>,
     ) -> Result<(), StepError> {
+        let (committed, dead) = (sent.committed, sent.dead_letters);
         // No answer: the writer is gone, which only happens when the cell shuts down.
-        answer.ok_or(CellError::ShuttingDown {
+        let answer = answer.unwrap_or(Err(CellError::ShuttingDown {
             cell: self.ctx.shared.index,
-        })??;
+        }));
+        if let Err(e) = answer {
+            // Whether the state changed is unknown: count it again before the next call.
+            task.state_bytes = None;
+            return Err(e.into());
+        }
+        task.state_bytes = if sent.clear_state {
+            Some(0)
+        } else {
+            task.state_bytes
+                .map(|b| b.saturating_add_signed(sent.state_delta))
+        };
         task.status.events_processed += committed
             .offset
             .saturating_sub(task.committed.map_or(committed.offset, |c| c.offset));
@@ -927,7 +961,7 @@ impl Runner {
                 };
                 // Re-run the events before the failing one: a deterministic handler gives their effects.
                 let (outputs, state) = if index == 0 {
-                    (vec![], vec![])
+                    (vec![], StateChanges::default())
                 } else {
                     let prefix = InputBatch::decode(task.partition, &events[..index])
                         .map_err(|e| StepError::Other(e.to_string()))?;
@@ -996,7 +1030,7 @@ impl Runner {
                 task,
                 PendingCommit {
                     outputs: vec![],
-                    state: vec![],
+                    state: StateChanges::default(),
                     committed: Committed {
                         offset: offset + 1,
                         ..after
@@ -1047,8 +1081,22 @@ impl Runner {
         if let Some(until) = task.cool_until.take() {
             std::thread::sleep(until.saturating_duration_since(Instant::now()));
         }
+        let state_bytes = match task.state_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = task
+                    .consumer
+                    .state_bytes()
+                    .map_err(|e| CallError::Trap(format!("state read failed: {e}")))?;
+                task.state_bytes = Some(bytes);
+                bytes
+            }
+        };
         let outcome = match task.instance.as_mut() {
-            Some((_, instance)) => instance.handle(&batch.batch),
+            Some((_, instance)) => {
+                instance.set_state_bytes(state_bytes);
+                instance.handle(&batch.batch)
+            }
             None => Err(CallError::Trap("no instance".into())),
         };
         if let Err(CallError::Deadline(_)) = outcome {
@@ -1058,7 +1106,7 @@ impl Runner {
         outcome
     }
 
-    fn take_writes(&mut self, task: &mut Task) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    fn take_writes(&mut self, task: &mut Task) -> StateChanges {
         task.instance
             .as_mut()
             .map(|(_, i)| i.take_writes())
@@ -1086,7 +1134,7 @@ impl Runner {
 /// What a batch commits, before it is sent to the writer.
 struct PendingCommit {
     outputs: EncodedOutputs,
-    state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    state: StateChanges,
     committed: Committed,
     dead_letters: Vec<(u64, DlqEntry)>,
     replayed: Vec<u64>,
@@ -1097,7 +1145,7 @@ impl PendingCommit {
     fn offset_only(committed: Committed) -> Self {
         Self {
             outputs: vec![],
-            state: vec![],
+            state: StateChanges::default(),
             committed,
             dead_letters: vec![],
             replayed: vec![],

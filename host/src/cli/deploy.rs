@@ -42,7 +42,8 @@ pub struct DeployArgs {
     #[arg(long, value_name = "earliest|latest|OFFSET")]
     from: Option<String>,
     /// A limit for this version, below the server's handler.* maximum: max_memory_bytes, deadline_ms,
-    /// max_outputs_per_batch, max_output_bytes_per_batch, max_state_value_bytes or log_lines_per_sec.
+    /// max_outputs_per_batch, max_output_bytes_per_batch, max_state_value_bytes, max_state_bytes or
+    /// log_lines_per_sec.
     /// Repeatable; a new version without any keeps the previous version's limits.
     #[arg(long = "limit", value_name = "NAME=VALUE")]
     limits: Vec<String>,

@@ -35,7 +35,7 @@ use crate::ingest::{parse, partitioner};
 use crate::log::{Payload, Record};
 use crate::runtime::{
     CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, OutputBatch, Runtime,
-    StateStore, StateWrite,
+    StateChanges, StateStore, StateWrite,
 };
 
 /// Bytes of input per batch at most: the cell processor's bound (`MAX_BATCH_BYTES` there), counted the
@@ -338,6 +338,8 @@ struct Partition {
     meta: Vec<(usize, usize)>,
     pending_bytes: usize,
     state: MemoryState,
+    /// Key and value bytes in `state`, for the `max_state_bytes` limit.
+    state_bytes: u64,
     instance: Option<Instance>,
     dedup: DedupIndex,
 }
@@ -352,6 +354,7 @@ impl Partition {
             meta: Vec::new(),
             pending_bytes: 0,
             state: MemoryState::default(),
+            state_bytes: 0,
             instance: None,
             dedup: DedupIndex::new(settings.dedup_window_ms, settings.dedup_max_ids),
         }
@@ -381,11 +384,17 @@ impl Partition {
         }
     }
 
-    fn take_writes(&mut self) -> Vec<StateWrite> {
+    fn take_writes(&mut self) -> StateChanges {
         self.instance
             .as_mut()
             .map(Instance::take_writes)
             .unwrap_or_default()
+    }
+
+    /// Commits a batch's state changes.
+    fn commit_state(&mut self, changes: StateChanges) -> anyhow::Result<()> {
+        self.state_bytes = self.state_bytes.saturating_add_signed(changes.bytes_delta);
+        self.state.apply(changes.writes)
     }
 
     fn discard_writes(&mut self) {
@@ -482,7 +491,7 @@ impl<W: Write> Ctx<'_, W> {
                 let writes = part.take_writes();
                 match self.records(&outputs, &batch) {
                     Ok(records) => {
-                        part.state.apply(writes)?;
+                        part.commit_state(writes)?;
                         self.emit(part.index, records)?;
                         Ok(n)
                     }
@@ -505,7 +514,7 @@ impl<W: Write> Ctx<'_, W> {
                 // Run the events before the failing one again: a deterministic handler gives their
                 // effects.
                 let (records, writes) = if index == 0 {
-                    (vec![], vec![])
+                    (vec![], StateChanges::default())
                 } else {
                     let prefix = InputBatch::decode(part.index, &part.pending[..index])?;
                     let outcome = self.call(part, &prefix);
@@ -526,7 +535,7 @@ impl<W: Write> Ctx<'_, W> {
                         }
                     }
                 };
-                part.state.apply(writes)?;
+                part.commit_state(writes)?;
                 self.emit(part.index, records)?;
                 self.event_failed(part, index, &message)?;
                 Ok(index + 1)
@@ -547,7 +556,7 @@ impl<W: Write> Ctx<'_, W> {
                 Ok(HandleOutcome::Outputs(outputs)) => match self.records(&outputs, &single) {
                     Ok(records) => {
                         let writes = part.take_writes();
-                        part.state.apply(writes)?;
+                        part.commit_state(writes)?;
                         self.emit(part.index, records)?;
                         continue;
                     }
@@ -588,7 +597,10 @@ impl<W: Write> Ctx<'_, W> {
             part.instance = Some(instance);
         }
         match part.instance.as_mut() {
-            Some(instance) => instance.handle(&batch.batch),
+            Some(instance) => {
+                instance.set_state_bytes(part.state_bytes);
+                instance.handle(&batch.batch)
+            }
             None => Err(CallError::Trap("no instance".into())),
         }
     }

@@ -134,6 +134,30 @@ impl ConsumerLog {
             .map(|v| v.to_vec()))
     }
 
+    /// The length of the committed value of a state key, without reading a separated value.
+    pub fn state_value_len(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        if key.len() > MAX_STATE_KEY_BYTES {
+            return Ok(None);
+        }
+        Ok(self
+            .state
+            .size_of(state_key(key))
+            .map_err(|e| self.store.fjall_err(e))?
+            .map(u64::from))
+    }
+
+    /// The committed state's size as the `max_state_bytes` limit counts it: the sum of its keys' and
+    /// values' lengths. Reads the whole state, so the cell calls it once per task and keeps the count.
+    pub fn state_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for guard in self.state.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| self.store.fjall_err(e))?;
+            total +=
+                crate::runtime::state_entry_bytes(key.len().saturating_sub(1), value.len() as u64);
+        }
+        Ok(total)
+    }
+
     /// Number of state keys (approximate for large states).
     pub fn state_len(&self) -> usize {
         self.state.approximate_len()

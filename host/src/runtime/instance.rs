@@ -6,7 +6,7 @@
 //! the outputs and the offset, or discards them. A trap poisons the store: the instance must be rebuilt
 //! (about 60 µs), which is why the state that matters lives host-side.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,10 +24,29 @@ pub const MAX_STATE_KEY_BYTES: usize = 16 * 1024;
 pub trait StateStore: Send {
     /// The committed value of `key`; `Err` describes a storage failure.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String>;
+
+    /// The length of the committed value of `key`, if any (a blind write must know what it replaces).
+    fn value_len(&self, key: &[u8]) -> Result<Option<u64>, String> {
+        Ok(self.get(key)?.map(|v| v.len() as u64))
+    }
 }
 
 /// One state change of a batch: a value to store, or `None` to delete.
 pub type StateWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// The state changes of a batch, for the cell to commit.
+#[derive(Debug, Default)]
+pub struct StateChanges {
+    /// In key order.
+    pub writes: Vec<StateWrite>,
+    /// How much they change the partition's state bytes (see [`state_entry_bytes`]).
+    pub bytes_delta: i64,
+}
+
+/// What a state entry counts against the `max_state_bytes` limit: its key's and its value's lengths.
+pub fn state_entry_bytes(key_len: usize, value_len: u64) -> u64 {
+    key_len as u64 + value_len
+}
 
 /// Who is logging, for log lines.
 #[derive(Debug, Clone)]
@@ -70,10 +89,26 @@ pub struct HostState {
     committed: Box<dyn StateStore>,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     max_state_value_bytes: usize,
+    /// State bytes the partition may hold (`max_state_bytes`).
+    max_state_bytes: u64,
+    /// State bytes committed before this batch, as the cell counted them.
+    state_bytes: u64,
+    /// How this batch's overlay changes `state_bytes` so far.
+    bytes_delta: i64,
+    /// Committed sizes (key + value bytes, 0 when absent) of the keys read or written in this batch
+    /// and not yet in the overlay, so a write after a read costs no second storage look-up.
+    committed_sizes: HashMap<Vec<u8>, u64>,
     log: LogLimiter,
     /// The SDK's panic report of the current call (its panic hook logs it just before the trap), so the
     /// trap's error says why instead of only where.
     panic: Option<String>,
+}
+
+/// How to take back one overlay write.
+struct Undo {
+    key: Vec<u8>,
+    previous: Option<Option<Vec<u8>>>,
+    bytes: i64,
 }
 
 /// Splits a column blob by its end offsets; a guest sending inconsistent columns gets a trap.
@@ -95,13 +130,90 @@ fn columns<'a>(blob: &'a [u8], ends: &[u32]) -> wasmtime::Result<Vec<&'a [u8]>> 
 }
 
 impl HostState {
-    fn read(&self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
+    fn read(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        self.committed
+        let value = self
+            .committed
             .get(key)
-            .map_err(|e| wasmtime::format_err!("state read failed: {e}"))
+            .map_err(|e| wasmtime::format_err!("state read failed: {e}"))?;
+        if !self.committed_sizes.contains_key(key) {
+            let size = value
+                .as_ref()
+                .map_or(0, |v| state_entry_bytes(key.len(), v.len() as u64));
+            self.committed_sizes.insert(key.to_vec(), size);
+        }
+        Ok(value)
+    }
+
+    /// What `key` counts now: its overlay entry's size, else its committed size.
+    fn current_size(&mut self, key: &[u8]) -> wasmtime::Result<u64> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v
+                .as_ref()
+                .map_or(0, |v| state_entry_bytes(key.len(), v.len() as u64)));
+        }
+        if let Some(&size) = self.committed_sizes.get(key) {
+            return Ok(size);
+        }
+        let size = self
+            .committed
+            .value_len(key)
+            .map_err(|e| wasmtime::format_err!("state read failed: {e}"))?
+            .map_or(0, |len| state_entry_bytes(key.len(), len));
+        self.committed_sizes.insert(key.to_vec(), size);
+        Ok(size)
+    }
+
+    /// Puts one write in the overlay, unless it would grow the partition's state past
+    /// `max_state_bytes` (a write that does not grow it always passes, even over the limit). Returns
+    /// what it replaced in the overlay, for [`HostState::undo`].
+    fn write(
+        &mut self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> wasmtime::Result<Result<Undo, String>> {
+        let current = self.current_size(&key)?;
+        let new = value
+            .as_ref()
+            .map_or(0, |v| state_entry_bytes(key.len(), v.len() as u64));
+        if new > current {
+            let total = self
+                .state_bytes
+                .saturating_add_signed(self.bytes_delta)
+                .saturating_add(new - current);
+            if total > self.max_state_bytes {
+                return Ok(Err(format!(
+                    "partition state would grow to {total} bytes; the limit is {} bytes \
+                     (max_state_bytes)",
+                    self.max_state_bytes
+                )));
+            }
+        }
+        self.bytes_delta += new as i64 - current as i64;
+        let previous = self.overlay.insert(key.clone(), value);
+        Ok(Ok(Undo {
+            key,
+            previous,
+            bytes: new as i64 - current as i64,
+        }))
+    }
+
+    /// Takes back writes of a refused `set-many`, newest first, so that it changes nothing.
+    fn undo(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            self.bytes_delta -= u.bytes;
+            match u.previous {
+                Some(previous) => self.overlay.insert(u.key, previous),
+                None => self.overlay.remove(&u.key),
+            };
+        }
+    }
+
+    fn end_batch(&mut self) {
+        self.bytes_delta = 0;
+        self.committed_sizes.clear();
     }
 
     fn check_key(key: &[u8]) -> Result<(), String> {
@@ -137,12 +249,12 @@ impl state::Host for HostState {
         if let Err(e) = Self::check_key(&key).and_then(|()| self.check_value(&value)) {
             return Ok(Err(e));
         }
-        self.overlay.insert(key, Some(value));
-        Ok(Ok(()))
+        Ok(self.write(key, Some(value))?.map(drop))
     }
 
     fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<()> {
-        self.overlay.insert(key, None);
+        // A delete never grows the state, so it is never refused.
+        let _ = self.write(key, None)?;
         Ok(())
     }
 
@@ -189,15 +301,26 @@ impl state::Host for HostState {
         {
             return Ok(Err(e));
         }
+        if let Some(Err(e)) = keys.iter().map(|k| Self::check_key(k)).find(Result::is_err) {
+            return Ok(Err(e));
+        }
+        // All or nothing: a refused write takes back the ones before it.
+        let mut done = Vec::with_capacity(keys.len());
         for (k, v) in keys.into_iter().zip(values) {
-            self.overlay.insert(k.to_vec(), Some(v.to_vec()));
+            match self.write(k.to_vec(), Some(v.to_vec()))? {
+                Ok(undo) => done.push(undo),
+                Err(e) => {
+                    self.undo(done);
+                    return Ok(Err(e));
+                }
+            }
         }
         Ok(Ok(()))
     }
 
     fn delete_many(&mut self, keys: Vec<u8>, key_ends: Vec<u32>) -> wasmtime::Result<()> {
         for key in columns(&keys, &key_ends)? {
-            self.overlay.insert(key.to_vec(), None);
+            let _ = self.write(key.to_vec(), None)?;
         }
         Ok(())
     }
@@ -322,6 +445,10 @@ impl Runtime {
             committed,
             overlay: BTreeMap::new(),
             max_state_value_bytes: limits.max_state_value_bytes,
+            max_state_bytes: limits.max_state_bytes,
+            state_bytes: 0,
+            bytes_delta: 0,
+            committed_sizes: HashMap::new(),
             log: LogLimiter {
                 label,
                 per_sec,
@@ -445,16 +572,28 @@ impl Instance {
         self.poisoned
     }
 
-    /// Takes the state writes of the batch just handled, in key order.
-    pub fn take_writes(&mut self) -> Vec<StateWrite> {
-        std::mem::take(&mut self.store.data_mut().overlay)
-            .into_iter()
-            .collect()
+    /// Tells the instance how many state bytes its partition holds before the next batch: the base its
+    /// `max_state_bytes` limit is checked against.
+    pub fn set_state_bytes(&mut self, bytes: u64) {
+        self.store.data_mut().state_bytes = bytes;
+    }
+
+    /// Takes the state writes of the batch just handled.
+    pub fn take_writes(&mut self) -> StateChanges {
+        let data = self.store.data_mut();
+        let changes = StateChanges {
+            writes: std::mem::take(&mut data.overlay).into_iter().collect(),
+            bytes_delta: data.bytes_delta,
+        };
+        data.end_batch();
+        changes
     }
 
     /// Drops the state writes of the batch just handled.
     pub fn discard_writes(&mut self) {
-        self.store.data_mut().overlay.clear();
+        let data = self.store.data_mut();
+        data.overlay.clear();
+        data.end_batch();
     }
 
     /// Log lines dropped by the rate limit so far.

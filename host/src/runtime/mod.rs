@@ -24,7 +24,8 @@ use wasmtime::{Config, Engine};
 pub use bindings::{Batch, EventError, OutputBatch};
 pub use compile::{CompileError, Compiled};
 pub use instance::{
-    CallError, HandleOutcome, Instance, InstanceError, LogLabel, StateStore, StateWrite,
+    CallError, HandleOutcome, Instance, InstanceError, LogLabel, StateChanges, StateStore,
+    StateWrite, state_entry_bytes,
 };
 
 /// Epoch tick period: the granularity of call deadlines.
@@ -39,6 +40,8 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest state value a handler may store.
     pub max_state_value_bytes: usize,
+    /// State one handler may hold on one partition, in key and value bytes.
+    pub max_state_bytes: u64,
     /// Log lines per second per instance (burst of the same size); excess lines are dropped and counted.
     pub log_lines_per_sec: u32,
     /// Records one batch may emit.
@@ -53,6 +56,7 @@ impl Default for Limits {
             max_memory_bytes: 64 * 1024 * 1024,
             deadline: Duration::from_secs(1),
             max_state_value_bytes: 1024 * 1024,
+            max_state_bytes: 1 << 30,
             log_lines_per_sec: 100,
             max_outputs_per_batch: 100_000,
             max_output_bytes_per_batch: 32 * 1024 * 1024,

@@ -310,7 +310,7 @@ impl Wasm {
     fn step(&mut self, batch: &Batch) -> anyhow::Result<OutputBatch> {
         match self.instance.handle(batch) {
             Ok(HandleOutcome::Outputs(outputs)) => {
-                self.committed.apply(self.instance.take_writes());
+                self.committed.apply(self.instance.take_writes().writes);
                 Ok(outputs)
             }
             Ok(HandleOutcome::EventFailed { index, message }) => {
