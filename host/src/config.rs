@@ -121,12 +121,19 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Time allowed for the whole body to arrive (`408` after).
     pub body_timeout_ms: u64,
-    /// Time allowed for the request head to arrive (the connection is closed after).
+    /// Longest pause within a body (`408` after): a body trickling in is cut off long before
+    /// `body_timeout_ms`.
+    pub body_idle_timeout_ms: u64,
+    /// Time allowed for a request head to arrive, counted from the connection's start or from the end
+    /// of the previous response, so it is also the keep-alive idle timeout (the connection is closed
+    /// after).
     pub header_read_timeout_ms: u64,
     /// Connections served at once per listener.
     pub max_connections: usize,
     /// Header fields a request may have (`431` above).
     pub max_headers: usize,
+    /// Bytes of header fields (names and values) a request may have (`431` above).
+    pub max_header_bytes: usize,
 }
 
 /// Dedup window.
@@ -225,9 +232,11 @@ impl Default for IngestConfig {
         Self {
             max_body_bytes: 16 * 1024 * 1024,
             body_timeout_ms: 30_000,
+            body_idle_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
             max_connections: 1024,
             max_headers: 100,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -409,6 +418,12 @@ impl Config {
             3_600_000,
         )?;
         range(
+            "ingest.body_idle_timeout_ms",
+            self.ingest.body_idle_timeout_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
             "ingest.header_read_timeout_ms",
             self.ingest.header_read_timeout_ms,
             1,
@@ -421,6 +436,12 @@ impl Config {
             1_000_000,
         )?;
         range("ingest.max_headers", self.ingest.max_headers, 1, 10_000)?;
+        range(
+            "ingest.max_header_bytes",
+            self.ingest.max_header_bytes,
+            1024,
+            1 << 20,
+        )?;
         range(
             "dedup.window_ms",
             self.dedup.window_ms,
@@ -637,9 +658,12 @@ impl Config {
         }
     }
 
-    /// Body timeout as a duration.
-    pub fn body_timeout(&self) -> Duration {
-        Duration::from_millis(self.ingest.body_timeout_ms)
+    /// How long a request body may take to arrive.
+    pub fn body_timeouts(&self) -> crate::http::BodyTimeouts {
+        crate::http::BodyTimeouts {
+            total: Duration::from_millis(self.ingest.body_timeout_ms),
+            idle: Duration::from_millis(self.ingest.body_idle_timeout_ms),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
@@ -107,13 +107,22 @@ pub fn no_route(method: &hyper::Method, path: &str) -> ApiError {
     ApiError::not_found("not_found", format!("no route for {method} {path}"))
 }
 
+/// How long a request body may take: in all, and between two of its pieces.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeouts {
+    /// The whole body.
+    pub total: Duration,
+    /// The longest pause between two pieces.
+    pub idle: Duration,
+}
+
 /// Reads a whole request body, refusing it with `413` past `max_bytes` (before reading anything when
-/// `Content-Length` already says so) and with `408` if it does not arrive within `timeout`. hyper has no
-/// body timeout of its own.
+/// `Content-Length` already says so) and with `408` if it does not arrive within `timeouts.total` or
+/// pauses longer than `timeouts.idle`. hyper has no body timeout of its own.
 pub async fn read_body(
     req: Request<Incoming>,
     max_bytes: usize,
-    timeout: Duration,
+    timeouts: BodyTimeouts,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -132,28 +141,62 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), max_bytes);
-    match tokio::time::timeout(timeout, body.collect()).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!(
-                "request body did not arrive within {} ms",
-                timeout.as_millis()
-            ),
-        )),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    let mut body = req.into_body();
+    let mut buf = bytes::BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    // The first piece is usually the whole body: kept as is, without a copy.
+    let mut first: Option<Bytes> = None;
+    let deadline = tokio::time::Instant::now() + timeouts.total;
+    loop {
+        let wait = timeouts
+            .idle
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => {
+                let (what, limit, key) = if tokio::time::Instant::now() >= deadline {
+                    (
+                        "did not arrive within",
+                        timeouts.total,
+                        "ingest.body_timeout_ms",
+                    )
+                } else {
+                    (
+                        "paused for more than",
+                        timeouts.idle,
+                        "ingest.body_idle_timeout_ms",
+                    )
+                };
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("request body {what} {} ms ({key})", limit.as_millis()),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("request body could not be read: {e}"),
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let so_far = first.as_ref().map_or(buf.len(), Bytes::len);
+        if so_far + data.len() > max_bytes {
+            return Err(too_large());
         }
-        Ok(Err(e)) => Err(ApiError::bad_request(
-            "bad_body",
-            format!("request body could not be read: {e}"),
-        )),
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            None => buf.extend_from_slice(&data),
+            Some(previous) => {
+                buf.extend_from_slice(&previous);
+                buf.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// Connection limits of one listener.
@@ -163,8 +206,44 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Time allowed to send the request head.
     pub header_read_timeout: Duration,
-    /// Header fields a request may have; hyper answers `431` above.
+    /// Header fields a request may have (`431` above).
     pub max_headers: usize,
+    /// Bytes of header fields a request may have (`431` above).
+    pub max_header_bytes: usize,
+}
+
+/// Refuses a request whose head is over the listener's header limits with a JSON `431`. hyper itself
+/// is set to twice the limits, so only a head far over them gets hyper's bare `431`.
+fn check_head(req: &Request<Incoming>, limits: &ListenerLimits) -> Result<(), ApiError> {
+    let headers = req.headers();
+    if headers.len() > limits.max_headers {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request has {} header fields; the limit is {} (ingest.max_headers)",
+                headers.len(),
+                limits.max_headers
+            ),
+        ));
+    }
+    // As sent: `name: value\r\n`.
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request's header fields take {bytes} bytes; the limit is {} \
+                 (ingest.max_header_bytes)",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves, then stops accepting and waits
@@ -185,11 +264,10 @@ pub async fn serve<H, F>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
-    // hyper's default is 100 on the stack; any other value moves the header array to the heap.
-    if limits.max_headers != 100 {
-        builder.max_headers(limits.max_headers.max(1));
-    }
+        .keep_alive(true)
+        .max_headers(limits.max_headers.saturating_mul(2).max(1))
+        .max_header_size(limits.max_header_bytes.saturating_mul(2));
+    let limits = Arc::new(limits);
     tokio::pin!(shutdown);
     loop {
         // Take a connection slot first, so the accept backlog absorbs the excess instead of our memory.
@@ -210,9 +288,16 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let limits = limits.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
+            let head = check_head(&req, &limits);
+            async move {
+                Ok::<_, Infallible>(match head {
+                    Ok(()) => handler(req).await,
+                    Err(e) => e.into_response(),
+                })
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

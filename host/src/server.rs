@@ -143,6 +143,7 @@ impl Server {
                 config.ingest.header_read_timeout_ms,
             ),
             max_headers: config.ingest.max_headers,
+            max_header_bytes: config.ingest.max_header_bytes,
         };
         if let Ok(addr) = data.local_addr() {
             tracing::info!(%addr, "data plane listening");

@@ -456,28 +456,88 @@ async fn priorities_are_read_and_a_bad_one_is_refused() -> TestResult {
 }
 
 #[tokio::test]
-async fn too_many_header_fields_get_431() -> TestResult {
-    use std::io::{Read, Write};
-    let host = TestHost::start_with(PARTITIONS, 2, &["ingest.max_headers=20"])?;
+async fn heads_over_the_header_limits_get_431() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &["ingest.max_headers=20", "ingest.max_header_bytes=2048"],
+    )?;
     host.create_topic("t").await?;
     let addr = host.url.trim_start_matches("http://").to_string();
-    let request = |headers: usize| -> TestResult<String> {
-        let mut stream = std::net::TcpStream::connect(&addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = |headers: usize, filler: usize| {
         let mut head = String::from("GET /v1/topics/t/partitions/0/events HTTP/1.1\r\nHost: x\r\n");
         for i in 0..headers {
             head.push_str(&format!("X-Filler-{i}: {i}\r\n"));
         }
+        head.push_str(&format!("X-Big: {}\r\n", "b".repeat(filler)));
         head.push_str("Connection: close\r\n\r\n");
-        stream.write_all(head.as_bytes())?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer)
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || raw_exchange(&addr, head.as_bytes(), false))
     };
-    let many = request(50)?;
+    // Over the limits: a JSON 431 that says which limit.
+    let (many, _) = request(25, 1).await??;
     assert!(many.starts_with("HTTP/1.1 431"), "{many}");
-    let few = request(5)?;
+    assert!(
+        many.contains("\"error\":\"headers_too_large\"") && many.contains("ingest.max_headers"),
+        "{many}"
+    );
+    let (big, _) = request(1, 3000).await??;
+    assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+    assert!(big.contains("ingest.max_header_bytes"), "{big}");
+    // Far over them, hyper refuses before the request is parsed: still a 431.
+    let (huge, _) = request(100, 1).await??;
+    assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
+    // Within them: served.
+    let (few, _) = request(5, 1000).await??;
     assert!(few.starts_with("HTTP/1.1 200"), "{few}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_body_and_an_idle_keep_alive_connection_are_cut_off() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "ingest.header_read_timeout_ms=500",
+            "ingest.body_timeout_ms=20000",
+            "ingest.body_idle_timeout_ms=300",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let line = "{\"key\":\"k\",\"value\":1}\n";
+    let head = |length: usize, close: bool| {
+        format!(
+            "POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n\
+             {}Content-Length: {length}\r\n\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    // A body that stops half-way: 408 at the idle timeout, long before the total one.
+    let request = format!("{}{line}", head(line.len() * 2, true));
+    let (answer, took) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || raw_exchange(&addr, request.as_bytes(), false)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("ingest.body_idle_timeout_ms"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A keep-alive connection that sends nothing after its answer is closed at the header timeout.
+    let request = format!("{}{line}", head(line.len(), false));
+    let (answer, took) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || raw_exchange(&addr, request.as_bytes(), false)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the idle connection was closed after {took:?}"
+    );
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 1, "only the complete request appended");
     Ok(())
 }
 

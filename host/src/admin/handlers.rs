@@ -128,7 +128,7 @@ pub(super) async fn deploy(
     })?;
     let params = query_pairs(req.uri().query())?;
     let max = state.config.handler.max_component_bytes;
-    let body = read_body(req, max, state.config.body_timeout()).await.map_err(|mut e| {
+    let body = read_body(req, max, state.config.body_timeouts()).await.map_err(|mut e| {
         if e.status == StatusCode::PAYLOAD_TOO_LARGE {
             e.code = "component_too_large";
             e.detail = format!("the component is larger than the {max}-byte limit (handler.max_component_bytes)");
@@ -427,7 +427,7 @@ pub(super) async fn rollback(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(req, 64 * 1024, state.config.body_timeout()).await?;
+    let body = read_body(req, 64 * 1024, state.config.body_timeouts()).await?;
     let spec: RollbackBody = if body.is_empty() {
         RollbackBody::default()
     } else {
@@ -476,7 +476,7 @@ pub(super) async fn reset(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(req, 64 * 1024, state.config.body_timeout()).await?;
+    let body = read_body(req, 64 * 1024, state.config.body_timeouts()).await?;
     let spec: ResetBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_body",

@@ -53,7 +53,7 @@ pub(super) async fn create(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(req, MAX_TOPIC_BODY_BYTES, state.config.body_timeout()).await?;
+    let body = read_body(req, MAX_TOPIC_BODY_BYTES, state.config.body_timeouts()).await?;
     let spec: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_topic",

@@ -152,7 +152,7 @@ async fn append(
     let body: Bytes = read_body(
         req,
         state.config.ingest.max_body_bytes,
-        state.config.body_timeout(),
+        state.config.body_timeouts(),
     )
     .await?;
     if declared.is_none() {
