@@ -173,10 +173,15 @@ pub struct AdmissionConfig {
     pub tenant_bytes_per_sec: u64,
     /// A tenant's burst in bytes (also its largest request).
     pub tenant_burst_bytes: u64,
+    /// Tenants with a quota of their own: `TENANT=RATE[/BURST],...` in body bytes (per second); a rate
+    /// of 0 exempts the tenant.
+    pub tenant_overrides: String,
     /// Body bytes per second the server accepts in all; over it: `503`.
     pub global_bytes_per_sec: u64,
     /// The server's burst in bytes.
     pub global_burst_bytes: u64,
+    /// Request body bytes admitted and not yet answered, at most; over it: `503`. 0: no budget.
+    pub max_in_flight_bytes: u64,
     /// A partition whose handlers lag more events than this refuses writes (`429`); 0: off.
     pub lag_high_events: u64,
     /// ... until they are back under this many.
@@ -188,8 +193,10 @@ impl Default for AdmissionConfig {
         Self {
             tenant_bytes_per_sec: 0,
             tenant_burst_bytes: 16 * 1024 * 1024,
+            tenant_overrides: String::new(),
             global_bytes_per_sec: 0,
             global_burst_bytes: 64 * 1024 * 1024,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             lag_high_events: 0,
             lag_low_events: 0,
         }
@@ -586,6 +593,14 @@ impl Config {
             1,
             1 << 40,
         )?;
+        range(
+            "admission.max_in_flight_bytes",
+            a.max_in_flight_bytes,
+            0,
+            1 << 40,
+        )?;
+        crate::backpressure::parse_tenant_overrides(&a.tenant_overrides, a.tenant_burst_bytes)
+            .map_err(|e| ConfigError(format!("admission.tenant_overrides: {e}")))?;
         range("admission.lag_high_events", a.lag_high_events, 0, 1 << 40)?;
         if a.lag_high_events > 0 && a.lag_low_events >= a.lag_high_events {
             return Err(ConfigError(format!(
@@ -640,8 +655,15 @@ impl Config {
         crate::backpressure::AdmissionOptions {
             tenant_bytes_per_sec: a.tenant_bytes_per_sec,
             tenant_burst_bytes: a.tenant_burst_bytes,
+            // Checked by `validate`.
+            tenant_overrides: crate::backpressure::parse_tenant_overrides(
+                &a.tenant_overrides,
+                a.tenant_burst_bytes,
+            )
+            .unwrap_or_default(),
             global_bytes_per_sec: a.global_bytes_per_sec,
             global_burst_bytes: a.global_burst_bytes,
+            max_in_flight_bytes: a.max_in_flight_bytes,
         }
     }
 

@@ -427,6 +427,97 @@ async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResul
 }
 
 #[tokio::test]
+async fn tenant_overrides_give_a_tenant_its_own_quota() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.tenant_bytes_per_sec=2000",
+            "admission.tenant_burst_bytes=4000",
+            "admission.tenant_overrides=vip=0,big=100000/50000",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let body: String = (0..100)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect();
+    let mut data = host.data()?;
+    async fn statuses(
+        data: &mut Client,
+        body: &str,
+        tenant: &str,
+        n: usize,
+    ) -> TestResult<Vec<u16>> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let resp = data
+                .request(
+                    hyper::Method::POST,
+                    "/v1/topics/t/events",
+                    &[
+                        ("content-type", "application/x-ndjson"),
+                        ("procd-tenant", tenant),
+                    ],
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            out.push(resp.status);
+        }
+        Ok(out)
+    }
+    // ~2.9 KB per request: the default quota's burst takes one, "big" about seventeen, "vip" all.
+    assert_eq!(statuses(&mut data, &body, "vip", 30).await?, vec![202; 30]);
+    assert_eq!(statuses(&mut data, &body, "big", 10).await?, vec![202; 10]);
+    assert_eq!(
+        statuses(&mut data, &body, "plain", 2).await?,
+        vec![202, 429]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_over_the_in_flight_budget_get_503_until_it_frees_up() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.max_in_flight_bytes=1000",
+            "ingest.body_idle_timeout_ms=1500",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    // A request that declares 900 bytes and sends none holds them until its body times out.
+    let stalled = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            &addr,
+            b"POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n\
+              Connection: close\r\nContent-Length: 900\r\n\r\n",
+            false,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut data = host.data()?;
+    let line = "{\"key\":\"k\",\"value\":\"".to_string() + &"x".repeat(200) + "\"}\n";
+    let refused = data
+        .post_ndjson("/v1/topics/t/events", line.clone())
+        .await?;
+    ensure_status(&refused, 503)?;
+    assert_eq!(refused.json()?["error"], "overloaded");
+    assert!(refused.header("retry-after").is_some());
+    let (answer, _) = stalled.await??;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The stalled request's bytes are released with its answer.
+    ensure_status(
+        &data
+            .post_ndjson("/v1/topics/t/events", line.clone())
+            .await?,
+        202,
+    )?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn priorities_are_read_and_a_bad_one_is_refused() -> TestResult {
     let host = TestHost::start()?;
     host.create_topic("t").await?;

@@ -50,6 +50,12 @@ impl TokenBucket {
         Err(wait.max(Duration::from_millis(1)))
     }
 
+    /// Whether the bucket would be full at `now` (its owner has been idle long enough).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Gives back `n` tokens taken for work that was not done after all (never above the burst).
     pub fn give_back(&mut self, n: u64) {
         self.tokens = (self.tokens + n as f64).min(self.burst);

@@ -3,9 +3,11 @@
 //!
 //! Admission of an append request, in order (`bucket` holds the token bucket):
 //! 1. the tenant's token bucket, in bytes of request body per second (tenant from the `Procd-Tenant`
-//!    header, `default` without one) → `429`, so one tenant over its quota cannot take the others'
-//!    share;
-//! 2. the server's global token bucket in bytes per second → `503`: the server as a whole is at capacity;
+//!    header, `default` without one; `admission.tenant_overrides` gives some tenants their own quota)
+//!    → `429`, so one tenant over its quota cannot take the others' share;
+//! 2. the server's global token bucket in bytes per second, then its budget of request bytes in flight
+//!    (admitted and not yet answered: being read, parsed or made durable) → `503`: the server as a whole
+//!    is at capacity;
 //! 3. per partition, the lag watermark ([`lag_watermark`]): while a partition's handlers are more than
 //!    `admission.lag_high_events` behind, its events are refused (`429`, per event in a mixed batch)
 //!    until the lag is back under `admission.lag_low_events`; other partitions are not affected;
@@ -21,6 +23,7 @@ mod bucket;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
@@ -32,17 +35,78 @@ use crate::http::ApiError;
 /// Tenants whose buckets are kept at most; beyond it, full (idle) buckets are forgotten first.
 const MAX_TENANTS: usize = 10_000;
 
-/// Admission settings; a rate of 0 turns that bucket off.
+/// A tenant's quota: body bytes per second (0: unlimited) and burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quota {
+    /// Body bytes per second.
+    pub bytes_per_sec: u64,
+    /// Burst, in bytes (also the largest request).
+    pub burst_bytes: u64,
+}
+
+/// Admission settings; a rate of 0 turns that bucket off.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdmissionOptions {
     /// Body bytes per second each tenant may append.
     pub tenant_bytes_per_sec: u64,
     /// A tenant's burst, in bytes (also its largest request).
     pub tenant_burst_bytes: u64,
+    /// Tenants with a quota of their own.
+    pub tenant_overrides: HashMap<String, Quota>,
     /// Body bytes per second the whole server accepts.
     pub global_bytes_per_sec: u64,
     /// The server's burst, in bytes.
     pub global_burst_bytes: u64,
+    /// Request bytes admitted and not yet answered, at most; 0: no budget.
+    pub max_in_flight_bytes: u64,
+}
+
+impl AdmissionOptions {
+    /// The quota of `tenant`.
+    fn quota(&self, tenant: &str) -> Quota {
+        self.tenant_overrides.get(tenant).copied().unwrap_or(Quota {
+            bytes_per_sec: self.tenant_bytes_per_sec,
+            burst_bytes: self.tenant_burst_bytes,
+        })
+    }
+}
+
+/// Parses `admission.tenant_overrides`: `TENANT=RATE[/BURST]` separated by commas, in body bytes (per
+/// second); a rate of 0 exempts the tenant, and the burst defaults to `default_burst`.
+pub fn parse_tenant_overrides(
+    text: &str,
+    default_burst: u64,
+) -> Result<HashMap<String, Quota>, String> {
+    let mut out = HashMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (tenant, quota) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not TENANT=RATE[/BURST]"))?;
+        let tenant = tenant.trim();
+        if tenant.is_empty() {
+            return Err(format!("{item:?} names no tenant"));
+        }
+        let (rate, burst) = match quota.split_once('/') {
+            Some((rate, burst)) => (rate, Some(burst)),
+            None => (quota, None),
+        };
+        let number = |v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{item:?}: {v:?} is not a whole number of bytes"))
+        };
+        let quota = Quota {
+            bytes_per_sec: number(rate)?,
+            burst_bytes: burst.map(number).transpose()?.unwrap_or(default_burst),
+        };
+        if quota.bytes_per_sec > 0 && quota.burst_bytes == 0 {
+            return Err(format!("{item:?}: the burst must be above 0"));
+        }
+        if out.insert(tenant.to_string(), quota).is_some() {
+            return Err(format!("tenant {tenant:?} is listed twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// The admission state of the data plane.
@@ -51,6 +115,22 @@ pub struct Admission {
     options: AdmissionOptions,
     tenants: Mutex<HashMap<String, TokenBucket>>,
     global: Mutex<Option<TokenBucket>>,
+    in_flight: AtomicU64,
+}
+
+/// Bytes of one admitted request, counted in the server's in-flight budget until it is dropped (when
+/// the request is answered).
+#[derive(Debug)]
+#[must_use = "the request's bytes are in flight only while this is held"]
+pub struct Admitted<'a> {
+    in_flight: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Admission {
@@ -67,37 +147,45 @@ impl Admission {
             options,
             tenants: Mutex::new(HashMap::new()),
             global: Mutex::new(global),
+            in_flight: AtomicU64::new(0),
         }
     }
 
+    /// Request bytes admitted and not yet answered.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Charges `bytes` to `tenant` and to the server, or refuses with `429` (the tenant's quota) or
-    /// `503` (the server's) and a `Retry-After` from the bucket that refused.
-    pub fn admit(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
+    /// `503` (the server's rate or in-flight budget) and a `Retry-After` from what refused. The bytes
+    /// stay in flight until the returned guard is dropped.
+    pub fn admit(&self, tenant: &str, bytes: u64) -> Result<Admitted<'_>, ApiError> {
         self.admit_at(tenant, bytes, Instant::now())
     }
 
-    fn admit_at(&self, tenant: &str, bytes: u64, now: Instant) -> Result<(), ApiError> {
-        let o = self.options;
-        let tenant_charged = if o.tenant_bytes_per_sec > 0 {
-            if bytes > o.tenant_burst_bytes.max(1) {
+    fn admit_at(&self, tenant: &str, bytes: u64, now: Instant) -> Result<Admitted<'_>, ApiError> {
+        let o = &self.options;
+        let quota = o.quota(tenant);
+        let tenant_charged = if quota.bytes_per_sec > 0 {
+            if bytes > quota.burst_bytes.max(1) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "over_quota",
                     format!(
                         "a {bytes}-byte request is larger than tenant {tenant:?}'s burst of {} bytes \
                          (admission.tenant_burst_bytes); send smaller requests",
-                        o.tenant_burst_bytes
+                        quota.burst_bytes
                     ),
                 )
                 .retry_after(1));
             }
             let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
             if tenants.len() >= MAX_TENANTS && !tenants.contains_key(tenant) {
-                forget_idle(&mut tenants, now, o);
+                forget_idle(&mut tenants, now);
             }
-            let bucket = tenants.entry(tenant.to_string()).or_insert_with(|| {
-                TokenBucket::new(o.tenant_bytes_per_sec, o.tenant_burst_bytes, now)
-            });
+            let bucket = tenants
+                .entry(tenant.to_string())
+                .or_insert_with(|| TokenBucket::new(quota.bytes_per_sec, quota.burst_bytes, now));
             bucket.try_take(bytes, now).map_err(|wait| {
                 ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -105,7 +193,7 @@ impl Admission {
                     format!(
                         "tenant {tenant:?} is over its quota of {} bytes/s \
                          (admission.tenant_bytes_per_sec); retry in {} ms",
-                        o.tenant_bytes_per_sec,
+                        quota.bytes_per_sec,
                         wait.as_millis()
                     ),
                 )
@@ -115,12 +203,8 @@ impl Admission {
         } else {
             false
         };
-        let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bucket) = global.as_mut()
-            && let Err(wait) = bucket.try_take(bytes, now)
-        {
-            drop(global);
-            // The server refused, not the tenant: its quota was not used.
+        // The server refuses, not the tenant: the tenant's quota is not used.
+        let give_back_tenant = || {
             if tenant_charged
                 && let Some(b) = self
                     .tenants
@@ -130,20 +214,66 @@ impl Admission {
             {
                 b.give_back(bytes);
             }
+        };
+        let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
+        let global_charged = match global.as_mut() {
+            None => false,
+            Some(bucket) => match bucket.try_take(bytes, now) {
+                Ok(()) => true,
+                Err(wait) => {
+                    drop(global);
+                    give_back_tenant();
+                    return Err(overloaded(o, wait));
+                }
+            },
+        };
+        drop(global);
+        let in_flight = self.in_flight.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let admitted = Admitted {
+            in_flight: &self.in_flight,
+            bytes,
+        };
+        // A request larger than the whole budget is still served when nothing else is in flight.
+        if o.max_in_flight_bytes > 0 && in_flight > o.max_in_flight_bytes && in_flight > bytes {
+            drop(admitted);
+            give_back_tenant();
+            if global_charged
+                && let Some(b) = self
+                    .global
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+            {
+                b.give_back(bytes);
+            }
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 format!(
-                    "the server is at its ingest capacity of {} bytes/s (admission.global_bytes_per_sec); \
-                     retry in {} ms",
-                    o.global_bytes_per_sec,
-                    wait.as_millis()
+                    "the server has {} bytes of requests in flight, its budget \
+                     (admission.max_in_flight_bytes); retry shortly",
+                    o.max_in_flight_bytes
                 ),
             )
-            .retry_after(secs(wait)));
+            .retry_after(1));
         }
-        Ok(())
+        Ok(admitted)
     }
+}
+
+/// The server's rate refused a request.
+fn overloaded(o: &AdmissionOptions, wait: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!(
+            "the server is at its ingest capacity of {} bytes/s (admission.global_bytes_per_sec); \
+             retry in {} ms",
+            o.global_bytes_per_sec,
+            wait.as_millis()
+        ),
+    )
+    .retry_after(secs(wait))
 }
 
 /// How much a request matters when a cell's queue fills (`Procd-Priority` header).
@@ -192,12 +322,9 @@ pub fn lag_watermark(refusing: bool, lag: u64, high: u64, low: u64) -> bool {
 }
 
 /// Forgets the buckets that are full again (their tenants have been idle), or all if none is.
-fn forget_idle(tenants: &mut HashMap<String, TokenBucket>, now: Instant, o: AdmissionOptions) {
+fn forget_idle(tenants: &mut HashMap<String, TokenBucket>, now: Instant) {
     let before = tenants.len();
-    tenants.retain(|_, b| {
-        let mut probe = b.clone();
-        probe.try_take(o.tenant_burst_bytes.max(1), now).is_err()
-    });
+    tenants.retain(|_, b| !b.is_full(now));
     if tenants.len() == before {
         tenants.clear();
     }
@@ -218,7 +345,87 @@ mod tests {
             tenant_burst_bytes: 1000,
             global_bytes_per_sec: 1500,
             global_burst_bytes: 1500,
+            ..AdmissionOptions::default()
         })
+    }
+
+    #[test]
+    fn overridden_tenants_have_their_own_quota_and_rate_0_exempts() {
+        let a = Admission::new(AdmissionOptions {
+            tenant_bytes_per_sec: 100,
+            tenant_burst_bytes: 100,
+            tenant_overrides: parse_tenant_overrides("big=1000/5000, internal=0", 100)
+                .unwrap_or_default(),
+            ..AdmissionOptions::default()
+        });
+        let t0 = Instant::now();
+        assert!(a.admit_at("small", 100, t0).is_ok());
+        assert!(a.admit_at("small", 1, t0).is_err(), "default quota spent");
+        for _ in 0..5 {
+            assert!(a.admit_at("big", 1000, t0).is_ok());
+        }
+        assert!(a.admit_at("big", 1000, t0).is_err(), "its own burst spent");
+        let later = t0 + Duration::from_secs(1);
+        assert!(
+            a.admit_at("big", 1000, later).is_ok(),
+            "refills at its own rate"
+        );
+        for _ in 0..100 {
+            assert!(a.admit_at("internal", 1 << 20, t0).is_ok(), "exempt");
+        }
+    }
+
+    #[test]
+    fn tenant_overrides_parse_or_say_what_is_wrong() {
+        let parsed = parse_tenant_overrides(" a=10/20 ,b=5,, ", 99);
+        assert_eq!(
+            parsed.map(|m| {
+                let mut v: Vec<_> = m.into_iter().collect();
+                v.sort_by(|x, y| x.0.cmp(&y.0));
+                v
+            }),
+            Ok(vec![
+                (
+                    "a".to_string(),
+                    Quota {
+                        bytes_per_sec: 10,
+                        burst_bytes: 20
+                    }
+                ),
+                (
+                    "b".to_string(),
+                    Quota {
+                        bytes_per_sec: 5,
+                        burst_bytes: 99
+                    }
+                ),
+            ])
+        );
+        for bad in ["a", "=5", "a=x", "a=1/0", "a=1,a=2", "a=1/2/3"] {
+            assert!(parse_tenant_overrides(bad, 99).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_in_flight_budget_refuses_with_503_until_requests_are_answered() {
+        let a = Admission::new(AdmissionOptions {
+            max_in_flight_bytes: 1000,
+            ..AdmissionOptions::default()
+        });
+        let first = a.admit("t", 600);
+        assert!(first.is_ok());
+        let second = a.admit("t", 600).err();
+        assert_eq!(
+            second.map(|e| (e.status, e.code)),
+            Some((StatusCode::SERVICE_UNAVAILABLE, "overloaded"))
+        );
+        assert_eq!(a.in_flight_bytes(), 600, "a refusal holds nothing");
+        drop(first);
+        assert_eq!(a.in_flight_bytes(), 0);
+        // Alone, a request larger than the budget still goes through.
+        let big = a.admit("t", 5000);
+        assert!(big.is_ok());
+        assert!(a.admit("t", 1).is_err());
     }
 
     #[test]

@@ -146,18 +146,21 @@ async fn append(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&n| n <= state.config.ingest.max_body_bytes as u64);
-    if let Some(bytes) = declared {
-        state.admission.admit(&tenant, bytes)?;
-    }
+    // Held until the answer: the request's bytes count in the server's in-flight budget.
+    let admitted = match declared {
+        Some(bytes) => Some(state.admission.admit(&tenant, bytes)?),
+        None => None,
+    };
     let body: Bytes = read_body(
         req,
         state.config.ingest.max_body_bytes,
         state.config.body_timeouts(),
     )
     .await?;
-    if declared.is_none() {
-        state.admission.admit(&tenant, body.len() as u64)?;
-    }
+    let _in_flight = match admitted {
+        Some(admitted) => admitted,
+        None => state.admission.admit(&tenant, body.len() as u64)?,
+    };
     let events = match format {
         parse::Format::Ndjson => parse::ndjson(&body),
         parse::Format::Json => parse::json(&body),
