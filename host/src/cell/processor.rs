@@ -39,6 +39,7 @@ use super::{
 };
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
+use crate::metrics::{ErrorKind, Tally, TaskMetrics};
 use crate::runtime::{
     CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateStore,
 };
@@ -107,6 +108,9 @@ pub struct TaskStatus {
     /// When the task last made progress or had nothing to do (ms since the Unix epoch). The watchdog
     /// flags a task with events waiting whose progress is older than `cell.processing_stall_ms`.
     pub last_progress_ms: u64,
+    /// The task's histograms and error counts (shared with the scrape, written only by the task).
+    #[serde(skip)]
+    pub metrics: Arc<TaskMetrics>,
 }
 
 /// The committed state of one handler on one partition, read by its instance.
@@ -136,6 +140,11 @@ struct Task {
     breaker: Breaker,
     /// Set after a call ran out its deadline: the next call waits until then.
     cool_until: Option<Instant>,
+    /// Log-append times (ms) of the input events the commit being sent (or in flight) settles;
+    /// turned into event-to-commit latencies once it is durable. Reused from batch to batch.
+    covered_ms: Vec<u64>,
+    /// Scratch tally for those latencies.
+    latency: Tally,
 }
 
 /// A commit the writer has not answered yet, with what the task records once it is durable.
@@ -400,7 +409,10 @@ impl Task {
         consumer: ConsumerLog,
         ctx: &ProcessorContext,
     ) -> Self {
+        let metrics = Arc::new(TaskMetrics::default());
         Task {
+            covered_ms: Vec::new(),
+            latency: metrics.latency_seconds.tally(),
             handler,
             incarnation,
             partition,
@@ -422,6 +434,7 @@ impl Task {
                 events_processed: 0,
                 dead_letters: 0,
                 last_progress_ms: now_ms(),
+                metrics,
             },
         }
     }
@@ -600,6 +613,7 @@ impl Runner {
     }
 
     fn publish(&self, task: &Task) {
+        task.status.metrics.set_breaker(task.breaker.state());
         if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
             statuses.insert(
                 (task.handler.to_string(), task.partition),
@@ -720,9 +734,20 @@ impl Runner {
         answer: Option<Result<(), CellError>>,
     ) -> Result<(), StepError> {
         // No answer: the writer is gone, which only happens when the cell shuts down.
-        answer.ok_or(CellError::ShuttingDown {
+        let answer = answer.ok_or(CellError::ShuttingDown {
             cell: self.ctx.shared.index,
-        })??;
+        });
+        let now = now_ms();
+        if matches!(answer, Ok(Ok(()))) {
+            // Durable now: each covered event's latency ends here (ms resolution, as timestamps).
+            for &ts in &task.covered_ms {
+                task.latency.observe(now.saturating_sub(ts) as f64 / 1000.0);
+            }
+            task.status.metrics.latency_seconds.merge(&task.latency);
+            task.latency.clear();
+        }
+        task.covered_ms.clear();
+        answer??;
         task.status.events_processed += committed
             .offset
             .saturating_sub(task.committed.map_or(committed.offset, |c| c.offset));
@@ -732,7 +757,7 @@ impl Runner {
         }
         task.committed = Some(committed);
         task.status.committed_offset = committed.offset;
-        task.status.last_progress_ms = now_ms();
+        task.status.last_progress_ms = now;
         // Published at once: a long halving commits many times within one step.
         self.publish(task);
         Ok(())
@@ -900,6 +925,7 @@ impl Runner {
                             replayed: vec![],
                             clear_state: false,
                         };
+                        cover(task, events);
                         if wait {
                             self.commit(task, commit)?;
                         } else {
@@ -910,6 +936,7 @@ impl Runner {
                     }
                     // The handler named an output it did not declare: some event's doing, found by halving.
                     Err(message) => {
+                        task.status.metrics.error(ErrorKind::Output);
                         self.discard_writes(task);
                         self.bisect(task, version, events, after, message)
                     }
@@ -953,6 +980,7 @@ impl Runner {
                     offset: failed_offset + 1,
                     ..after
                 };
+                cover(task, &events[..=index]);
                 self.commit(
                     task,
                     PendingCommit {
@@ -992,6 +1020,7 @@ impl Runner {
         if let [(offset, bytes)] = events {
             let seq = self.dlq_seq(task)?;
             let entry = dead_letter(*offset, version.version, error, bytes);
+            cover(task, events);
             self.commit(
                 task,
                 PendingCommit {
@@ -1047,10 +1076,24 @@ impl Runner {
         if let Some(until) = task.cool_until.take() {
             std::thread::sleep(until.saturating_duration_since(Instant::now()));
         }
+        let started = Instant::now();
         let outcome = match task.instance.as_mut() {
             Some((_, instance)) => instance.handle(&batch.batch),
             None => Err(CallError::Trap("no instance".into())),
         };
+        let metrics = &task.status.metrics;
+        metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.batch_events.observe(batch.len() as f64);
+        match &outcome {
+            Ok(HandleOutcome::Outputs(_)) => {}
+            Ok(HandleOutcome::EventFailed { .. }) => metrics.error(ErrorKind::Event),
+            Err(CallError::Trap(_)) => metrics.error(ErrorKind::Trap),
+            Err(CallError::Deadline(_)) => metrics.error(ErrorKind::Deadline),
+            Err(CallError::Memory(_)) => metrics.error(ErrorKind::Memory),
+            Err(CallError::Outputs(_)) => metrics.error(ErrorKind::Output),
+        }
         if let Err(CallError::Deadline(_)) = outcome {
             let deadline = version.limits.apply(&self.ctx.options.limits).deadline;
             task.cool_until = Some(Instant::now() + deadline * DEADLINE_PENALTY);
@@ -1104,6 +1147,16 @@ impl PendingCommit {
             clear_state: false,
         }
     }
+}
+
+/// Notes the log-append times of the events the next commit settles, for the latency histogram.
+fn cover(task: &mut Task, events: &[Stored]) {
+    task.covered_ms.clear();
+    task.covered_ms.extend(
+        events
+            .iter()
+            .filter_map(|(_, record)| crate::log::record::timestamp_of(record)),
+    );
 }
 
 fn dead_letter(offset: u64, version: u32, error: String, record: &[u8]) -> DlqEntry {
