@@ -78,8 +78,6 @@ pub struct TaskRow {
     pub events_processed: u64,
     /// Dead letters written since the server started.
     pub dead_letters: u64,
-    /// Dead letters held now (approximate: storage's count).
-    pub dlq_entries: u64,
     /// See [`super::BreakerState`].
     pub breaker: u8,
     /// Failed calls by kind.
@@ -346,18 +344,6 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
-            "handler_dlq_entries",
-            "Dead letters held now (approximate count from storage).",
-            None,
-            Gauge,
-            |m| {
-                tasks
-                    .iter()
-                    .try_for_each(|(l, t)| int_gauge(m, l, t.dlq_entries))
-            },
-        )?;
-        family(
-            e,
             "handler_errors",
             "Failed handler calls since the server started, by kind: event (the handler returned an error for one event), trap, deadline, memory, output (over the output limits or an undeclared topic).",
             None,
@@ -572,7 +558,6 @@ mod tests {
                 status: "running",
                 events_processed: 40,
                 dead_letters: 1,
-                dlq_entries: 1,
                 breaker: 0,
                 errors: ErrorKind::ALL.map(|k| (k, u64::from(k == ErrorKind::Event))),
                 batch_seconds: hs.clone(),
