@@ -372,3 +372,39 @@ async fn append(
     );
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backpressure::Priority;
+
+    #[test]
+    fn refused_events_are_counted_by_a_finer_reason_than_their_code() {
+        let shed = |p| CellError::Overloaded {
+            cell: 0,
+            shed: Some(p),
+        };
+        let full = CellError::Overloaded {
+            cell: 0,
+            shed: None,
+        };
+        assert_eq!(reason(&shed(Priority::Low)), "shed_low");
+        assert_eq!(reason(&shed(Priority::Normal)), "shed_normal");
+        assert_eq!(reason(&full), "queue_full");
+        // Clients still see one code for all three, with the same status.
+        for err in [shed(Priority::Low), shed(Priority::Normal), full] {
+            let (code, _) = refusal(&err);
+            assert_eq!(code, "cell_overloaded");
+            assert_eq!(refusal_status(code), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let lagging = CellError::Lagging {
+            partition: 1,
+            lag: 9,
+        };
+        assert_eq!(reason(&lagging), "partition_lagging");
+        assert_eq!(
+            refusal_status(refusal(&lagging).0),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}
