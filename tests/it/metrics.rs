@@ -152,7 +152,9 @@ fn check_histograms(m: &Metrics) {
         if kind != "histogram" {
             continue;
         }
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        // (labels without `le`) -> [(le, cumulative count)]
+        type Buckets = Vec<(f64, f64)>;
+        let mut series: BTreeMap<Vec<(String, String)>, Buckets> = BTreeMap::new();
         for s in m.all(&format!("{family}_bucket"), &[]) {
             let le: f64 = s
                 .labels

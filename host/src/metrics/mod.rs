@@ -121,7 +121,7 @@ impl Metrics {
             .entries()
             .map(|(k, h)| (k, h.snapshot()))
             .collect();
-        snapshot.http.sort_by(|a, b| a.0.cmp(&b.0));
+        snapshot.http.sort_by_key(|a| a.0);
         let counts = |t: &Table<RefusalKey, AtomicU64>| {
             let mut v: Vec<(RefusalKey, u64)> = t
                 .entries()
