@@ -206,24 +206,29 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Time allowed to send the request head.
     pub header_read_timeout: Duration,
-    /// Header fields a request may have (`431` above).
+    /// Header fields a request may have ([`check_head`] answers `431` above; hyper, twice above).
     pub max_headers: usize,
-    /// Bytes of header fields a request may have (`431` above).
+    /// Bytes of header fields a request may have (as `max_headers`).
     pub max_header_bytes: usize,
 }
 
-/// Refuses a request whose head is over the listener's header limits with a JSON `431`. hyper itself
-/// is set to twice the limits, so only a head far over them gets hyper's bare `431`.
-fn check_head(req: &Request<Incoming>, limits: &ListenerLimits) -> Result<(), ApiError> {
+/// Refuses a request whose head is over the header limits (`ingest.max_headers`,
+/// `ingest.max_header_bytes`) with a JSON `431`; each listener's router calls it first. hyper itself is
+/// set to twice the limits ([`serve`]), so only a head far over them gets hyper's bare `431`.
+pub fn check_head(
+    req: &Request<Incoming>,
+    max_headers: usize,
+    max_header_bytes: usize,
+) -> Result<(), ApiError> {
     let headers = req.headers();
-    if headers.len() > limits.max_headers {
+    if headers.len() > max_headers {
         return Err(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",
             format!(
                 "the request has {} header fields; the limit is {} (ingest.max_headers)",
                 headers.len(),
-                limits.max_headers
+                max_headers
             ),
         ));
     }
@@ -232,14 +237,14 @@ fn check_head(req: &Request<Incoming>, limits: &ListenerLimits) -> Result<(), Ap
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    if bytes > limits.max_header_bytes {
+    if bytes > max_header_bytes {
         return Err(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",
             format!(
                 "the request's header fields take {bytes} bytes; the limit is {} \
                  (ingest.max_header_bytes)",
-                limits.max_header_bytes
+                max_header_bytes
             ),
         ));
     }
@@ -267,7 +272,6 @@ pub async fn serve<H, F>(
         .keep_alive(true)
         .max_headers(limits.max_headers.saturating_mul(2).max(1))
         .max_header_size(limits.max_header_bytes.saturating_mul(2));
-    let limits = Arc::new(limits);
     tokio::pin!(shutdown);
     loop {
         // Take a connection slot first, so the accept backlog absorbs the excess instead of our memory.
@@ -288,16 +292,9 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let limits = limits.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
-            let head = check_head(&req, &limits);
-            async move {
-                Ok::<_, Infallible>(match head {
-                    Ok(()) => handler(req).await,
-                    Err(e) => e.into_response(),
-                })
-            }
+            async move { Ok::<_, Infallible>(handler(req).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

@@ -10,6 +10,7 @@
 //! - [`backpressure`]: admission at the edge (per-tenant and global token buckets).
 //! - [`admin`]: the HTTP control plane (topics, handlers, health).
 //! - [`http`]: what both listeners share: error bodies, body limits, connection serving.
+//! - [`metrics`]: the golden signals at `/metrics`: lock-free recording primitives and the exposition.
 //! - [`server`]: wires the above together and runs until shutdown.
 //! - [`config`]: layered configuration (defaults < `procd.toml` < `PROCD_*` env < flags), validated once.
 //! - [`client`]: a small HTTP client used by the CLI, the benchmark and the tests.
@@ -25,5 +26,6 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod log;
+pub mod metrics;
 pub mod runtime;
 pub mod server;

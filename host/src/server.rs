@@ -36,6 +36,8 @@ pub struct AppState {
     pub admin_lock: tokio::sync::Mutex<()>,
     /// Turns true when shutdown begins: long-polls return at once instead of holding shutdown up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Server-wide metrics: request latency and refusals (per-cell ones live in the cells).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl AppState {
@@ -102,6 +104,7 @@ impl Server {
             cells,
             admin_lock,
             stopping,
+            metrics: crate::metrics::Metrics::default(),
         };
         Ok(Self {
             state: Arc::new(state),

@@ -296,6 +296,13 @@ async fn state_bytes_per_partition_are_limited_and_the_count_survives_a_restart(
         &dead,
     );
     assert!(refused > 0, "some partition must have filled up");
+    // Each refused event failed a call as a state-limit error (halving may add more calls).
+    let m = crate::metrics::scrape(&host).await?;
+    let state_errors = m.sum(
+        "procd_handler_errors_total",
+        &[("handler", "c"), ("kind", "state")],
+    );
+    assert!(state_errors >= refused as f64, "{state_errors} < {refused}");
     for d in &dead {
         let why = d["error"].as_str().unwrap_or_default();
         assert!(
@@ -425,6 +432,7 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
             .collect()
     };
     // Lag 11 > 5: p refuses, another partition does not; a mixed request says which, per event.
+    let mut refusals = 0;
     let refused = {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -432,6 +440,7 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
                 .post_ndjson("/v1/topics/in/events", body(&["k"]))
                 .await?;
             if resp.status == 429 {
+                refusals += 1;
                 break resp;
             }
             assert!(
@@ -451,6 +460,29 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
     let results = mixed.json()?["results"].clone();
     assert_eq!(results[0]["error"], "partition_lagging", "{results}");
     assert!(results[1]["offset"].is_u64(), "{results}");
+    // The metrics count each refusal by reason and status: the refused request, and its event plus
+    // the mixed request's refused event.
+    let m = crate::metrics::scrape(&host).await?;
+    let lagging = [("reason", "partition_lagging"), ("status", "429")];
+    assert_eq!(
+        m.get("procd_ingest_refused_requests_total", &lagging),
+        Some(f64::from(refusals))
+    );
+    assert_eq!(
+        m.get("procd_ingest_refused_events_total", &lagging),
+        Some(f64::from(refusals + 1))
+    );
+    let p_label = p.to_string();
+    let in_p = [("topic", "in"), ("partition", p_label.as_str())];
+    assert_eq!(m.get("procd_topic_refusing_writes", &in_p), Some(1.0));
+    assert_eq!(
+        m.sum("procd_topic_refusing_writes", &[]),
+        1.0,
+        "only p refuses"
+    );
+    let bad_p = [("handler", "bad"), ("partition", p_label.as_str())];
+    assert!(m.get("procd_handler_lag_events", &bad_p).unwrap_or(0.0) > 5.0);
+    assert!(m.get("procd_handler_lag_seconds", &bad_p).unwrap_or(0.0) > 0.0);
 
     // The poison event is dead-lettered after its deadlines, the handler catches up, p accepts again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -465,5 +497,14 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
         assert!(std::time::Instant::now() < deadline, "p never recovered");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // The poison event cost deadlines (found by halving) and one dead letter.
+    let m = crate::metrics::scrape(&host).await?;
+    let deadlines = [bad_p[0], bad_p[1], ("kind", "deadline")];
+    assert!(
+        m.get("procd_handler_errors_total", &deadlines)
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(m.get("procd_handler_dead_letters_total", &bad_p), Some(1.0));
     Ok(())
 }

@@ -10,6 +10,7 @@ mod handlers;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod metrics;
 mod readme;
 mod status;
 mod topics;

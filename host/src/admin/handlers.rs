@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::catalog::{
@@ -329,46 +329,12 @@ pub(super) async fn deploy(
     ))
 }
 
-#[derive(Serialize)]
-struct PartitionStatus {
-    #[serde(flatten)]
-    task: crate::cell::TaskStatus,
-    lag: u64,
-    lag_ms: u64,
-}
-
 fn describe(state: &AppState, def: &HandlerDef) -> serde_json::Value {
-    let mut partitions = Vec::new();
-    let now = now_ms();
-    for cell in &state.cells {
-        for mut task in cell.task_statuses(&def.name) {
-            // Live figures: the processor only refreshes its status when it steps the partition.
-            let view = cell.partition(&def.input, task.partition);
-            if let Some(v) = &view {
-                task.end_offset = v.end_offset();
-            }
-            if task.version == 0 {
-                // Not stepped yet since the start: report what is committed on disk.
-                if let Ok(Some(c)) = cell
-                    .consumer(&def.name, task.partition)
-                    .and_then(|c| c.committed())
-                {
-                    task.committed_offset = c.offset;
-                    task.version = c.version;
-                }
-            }
-            let lag = task.end_offset.saturating_sub(task.committed_offset);
-            // Lag in time: how old the oldest unprocessed event is.
-            let lag_ms = if lag == 0 {
-                0
-            } else {
-                view.as_ref()
-                    .and_then(|v| v.log().timestamp_at(task.committed_offset).ok().flatten())
-                    .map_or(0, |ts| now.saturating_sub(ts))
-            };
-            partitions.push(PartitionStatus { task, lag, lag_ms });
-        }
-    }
+    let mut partitions: Vec<crate::cell::TaskReport> = state
+        .cells
+        .iter()
+        .flat_map(|cell| cell.task_reports(&def.name, &def.input))
+        .collect();
     partitions.sort_by_key(|p| p.task.partition);
     let mut value = serde_json::to_value(def).unwrap_or_default();
     value["partitions"] = serde_json::to_value(&partitions).unwrap_or_default();

@@ -1,78 +1,128 @@
-//! The control plane (`admin_listen`, default `127.0.0.1:8081`): topics and health. It runs on its own
-//! listener so admin traffic and data traffic cannot starve each other.
+//! The control plane (`admin_listen`, default `127.0.0.1:8081`): topics, handlers, health and
+//! `/metrics`. It runs on its own listener so admin traffic and data traffic cannot starve each
+//! other. Every request's latency is recorded by route template (never the raw path).
 
 mod handlers;
+mod metrics;
 mod topics;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 
 use crate::http::{ApiError, HttpResponse, json, no_route};
+use crate::metrics::{Listener, Route};
 use crate::server::AppState;
 
-/// Routes a control-plane request.
+/// Routes a control-plane request and records its latency by route template.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let result = match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
-        (&Method::GET, ["readyz"]) => Ok(readyz(&state)),
-        (&Method::POST, ["v1", "topics"]) => topics::create(&state, req).await,
-        (&Method::GET, ["v1", "topics"]) => Ok(topics::list(&state)),
-        (&Method::GET, ["v1", "topics", name]) => topics::show(&state, name),
-        (&Method::DELETE, ["v1", "topics", name]) => {
-            let name = name.to_string();
-            topics::delete(&state, &name).await
+    let r = |method, template| Route::new(method, template);
+    let limits = &state.config.ingest;
+    let head = crate::http::check_head(&req, limits.max_headers, limits.max_header_bytes);
+    let (route, result) = if let Err(e) = head {
+        (Route::UNMATCHED, Err(e))
+    } else {
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => (
+                r("GET", "/healthz"),
+                Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
+            ),
+            (&Method::GET, ["readyz"]) => (r("GET", "/readyz"), Ok(readyz(&state))),
+            (&Method::GET, ["metrics"]) => {
+                let accept = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let format = crate::metrics::Format::negotiate(accept);
+                (r("GET", "/metrics"), metrics::scrape(&state, format).await)
+            }
+            (&Method::POST, ["v1", "topics"]) => {
+                (r("POST", "/v1/topics"), topics::create(&state, req).await)
+            }
+            (&Method::GET, ["v1", "topics"]) => (r("GET", "/v1/topics"), Ok(topics::list(&state))),
+            (&Method::GET, ["v1", "topics", name]) => {
+                (r("GET", "/v1/topics/{topic}"), topics::show(&state, name))
+            }
+            (&Method::DELETE, ["v1", "topics", name]) => {
+                let name = name.to_string();
+                let result = topics::delete(&state, &name).await;
+                (r("DELETE", "/v1/topics/{topic}"), result)
+            }
+            (&Method::PUT, ["v1", "handlers", name]) => {
+                let name = name.to_string();
+                let result = handlers::deploy(&state, &name, req).await;
+                (r("PUT", "/v1/handlers/{name}"), result)
+            }
+            (&Method::GET, ["v1", "handlers"]) => {
+                (r("GET", "/v1/handlers"), Ok(handlers::list(&state)))
+            }
+            (&Method::GET, ["v1", "handlers", name]) => (
+                r("GET", "/v1/handlers/{name}"),
+                handlers::show(&state, name),
+            ),
+            (&Method::DELETE, ["v1", "handlers", name]) => {
+                let name = name.to_string();
+                let result = handlers::remove(&state, &name).await;
+                (r("DELETE", "/v1/handlers/{name}"), result)
+            }
+            (&Method::POST, ["v1", "handlers", name, "pause"]) => {
+                let name = name.to_string();
+                let result = handlers::set_paused(&state, &name, true).await;
+                (r("POST", "/v1/handlers/{name}/pause"), result)
+            }
+            (&Method::POST, ["v1", "handlers", name, "resume"]) => {
+                let name = name.to_string();
+                let result = handlers::set_paused(&state, &name, false).await;
+                (r("POST", "/v1/handlers/{name}/resume"), result)
+            }
+            (&Method::POST, ["v1", "handlers", name, "rollback"]) => {
+                let name = name.to_string();
+                let result = handlers::rollback(&state, &name, req).await;
+                (r("POST", "/v1/handlers/{name}/rollback"), result)
+            }
+            (&Method::POST, ["v1", "handlers", name, "reset"]) => {
+                let name = name.to_string();
+                let result = handlers::reset(&state, &name, req).await;
+                (r("POST", "/v1/handlers/{name}/reset"), result)
+            }
+            (&Method::GET, ["v1", "handlers", name, "dlq"]) => {
+                let name = name.to_string();
+                let result = handlers::dead_letters(&state, &name, req.uri().query()).await;
+                (r("GET", "/v1/handlers/{name}/dlq"), result)
+            }
+            (&Method::POST, ["v1", "handlers", name, "dlq", "replay"]) => {
+                let name = name.to_string();
+                let result = handlers::replay_dead_letters(&state, &name, req.uri().query()).await;
+                (r("POST", "/v1/handlers/{name}/dlq/replay"), result)
+            }
+            (&Method::DELETE, ["v1", "handlers", name, "dlq"]) => {
+                let name = name.to_string();
+                let result = handlers::purge_dead_letters(&state, &name, req.uri().query()).await;
+                (r("DELETE", "/v1/handlers/{name}/dlq"), result)
+            }
+            (&Method::POST, ["v1", "debug", "cells", cell, "fail-writes"])
+                if state.config.debug.fault_injection =>
+            {
+                (
+                    r("POST", "/v1/debug/cells/{cell}/fail-writes"),
+                    inject_fault(&state, cell),
+                )
+            }
+            (method, _) => (Route::UNMATCHED, Err(no_route(method, &path))),
         }
-        (&Method::PUT, ["v1", "handlers", name]) => {
-            let name = name.to_string();
-            handlers::deploy(&state, &name, req).await
-        }
-        (&Method::GET, ["v1", "handlers"]) => Ok(handlers::list(&state)),
-        (&Method::GET, ["v1", "handlers", name]) => handlers::show(&state, name),
-        (&Method::DELETE, ["v1", "handlers", name]) => {
-            let name = name.to_string();
-            handlers::remove(&state, &name).await
-        }
-        (&Method::POST, ["v1", "handlers", name, "pause"]) => {
-            let name = name.to_string();
-            handlers::set_paused(&state, &name, true).await
-        }
-        (&Method::POST, ["v1", "handlers", name, "resume"]) => {
-            let name = name.to_string();
-            handlers::set_paused(&state, &name, false).await
-        }
-        (&Method::POST, ["v1", "handlers", name, "rollback"]) => {
-            let name = name.to_string();
-            handlers::rollback(&state, &name, req).await
-        }
-        (&Method::POST, ["v1", "handlers", name, "reset"]) => {
-            let name = name.to_string();
-            handlers::reset(&state, &name, req).await
-        }
-        (&Method::GET, ["v1", "handlers", name, "dlq"]) => {
-            let name = name.to_string();
-            handlers::dead_letters(&state, &name, req.uri().query()).await
-        }
-        (&Method::POST, ["v1", "handlers", name, "dlq", "replay"]) => {
-            let name = name.to_string();
-            handlers::replay_dead_letters(&state, &name, req.uri().query()).await
-        }
-        (&Method::DELETE, ["v1", "handlers", name, "dlq"]) => {
-            let name = name.to_string();
-            handlers::purge_dead_letters(&state, &name, req.uri().query()).await
-        }
-        (&Method::POST, ["v1", "debug", "cells", cell, "fail-writes"])
-            if state.config.debug.fault_injection =>
-        {
-            inject_fault(&state, cell)
-        }
-        (method, _) => Err(no_route(method, &path)),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    let response = result.unwrap_or_else(ApiError::into_response);
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request(Listener::Admin, route, status, started.elapsed());
+    response
 }
 
 /// Test hook: cell `k`'s storage fails from now on.

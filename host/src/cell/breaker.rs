@@ -78,6 +78,16 @@ impl Breaker {
         matches!(self.state, State::Open { .. })
     }
 
+    /// The state as the metrics expose it.
+    pub fn state(&self) -> crate::metrics::BreakerState {
+        use crate::metrics::BreakerState;
+        match self.state {
+            State::Closed => BreakerState::Closed,
+            State::HalfOpen => BreakerState::HalfOpen,
+            State::Open { .. } => BreakerState::Open,
+        }
+    }
+
     /// Records `events` settled of which `failed` were dead-lettered.
     pub fn record(&mut self, events: u64, failed: u64) {
         self.record_at(Instant::now(), events, failed);

@@ -78,9 +78,13 @@ pub enum CellError {
     /// The cell hit a storage fault and stopped acknowledging writes.
     #[error("cell {cell} is unavailable: {reason}")]
     Unavailable { cell: u32, reason: String },
-    /// The cell's queue is full.
+    /// The cell's queue is full, or too full for the request's priority (`shed`).
     #[error("cell {cell} is overloaded: its write queue is full")]
-    Overloaded { cell: u32 },
+    Overloaded {
+        cell: u32,
+        /// The priority that was shed before the queue was full; `None`: the queue is full.
+        shed: Option<crate::backpressure::Priority>,
+    },
     /// The topic does not exist (it may have just been deleted).
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
@@ -194,6 +198,18 @@ pub struct ReplayFailure {
     pub error: String,
 }
 
+/// A task's status with its live lag, for status requests and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskReport {
+    /// The status the processor published, with the live end offset.
+    #[serde(flatten)]
+    pub task: TaskStatus,
+    /// Durable input events not processed yet.
+    pub lag: u64,
+    /// Age of the oldest unprocessed event (now minus its log-append time), 0 when caught up.
+    pub lag_ms: u64,
+}
+
 /// The read side of one partition: its log and the durable end offset the writer publishes.
 pub struct PartitionView {
     /// Partition number.
@@ -203,6 +219,8 @@ pub struct PartitionView {
     /// Handlers' lag past the high watermark (set and cleared by the processor's supervisor, with
     /// hysteresis): ingest refuses this partition's writes while it is set.
     lagging: AtomicU64,
+    /// What ingest appended here, counted by the writer after each fsync.
+    ingested: crate::metrics::IngestCounters,
 }
 
 impl PartitionView {
@@ -228,6 +246,11 @@ impl PartitionView {
     /// The partition's storage, for reads.
     pub fn log(&self) -> &PartitionLog {
         &self.log
+    }
+
+    /// Events and bytes ingest appended to this partition since the server started.
+    pub fn ingested(&self) -> (u64, u64) {
+        self.ingested.get()
     }
 }
 
@@ -282,6 +305,8 @@ struct Shared {
     replays: Mutex<Vec<ReplayRequest>>,
     /// See [`CellOptions::processing_stall_ms`].
     processing_stall_ms: u64,
+    /// Group-commit size and fsync time, recorded by the writer.
+    metrics: crate::metrics::CellMetrics,
 }
 
 impl Shared {
@@ -350,6 +375,7 @@ impl Cell {
             catalog: catalog.clone(),
             replays: Mutex::new(Vec::new()),
             processing_stall_ms: options.processing_stall_ms,
+            metrics: Default::default(),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };
@@ -452,6 +478,27 @@ impl Cell {
         self.tx.len()
     }
 
+    /// The queue's bound (`cell.queue_len`).
+    pub fn queue_capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
+
+    /// The cell's group-commit and fsync histograms.
+    pub fn metrics(&self) -> &crate::metrics::CellMetrics {
+        &self.shared.metrics
+    }
+
+    /// Every partition of every topic this cell holds, by topic name.
+    pub fn partitions(&self) -> Vec<(Arc<str>, Arc<PartitionView>)> {
+        let topics = self.shared.topics.load();
+        let mut out: Vec<(Arc<str>, Arc<PartitionView>)> = topics
+            .iter()
+            .flat_map(|(name, t)| t.by_partition.values().map(|v| (name.clone(), v.clone())))
+            .collect();
+        out.sort_by(|a, b| (&a.0, a.1.partition).cmp(&(&b.0, b.1.partition)));
+        out
+    }
+
     /// Queues events of one topic for appending, without waiting. The receiver resolves once they are
     /// durable (or refused). A full queue is refused at once: the caller answers `503`.
     pub fn append(
@@ -464,8 +511,11 @@ impl Cell {
         if let Some(reason) = self.failure() {
             return Err(CellError::Unavailable { cell, reason });
         }
-        if !priority.admits(self.tx.len(), self.tx.capacity().unwrap_or(usize::MAX)) {
-            return Err(CellError::Overloaded { cell });
+        if !priority.admits(self.tx.len(), self.queue_capacity()) {
+            return Err(CellError::Overloaded {
+                cell,
+                shed: Some(priority),
+            });
         }
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Command::Append {
@@ -474,7 +524,7 @@ impl Cell {
             reply,
         }) {
             Ok(()) => Ok(rx),
-            Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded { cell }),
+            Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded { cell, shed: None }),
             Err(flume::TrySendError::Disconnected(_)) => Err(CellError::ShuttingDown { cell }),
         }
     }
@@ -556,6 +606,42 @@ impl Cell {
             .await
             .map_err(|_| CellError::ShuttingDown { cell })?;
         rx.await.map_err(|_| CellError::ShuttingDown { cell })?
+    }
+
+    /// What handler `handler` (reading `input`) is doing on this cell's partitions, with live
+    /// figures: the processor refreshes its status only when it steps the partition, so the end
+    /// offset, and the committed offset of a task not stepped since the start, are read here. Reads
+    /// storage (blocking).
+    pub fn task_reports(&self, handler: &str, input: &str) -> Vec<TaskReport> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for mut task in self.task_statuses(handler) {
+            let view = self.partition(input, task.partition);
+            if let Some(v) = &view {
+                task.end_offset = v.end_offset();
+            }
+            if task.version == 0 {
+                // Not stepped yet since the start: report what is committed on disk.
+                if let Ok(Some(c)) = self
+                    .consumer(handler, task.partition)
+                    .and_then(|c| c.committed())
+                {
+                    task.committed_offset = c.offset;
+                    task.version = c.version;
+                }
+            }
+            let lag = task.end_offset.saturating_sub(task.committed_offset);
+            // Lag in time: how old the oldest unprocessed event is (its log-append time).
+            let lag_ms = if lag == 0 {
+                0
+            } else {
+                view.as_ref()
+                    .and_then(|v| v.log().timestamp_at(task.committed_offset).ok().flatten())
+                    .map_or(0, |ts| now.saturating_sub(ts))
+            };
+            out.push(TaskReport { task, lag, lag_ms });
+        }
+        out
     }
 
     /// What each handler is doing on this cell's partitions.

@@ -39,6 +39,7 @@ use super::{
 };
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
+use crate::metrics::{ErrorKind, Tally, TaskMetrics};
 use crate::runtime::{
     CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateChanges,
     StateStore,
@@ -108,6 +109,9 @@ pub struct TaskStatus {
     /// When the task last made progress or had nothing to do (ms since the Unix epoch). The watchdog
     /// flags a task with events waiting whose progress is older than `cell.processing_stall_ms`.
     pub last_progress_ms: u64,
+    /// The task's histograms and error counts (shared with the scrape, written only by the task).
+    #[serde(skip)]
+    pub metrics: Arc<TaskMetrics>,
 }
 
 /// The committed state of one handler on one partition, read by its instance.
@@ -144,6 +148,11 @@ struct Task {
     breaker: Breaker,
     /// Set after a call ran out its deadline: the next call waits until then.
     cool_until: Option<Instant>,
+    /// Log-append times (ms) of the input events the commit being sent (or in flight) settles;
+    /// turned into event-to-commit latencies once it is durable. Reused from batch to batch.
+    covered_ms: Vec<u64>,
+    /// Scratch tally for those latencies.
+    latency: Tally,
 }
 
 /// A commit the writer has not answered yet, with what the task records once it is durable.
@@ -417,7 +426,10 @@ impl Task {
         consumer: ConsumerLog,
         ctx: &ProcessorContext,
     ) -> Self {
+        let metrics = Arc::new(TaskMetrics::default());
         Task {
+            covered_ms: Vec::new(),
+            latency: metrics.latency_seconds.tally(),
             handler,
             incarnation,
             partition,
@@ -440,6 +452,7 @@ impl Task {
                 events_processed: 0,
                 dead_letters: 0,
                 last_progress_ms: now_ms(),
+                metrics,
             },
         }
     }
@@ -618,6 +631,7 @@ impl Runner {
     }
 
     fn publish(&self, task: &Task) {
+        task.status.metrics.set_breaker(task.breaker.state());
         if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
             statuses.insert(
                 (task.handler.to_string(), task.partition),
@@ -746,6 +760,16 @@ impl Runner {
         let answer = answer.unwrap_or(Err(CellError::ShuttingDown {
             cell: self.ctx.shared.index,
         }));
+        let now = now_ms();
+        if answer.is_ok() {
+            // Durable now: each covered event's latency ends here (ms resolution, as timestamps).
+            for &ts in &task.covered_ms {
+                task.latency.observe(now.saturating_sub(ts) as f64 / 1000.0);
+            }
+            task.status.metrics.latency_seconds.merge(&task.latency);
+            task.latency.clear();
+        }
+        task.covered_ms.clear();
         if let Err(e) = answer {
             // Whether the state changed is unknown: count it again before the next call.
             task.state_bytes = None;
@@ -766,7 +790,7 @@ impl Runner {
         }
         task.committed = Some(committed);
         task.status.committed_offset = committed.offset;
-        task.status.last_progress_ms = now_ms();
+        task.status.last_progress_ms = now;
         // Published at once: a long halving commits many times within one step.
         self.publish(task);
         Ok(())
@@ -934,6 +958,7 @@ impl Runner {
                             replayed: vec![],
                             clear_state: false,
                         };
+                        cover(task, events);
                         if wait {
                             self.commit(task, commit)?;
                         } else {
@@ -944,6 +969,7 @@ impl Runner {
                     }
                     // The handler named an output it did not declare: some event's doing, found by halving.
                     Err(message) => {
+                        task.status.metrics.error(ErrorKind::Output);
                         self.discard_writes(task);
                         self.bisect(task, version, events, after, message)
                     }
@@ -987,6 +1013,7 @@ impl Runner {
                     offset: failed_offset + 1,
                     ..after
                 };
+                cover(task, &events[..=index]);
                 self.commit(
                     task,
                     PendingCommit {
@@ -1026,6 +1053,7 @@ impl Runner {
         if let [(offset, bytes)] = events {
             let seq = self.dlq_seq(task)?;
             let entry = dead_letter(*offset, version.version, error, bytes);
+            cover(task, events);
             self.commit(
                 task,
                 PendingCommit {
@@ -1092,6 +1120,7 @@ impl Runner {
                 bytes
             }
         };
+        let started = Instant::now();
         let outcome = match task.instance.as_mut() {
             Some((_, instance)) => {
                 instance.set_state_bytes(state_bytes);
@@ -1099,6 +1128,29 @@ impl Runner {
             }
             None => Err(CallError::Trap("no instance".into())),
         };
+        let metrics = &task.status.metrics;
+        metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.batch_events.observe(batch.len() as f64);
+        match &outcome {
+            Ok(HandleOutcome::Outputs(_)) => {}
+            Ok(HandleOutcome::EventFailed { .. }) => {
+                let refused = task
+                    .instance
+                    .as_ref()
+                    .is_some_and(|(_, i)| i.state_write_refused());
+                metrics.error(if refused {
+                    ErrorKind::State
+                } else {
+                    ErrorKind::Event
+                });
+            }
+            Err(CallError::Trap(_)) => metrics.error(ErrorKind::Trap),
+            Err(CallError::Deadline(_)) => metrics.error(ErrorKind::Deadline),
+            Err(CallError::Memory(_)) => metrics.error(ErrorKind::Memory),
+            Err(CallError::Outputs(_)) => metrics.error(ErrorKind::Output),
+        }
         if let Err(CallError::Deadline(_)) = outcome {
             let deadline = version.limits.apply(&self.ctx.options.limits).deadline;
             task.cool_until = Some(Instant::now() + deadline * DEADLINE_PENALTY);
@@ -1152,6 +1204,16 @@ impl PendingCommit {
             clear_state: false,
         }
     }
+}
+
+/// Notes the log-append times of the events the next commit settles, for the latency histogram.
+fn cover(task: &mut Task, events: &[Stored]) {
+    task.covered_ms.clear();
+    task.covered_ms.extend(
+        events
+            .iter()
+            .filter_map(|(_, record)| crate::log::record::timestamp_of(record)),
+    );
 }
 
 fn dead_letter(offset: u64, version: u32, error: String, record: &[u8]) -> DlqEntry {

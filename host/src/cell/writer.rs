@@ -32,6 +32,8 @@ struct PartitionState {
     last_timestamp_ms: u64,
     dedup: DedupIndex,
     touched: bool,
+    /// Events and bytes ingest appended in the group being committed, published after the fsync.
+    ingested: (u64, u64),
 }
 
 pub(super) struct Writer {
@@ -152,6 +154,7 @@ impl Writer {
                 log,
                 durable_end,
                 lagging: AtomicU64::new(0),
+                ingested: Default::default(),
             });
             views.insert(p, view.clone());
             states.insert(
@@ -162,6 +165,7 @@ impl Writer {
                     last_timestamp_ms,
                     dedup,
                     touched: false,
+                    ingested: (0, 0),
                 },
             );
         }
@@ -362,6 +366,7 @@ impl Writer {
             return;
         }
         let now = now_ms();
+        let events: usize = group.iter().map(Pending::weight).sum();
         let mut batch = self.store.batch();
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         for pending in group {
@@ -375,7 +380,14 @@ impl Writer {
         let outcome = if batch.is_empty() {
             Ok(())
         } else {
-            self.store.commit(batch, true)
+            let started = std::time::Instant::now();
+            let committed = self.store.commit(batch, true);
+            let metrics = &shared.metrics;
+            metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.group_commit_events.observe(events as f64);
+            committed
         };
         match outcome {
             Ok(()) => {
@@ -383,6 +395,10 @@ impl Writer {
                     for state in partitions.values_mut().filter(|s| s.touched) {
                         state.touched = false;
                         state.view.durable_end.send_replace(state.next_offset);
+                        let (events, bytes) = std::mem::take(&mut state.ingested);
+                        if events > 0 {
+                            state.view.ingested.add(events, bytes);
+                        }
                     }
                 }
                 for answer in answers {
@@ -395,6 +411,12 @@ impl Writer {
             }
             Err(e) => {
                 shared.health.fail(self.index, e.to_string());
+                // Nothing of the group was appended.
+                for partitions in self.topics.values_mut() {
+                    for state in partitions.values_mut() {
+                        state.ingested = (0, 0);
+                    }
+                }
                 let err = CellError::Unavailable {
                     cell: self.index,
                     reason: e.to_string(),
@@ -434,7 +456,13 @@ impl Writer {
         } in events
         {
             if let Some(state) = partitions.get_mut(&partition) {
-                results.push(Self::append_record(batch, state, now, record, id));
+                let bytes = record.len() as u64;
+                let appended = Self::append_record(batch, state, now, record, id);
+                if matches!(appended, Appended::New(_)) {
+                    state.ingested.0 += 1;
+                    state.ingested.1 += bytes;
+                }
+                results.push(appended);
             }
         }
         Answer::Append(reply, Ok(results))

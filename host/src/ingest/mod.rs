@@ -14,6 +14,7 @@ mod read;
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -23,24 +24,45 @@ use serde::Serialize;
 
 use crate::cell::{AppendEvent, Appended, CellError};
 use crate::http::{ApiError, HttpResponse, json, no_route, read_body};
+use crate::metrics::{Listener, Route};
 use crate::server::AppState;
 
-/// Routes a data-plane request.
+/// Route templates, the `route` label of the request metrics.
+const APPEND: Route = Route::new("POST", "/v1/topics/{topic}/events");
+const READ: Route = Route::new("GET", "/v1/topics/{topic}/partitions/{partition}/events");
+
+/// Routes a data-plane request; records its latency and, if it is refused, why.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let result = match (req.method(), segments.as_slice()) {
-        (&Method::POST, ["v1", "topics", topic, "events"]) => {
-            let topic = topic.to_string();
-            append(&state, &topic, req).await
+    let limits = &state.config.ingest;
+    let head = crate::http::check_head(&req, limits.max_headers, limits.max_header_bytes);
+    let (route, result) = if let Err(e) = head {
+        (Route::UNMATCHED, Err(e))
+    } else {
+        match (req.method(), segments.as_slice()) {
+            (&Method::POST, ["v1", "topics", topic, "events"]) => {
+                let topic = topic.to_string();
+                (APPEND, append(&state, &topic, req).await)
+            }
+            (&Method::GET, ["v1", "topics", topic, "partitions", partition, "events"]) => {
+                let (topic, partition) = (topic.to_string(), partition.to_string());
+                let query = req.uri().query();
+                (READ, read::handle(&state, &topic, &partition, query).await)
+            }
+            (method, _) => (Route::UNMATCHED, Err(no_route(method, &path))),
         }
-        (&Method::GET, ["v1", "topics", topic, "partitions", partition, "events"]) => {
-            let (topic, partition) = (topic.to_string(), partition.to_string());
-            read::handle(&state, &topic, &partition, req.uri().query()).await
-        }
-        (method, _) => Err(no_route(method, &path)),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    let response = result.unwrap_or_else(|e| {
+        state.metrics.refused_request(e.code, e.status.as_u16());
+        e.into_response()
+    });
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request(Listener::Data, route, status, started.elapsed());
+    response
 }
 
 fn unknown_topic(topic: &str) -> ApiError {
@@ -66,6 +88,10 @@ struct Outcome {
     detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after_ms: Option<u64>,
+    /// Why it was refused, finer than `error` (shed by priority or a full queue): the `reason`
+    /// label of `procd_ingest_refused_events_total`.
+    #[serde(skip)]
+    reason: &'static str,
 }
 
 impl Outcome {
@@ -78,7 +104,53 @@ impl Outcome {
             error: Some(code),
             detail: Some(err.to_string()),
             retry_after_ms: Some(retry_after_ms),
+            reason: reason(err),
         }
+    }
+}
+
+/// The metrics' reason for a refused event.
+fn reason(err: &CellError) -> &'static str {
+    use crate::backpressure::Priority;
+    match err {
+        CellError::Unavailable { .. } => "cell_unavailable",
+        CellError::Overloaded {
+            shed: Some(Priority::Low),
+            ..
+        } => "shed_low",
+        CellError::Overloaded {
+            shed: Some(Priority::Normal),
+            ..
+        } => "shed_normal",
+        CellError::Overloaded { .. } => "queue_full",
+        CellError::UnknownTopic(_) => "unknown_topic",
+        CellError::ShuttingDown { .. } => "shutting_down",
+        CellError::Lagging { .. } => "partition_lagging",
+    }
+}
+
+/// The status a refusal code is answered with when it refuses a whole request.
+fn refusal_status(code: &str) -> StatusCode {
+    match code {
+        "unknown_topic" => StatusCode::NOT_FOUND,
+        "partition_lagging" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// Counts the refused events of an append, once per reason (not per event).
+fn count_refused(state: &AppState, results: &[Outcome]) {
+    let mut by_reason: Vec<(&'static str, &'static str, u64)> = Vec::new();
+    for o in results {
+        let Some(code) = o.error else { continue };
+        match by_reason.iter_mut().find(|(r, _, _)| *r == o.reason) {
+            Some((_, _, n)) => *n += 1,
+            None => by_reason.push((o.reason, code, 1)),
+        }
+    }
+    for (reason, code, n) in by_reason {
+        let status = refusal_status(code).as_u16();
+        state.metrics.refused_events(reason, status, n);
     }
 }
 
@@ -248,6 +320,7 @@ async fn append(
                         error: None,
                         detail: None,
                         retry_after_ms: None,
+                        reason: "",
                     });
                 }
             }
@@ -266,6 +339,7 @@ async fn append(
             o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 }))
         })
         .collect();
+    count_refused(state, &results);
     let refused: Vec<&Outcome> = results.iter().filter(|o| o.error.is_some()).collect();
     if refused.is_empty() {
         return Ok(json(
@@ -290,11 +364,8 @@ async fn append(
     // Nothing was accepted: answer with the (first) refusal's status and retry hint.
     let code = refused[0].error.unwrap_or("refused");
     let retry_ms = refused[0].retry_after_ms.unwrap_or(1_000);
-    let status = match code {
-        "unknown_topic" => StatusCode::NOT_FOUND,
-        "partition_lagging" => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status = refusal_status(code);
+    state.metrics.refused_request(code, status.as_u16());
     let detail = refused[0].detail.clone().unwrap_or_default();
     let mut resp = json(
         status,
@@ -309,4 +380,40 @@ async fn append(
         retry_ms.div_ceil(1000).max(1).into(),
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backpressure::Priority;
+
+    #[test]
+    fn refused_events_are_counted_by_a_finer_reason_than_their_code() {
+        let shed = |p| CellError::Overloaded {
+            cell: 0,
+            shed: Some(p),
+        };
+        let full = CellError::Overloaded {
+            cell: 0,
+            shed: None,
+        };
+        assert_eq!(reason(&shed(Priority::Low)), "shed_low");
+        assert_eq!(reason(&shed(Priority::Normal)), "shed_normal");
+        assert_eq!(reason(&full), "queue_full");
+        // Clients still see one code for all three, with the same status.
+        for err in [shed(Priority::Low), shed(Priority::Normal), full] {
+            let (code, _) = refusal(&err);
+            assert_eq!(code, "cell_overloaded");
+            assert_eq!(refusal_status(code), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let lagging = CellError::Lagging {
+            partition: 1,
+            lag: 9,
+        };
+        assert_eq!(reason(&lagging), "partition_lagging");
+        assert_eq!(
+            refusal_status(refusal(&lagging).0),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
 }

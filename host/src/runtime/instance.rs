@@ -99,6 +99,8 @@ pub struct HostState {
     /// and not yet in the overlay, so a write after a read costs no second storage look-up.
     committed_sizes: HashMap<Vec<u8>, u64>,
     log: LogLimiter,
+    /// Whether the host refused a state write in the current call (a state limit).
+    state_refused: bool,
     /// The SDK's panic report of the current call (its panic hook logs it just before the trap), so the
     /// trap's error says why instead of only where.
     panic: Option<String>,
@@ -184,6 +186,7 @@ impl HostState {
                 .saturating_add_signed(self.bytes_delta)
                 .saturating_add(new - current);
             if total > self.max_state_bytes {
+                self.state_refused = true;
                 return Ok(Err(format!(
                     "partition state would grow to {total} bytes; the limit is {} bytes \
                      (max_state_bytes)",
@@ -226,8 +229,9 @@ impl HostState {
         Ok(())
     }
 
-    fn check_value(&self, value: &[u8]) -> Result<(), String> {
+    fn check_value(&mut self, value: &[u8]) -> Result<(), String> {
         if value.len() > self.max_state_value_bytes {
+            self.state_refused = true;
             return Err(format!(
                 "state value of {} bytes exceeds the limit of {} bytes",
                 value.len(),
@@ -456,6 +460,7 @@ impl Runtime {
                 last: Instant::now(),
                 dropped: 0,
             },
+            state_refused: false,
             panic: None,
         };
         let mut store = Store::new(&self.engine, data);
@@ -535,6 +540,7 @@ impl Instance {
         }
         self.store.set_epoch_deadline(ticks(self.deadline));
         self.store.data_mut().panic = None;
+        self.store.data_mut().state_refused = false;
         match self.bindings.call_handle(&mut self.store, batch) {
             Ok(Ok(outputs)) => {
                 let (count, bytes) = (
@@ -565,6 +571,11 @@ impl Instance {
                 Err(self.describe(&e))
             }
         }
+    }
+
+    /// Whether the host refused a state write (a state limit) during the last call.
+    pub fn state_write_refused(&self) -> bool {
+        self.store.data().state_refused
     }
 
     /// Whether a trap made this instance unusable.
