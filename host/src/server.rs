@@ -38,6 +38,9 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Server-wide metrics: request latency and refusals (per-cell ones live in the cells).
     pub metrics: crate::metrics::Metrics,
+    /// The deploy compiler's one slot: components compile one at a time, on one blocking thread, so
+    /// deploys can never take more than one core from the cells.
+    pub compiler: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -105,6 +108,7 @@ impl Server {
             admin_lock,
             stopping,
             metrics: crate::metrics::Metrics::default(),
+            compiler: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         Ok(Self {
             state: Arc::new(state),

@@ -237,7 +237,22 @@ pub(super) async fn deploy(
         ));
     }
 
-    // Compile and check `init` off the async threads: a big component takes a while.
+    // Compile and check `init` off the async threads, one deploy at a time: a big component takes a
+    // while, and the cells' threads must keep their cores. A deploy waits for the compiler at most
+    // as long as a compile may take.
+    let slot = match tokio::time::timeout(COMPILE_TIMEOUT, state.compiler.clone().acquire_owned())
+        .await
+    {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "compiler_busy",
+                "other deploys are compiling; retry later",
+            )
+            .retry_after(COMPILE_TIMEOUT.as_secs()));
+        }
+    };
     let runtime = state.runtime.clone();
     let check_limits = limits.apply(&server_limits);
     let check_config = config.clone();
@@ -250,6 +265,8 @@ pub(super) async fn deploy(
     let checked = tokio::time::timeout(
         COMPILE_TIMEOUT,
         tokio::task::spawn_blocking(move || {
+            // Held until the compile really ends, even after the deploy gave up waiting for it.
+            let _slot = slot;
             let compiled = runtime
                 .compile(&component)
                 .map_err(|e| (e.to_string(), matches!(e, CompileError::Invalid(_))))?;
