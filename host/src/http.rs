@@ -217,9 +217,9 @@ pub struct ListenerLimits {
 /// set to twice the limits ([`serve`]), so only a head far over them gets hyper's bare `431`.
 pub fn check_head(
     req: &Request<Incoming>,
-    max_headers: usize,
-    max_header_bytes: usize,
+    limits: &crate::config::IngestConfig,
 ) -> Result<(), ApiError> {
+    let (max_headers, max_header_bytes) = (limits.max_headers, limits.max_header_bytes);
     let headers = req.headers();
     if headers.len() > max_headers {
         return Err(ApiError::new(

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use procd::client::Client;
+use procd::client::{Client, Response};
 use serde_json::{Value, json};
 
 use crate::harness::{TestHost, TestResult, ensure_status, ndjson};
@@ -370,6 +370,29 @@ async fn long_poll_returns_as_soon_as_data_arrives() -> TestResult {
     Ok(())
 }
 
+/// A request body of 100 small events, about 2.9 KB.
+fn hundred_events() -> String {
+    (0..100)
+        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
+        .collect()
+}
+
+/// Posts `body` to topic `t` as `tenant`.
+async fn post_as(data: &mut Client, tenant: &str, body: &str) -> TestResult<Response> {
+    let resp = data
+        .request(
+            hyper::Method::POST,
+            "/v1/topics/t/events",
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("procd-tenant", tenant),
+            ],
+            body.to_string().into_bytes(),
+        )
+        .await?;
+    Ok(resp)
+}
+
 #[tokio::test]
 async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResult {
     let host = TestHost::start_with(
@@ -381,31 +404,12 @@ async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResul
         ],
     )?;
     host.create_topic("t").await?;
-    let body: String = (0..100)
-        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
-        .collect();
+    let body = hundred_events();
     assert!(body.len() > 2000 && body.len() < 4000);
-    let post = |tenant: &'static str, body: String| {
-        let url = host.url.clone();
-        async move {
-            let mut data = Client::new(&url)?;
-            let resp = data
-                .request(
-                    hyper::Method::POST,
-                    "/v1/topics/t/events",
-                    &[
-                        ("content-type", "application/x-ndjson"),
-                        ("procd-tenant", tenant),
-                    ],
-                    body.into_bytes(),
-                )
-                .await?;
-            TestResult::Ok(resp)
-        }
-    };
+    let mut data = host.data()?;
     // The first request fits the burst; the second, right after, does not.
-    ensure_status(&post("hot", body.clone()).await?, 202)?;
-    let refused = post("hot", body.clone()).await?;
+    ensure_status(&post_as(&mut data, "hot", &body).await?, 202)?;
+    let refused = post_as(&mut data, "hot", &body).await?;
     ensure_status(&refused, 429)?;
     let retry: u64 = refused
         .header("retry-after")
@@ -417,12 +421,12 @@ async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResul
     );
     assert_eq!(refused.json()?["error"], "over_quota");
     // Another tenant is untouched, and the refused request appended nothing.
-    ensure_status(&post("calm", body.clone()).await?, 202)?;
+    ensure_status(&post_as(&mut data, "calm", &body).await?, 202)?;
     let total: u64 = end_offsets(&host, "t").await?.iter().sum();
     assert_eq!(total, 200);
     // After the advertised wait, the hot tenant is served again.
     tokio::time::sleep(Duration::from_secs(retry)).await;
-    ensure_status(&post("hot", body).await?, 202)?;
+    ensure_status(&post_as(&mut data, "hot", &body).await?, 202)?;
     Ok(())
 }
 
@@ -438,9 +442,7 @@ async fn tenant_overrides_give_a_tenant_its_own_quota() -> TestResult {
         ],
     )?;
     host.create_topic("t").await?;
-    let body: String = (0..100)
-        .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
-        .collect();
+    let body = hundred_events();
     let mut data = host.data()?;
     async fn statuses(
         data: &mut Client,
@@ -450,18 +452,7 @@ async fn tenant_overrides_give_a_tenant_its_own_quota() -> TestResult {
     ) -> TestResult<Vec<u16>> {
         let mut out = Vec::new();
         for _ in 0..n {
-            let resp = data
-                .request(
-                    hyper::Method::POST,
-                    "/v1/topics/t/events",
-                    &[
-                        ("content-type", "application/x-ndjson"),
-                        ("procd-tenant", tenant),
-                    ],
-                    body.to_string().into_bytes(),
-                )
-                .await?;
-            out.push(resp.status);
+            out.push(post_as(data, tenant, body).await?.status);
         }
         Ok(out)
     }

@@ -240,19 +240,18 @@ pub(super) async fn deploy(
     // Compile and check `init` off the async threads, one deploy at a time: a big component takes a
     // while, and the cells' threads must keep their cores. A deploy waits for the compiler at most
     // as long as a compile may take.
-    let slot = match tokio::time::timeout(COMPILE_TIMEOUT, state.compiler.clone().acquire_owned())
-        .await
-    {
-        Ok(Ok(slot)) => slot,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "compiler_busy",
-                "other deploys are compiling; retry later",
-            )
-            .retry_after(COMPILE_TIMEOUT.as_secs()));
-        }
-    };
+    let slot =
+        match tokio::time::timeout(COMPILE_TIMEOUT, state.compiler.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "compiler_busy",
+                    "other deploys are compiling; retry later",
+                )
+                .retry_after(COMPILE_TIMEOUT.as_secs()));
+            }
+        };
     let runtime = state.runtime.clone();
     let check_limits = limits.apply(&server_limits);
     let check_config = config.clone();

@@ -36,9 +36,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     let started = Instant::now();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let limits = &state.config.ingest;
-    let head = crate::http::check_head(&req, limits.max_headers, limits.max_header_bytes);
-    let (route, result) = if let Err(e) = head {
+    let (route, result) = if let Err(e) = crate::http::check_head(&req, &state.config.ingest) {
         (Route::UNMATCHED, Err(e))
     } else {
         match (req.method(), segments.as_slice()) {
