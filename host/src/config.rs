@@ -108,8 +108,9 @@ fn millis(d: Duration) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebugConfig {
-    /// Enables `POST /v1/debug/cells/{k}/fail-writes` on the control plane, which makes cell k's storage
-    /// fail like a broken disk. Never enable in production.
+    /// Enables `POST /v1/debug/cells/{k}/fail-writes` (cell k's storage fails like a broken disk) and
+    /// `POST /v1/debug/cells/{k}/slow-writes?ms=N` (each of its writes takes N ms longer) on the control
+    /// plane. Never enable in production.
     pub fault_injection: bool,
 }
 
@@ -163,6 +164,9 @@ pub struct CellConfig {
     /// How long a cell's processor may make no progress while it has work before `/readyz` reports
     /// it stalled.
     pub processing_stall_ms: u64,
+    /// Standing queue delay past which `normal` appends are shed with `503` (`low` from half of it,
+    /// `critical` never); 0: shed by queue length only.
+    pub queue_delay_target_ms: u64,
 }
 
 /// Admission (see [`crate::backpressure`]): rates of 0 turn a bucket off.
@@ -268,6 +272,7 @@ impl Default for CellConfig {
             max_memtable_bytes: store.max_memtable_bytes,
             cache_bytes: store.cache_bytes,
             processing_stall_ms: cell.processing_stall_ms,
+            queue_delay_target_ms: cell.queue_delay_target_ms,
         }
     }
 }
@@ -470,6 +475,12 @@ impl Config {
             86_400_000,
         )?;
         range(
+            "cell.queue_delay_target_ms",
+            self.cell.queue_delay_target_ms,
+            0,
+            3_600_000,
+        )?;
+        range(
             "cell.maintenance_interval_ms",
             self.cell.maintenance_interval_ms,
             10,
@@ -631,6 +642,7 @@ impl Config {
             dedup_max_ids: self.dedup.max_ids,
             maintenance_interval_ms: self.cell.maintenance_interval_ms,
             processing_stall_ms: self.cell.processing_stall_ms,
+            queue_delay_target_ms: self.cell.queue_delay_target_ms,
             processor: crate::cell::ProcessorOptions {
                 limits: self.handler_limits(),
                 batch_max_events: self.handler.batch_max_events,

@@ -83,6 +83,108 @@ async fn invalid_configuration_is_one_line_naming_the_key() -> TestResult {
     Ok(())
 }
 
+/// Posts one event with `key` at `priority` on a fresh connection; returns the status and body.
+async fn post_one(url: &str, key: &str, priority: &str) -> TestResult<(u16, serde_json::Value)> {
+    let mut data = procd::client::Client::new(url)?;
+    let resp = data
+        .request(
+            hyper::Method::POST,
+            "/v1/topics/t/events",
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("procd-priority", priority),
+            ],
+            format!("{{\"key\":\"{key}\",\"value\":1}}").into_bytes(),
+        )
+        .await?;
+    Ok((resp.status, resp.json()?))
+}
+
+#[tokio::test]
+async fn a_standing_queue_sheds_normal_requests_but_not_critical_ones_nor_other_cells() -> TestResult
+{
+    // One request per group commit and 50 ms per commit in cell 0: 40 requests queue for 2 s.
+    let host = TestHost::start_with(
+        8,
+        2,
+        &[
+            "debug.fault_injection=true",
+            "cell.group_commit_max_events=1",
+            "cell.queue_delay_target_ms=50",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let key_in = |cell: u32| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| procd::ingest::partitioner::route(Some(k.as_bytes()), None, 8) % 2 == cell)
+            .unwrap_or_default()
+    };
+    let (slow_key, fast_key) = (key_in(0), key_in(1));
+    ensure_status(
+        &host
+            .admin()?
+            .request(
+                hyper::Method::POST,
+                "/v1/debug/cells/0/slow-writes?ms=50",
+                &[],
+                "",
+            )
+            .await?,
+        200,
+    )?;
+    let backlog: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, key) = (host.url.clone(), slow_key.clone());
+            tokio::spawn(async move { post_one(&url, &key, "critical").await })
+        })
+        .collect();
+    // The writer measures the standing delay over 100 ms intervals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (status, body) = post_one(&host.url, &slow_key, "normal").await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "cell_overloaded");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("cell.queue_delay_target_ms"), "{detail}");
+    let (status, body) = post_one(&host.url, &slow_key, "low").await?;
+    assert_eq!(status, 503, "{body}");
+    // Critical requests still queue, and the other cell does not notice.
+    let critical = {
+        let (url, key) = (host.url.clone(), slow_key.clone());
+        tokio::spawn(async move { post_one(&url, &key, "critical").await })
+    };
+    let started = Instant::now();
+    let (status, body) = post_one(&host.url, &fast_key, "normal").await?;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    for request in backlog {
+        assert_eq!(request.await??.0, 202);
+    }
+    assert_eq!(critical.await??.0, 202);
+
+    // Once the queue drains, normal requests are served again.
+    ensure_status(
+        &host
+            .admin()?
+            .request(
+                hyper::Method::POST,
+                "/v1/debug/cells/0/slow-writes?ms=0",
+                &[],
+                "",
+            )
+            .await?,
+        200,
+    )?;
+    let (status, body) = post_one(&host.url, &slow_key, "normal").await?;
+    assert_eq!(status, 202, "{body}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_storage_fault_stops_only_its_cell() -> TestResult {
     let host = TestHost::start_with(8, 2, &["debug.fault_injection=true"])?;

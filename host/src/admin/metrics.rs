@@ -57,6 +57,7 @@ fn gather(state: &AppState) -> Snapshot {
             cell: cell.index(),
             queue_depth: cell.queue_depth() as u64,
             queue_capacity: cell.queue_capacity() as u64,
+            queue_delay_seconds: cell.queue_delay().as_secs_f64(),
             healthy: cell.failure().is_none(),
             group_commit_events: metrics.group_commit_events.snapshot(),
             fsync_seconds: metrics.fsync_seconds.snapshot(),

@@ -112,6 +112,14 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
                     inject_fault(&state, cell),
                 )
             }
+            (&Method::POST, ["v1", "debug", "cells", cell, "slow-writes"])
+                if state.config.debug.fault_injection =>
+            {
+                (
+                    r("POST", "/v1/debug/cells/{cell}/slow-writes"),
+                    slow_writes(&state, cell, req.uri().query()),
+                )
+            }
             (method, _) => (Route::UNMATCHED, Err(no_route(method, &path))),
         }
     };
@@ -123,10 +131,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     response
 }
 
-/// Test hook: cell `k`'s storage fails from now on.
-fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> {
-    let cell = cell
-        .parse::<usize>()
+/// The cell a debug route names.
+fn debug_cell<'a>(state: &'a AppState, cell: &str) -> Result<&'a crate::cell::Cell, ApiError> {
+    cell.parse::<usize>()
         .ok()
         .and_then(|k| state.cells.get(k))
         .ok_or_else(|| {
@@ -134,7 +141,43 @@ fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> 
                 "unknown_cell",
                 format!("no cell {cell:?}; cells are 0..{}", state.cells.len()),
             )
+        })
+}
+
+/// Test hook: cell `k`'s writes take `ms` (query) longer from now on, as on a slow disk.
+fn slow_writes(
+    state: &AppState,
+    cell: &str,
+    query: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
+    let cell = debug_cell(state, cell)?;
+    let ms = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms <= 60_000)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "give ms=N, 0 to 60000 milliseconds per write",
+            )
         })?;
+    tracing::warn!(
+        cell = cell.index(),
+        ms,
+        "slowing writes down (debug.fault_injection)"
+    );
+    cell.inject_slow_writes(ms);
+    Ok(json(
+        StatusCode::OK,
+        &json!({"cell": cell.index(), "slow_write_ms": ms}),
+    ))
+}
+
+/// Test hook: cell `k`'s storage fails from now on.
+fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> {
+    let cell = debug_cell(state, cell)?;
     tracing::warn!(
         cell = cell.index(),
         "injecting a write fault (debug.fault_injection)"

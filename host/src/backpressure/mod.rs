@@ -12,7 +12,10 @@
 //!    `admission.lag_high_events` behind, its events are refused (`429`, per event in a mixed batch)
 //!    until the lag is back under `admission.lag_low_events`; other partitions are not affected;
 //! 4. per cell, its bounded queue with [`Priority`]: as it fills, `low` requests are shed first (`503`
-//!    at half full), then `normal` (at 80 %), `critical` only when it is full.
+//!    at half full), then `normal` (at 80 %), `critical` only when it is full; and as its standing delay
+//!    (how long requests wait before the writer takes them) passes `cell.queue_delay_target_ms`,
+//!    `normal` requests are shed (`low` from half of it), so accepted requests do not wait long even
+//!    when the server runs at its capacity.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
 //! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
@@ -301,6 +304,29 @@ impl Priority {
         }
     }
 
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Normal => "normal",
+            Self::Critical => "critical",
+        }
+    }
+
+    /// Whether a request of this priority may join a queue whose requests wait `delay` before the
+    /// writer takes them: `low` is shed past half the `target`, `normal` past it, `critical` never by
+    /// delay (only by a full queue). A zero target turns this off.
+    pub fn admits_delay(self, delay: Duration, target: Duration) -> bool {
+        if target.is_zero() {
+            return true;
+        }
+        match self {
+            Self::Low => delay <= target / 2,
+            Self::Normal => delay <= target,
+            Self::Critical => true,
+        }
+    }
+
     /// Whether a request of this priority may join a queue holding `depth` of `capacity` entries:
     /// `low` is shed first, then `normal`, `critical` only when the queue is full.
     pub fn admits(self, depth: usize, capacity: usize) -> bool {
@@ -501,6 +527,21 @@ mod tests {
         );
         assert_eq!(Priority::parse(" Critical"), Ok(Priority::Critical));
         assert!(Priority::parse("urgent").is_err());
+    }
+
+    #[test]
+    fn the_queue_delay_sheds_low_then_normal_and_never_critical() {
+        let target = Duration::from_millis(50);
+        let ms = Duration::from_millis;
+        assert!(Priority::Low.admits_delay(ms(25), target));
+        assert!(!Priority::Low.admits_delay(ms(26), target));
+        assert!(Priority::Normal.admits_delay(ms(50), target));
+        assert!(!Priority::Normal.admits_delay(ms(51), target));
+        assert!(Priority::Critical.admits_delay(ms(10_000), target));
+        assert!(
+            Priority::Low.admits_delay(ms(10_000), Duration::ZERO),
+            "off"
+        );
     }
 
     #[test]

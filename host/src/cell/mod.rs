@@ -12,6 +12,7 @@ mod batch;
 mod breaker;
 mod dedup;
 mod processor;
+mod queue_delay;
 mod retention;
 mod writer;
 
@@ -19,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, watch};
@@ -53,6 +54,8 @@ pub struct CellOptions {
     pub maintenance_interval_ms: u64,
     /// No processing progress for this long while there is work: the cell reports itself stalled.
     pub processing_stall_ms: u64,
+    /// Standing queue delay (ms) past which `normal` requests are shed (`low` from half of it); 0: off.
+    pub queue_delay_target_ms: u64,
     /// Handler processing.
     pub processor: ProcessorOptions,
 }
@@ -67,8 +70,28 @@ impl Default for CellOptions {
             dedup_max_ids: 100_000,
             maintenance_interval_ms: 10_000,
             processing_stall_ms: 60_000,
+            queue_delay_target_ms: 50,
             processor: ProcessorOptions::default(),
         }
+    }
+}
+
+fn overloaded(
+    cell: u32,
+    shed: Option<crate::backpressure::Priority>,
+    queue_delay_ms: Option<u64>,
+) -> String {
+    match (shed, queue_delay_ms) {
+        (None, _) => format!("cell {cell} is overloaded: its write queue is full"),
+        (Some(p), Some(ms)) => format!(
+            "cell {cell} is overloaded: its writes wait {ms} ms in its queue (cell.queue_delay_target_ms); \
+             {} priority requests are shed",
+            p.as_str()
+        ),
+        (Some(p), None) => format!(
+            "cell {cell} is overloaded: its write queue is too full for {} priority requests",
+            p.as_str()
+        ),
     }
 }
 
@@ -78,12 +101,14 @@ pub enum CellError {
     /// The cell hit a storage fault and stopped acknowledging writes.
     #[error("cell {cell} is unavailable: {reason}")]
     Unavailable { cell: u32, reason: String },
-    /// The cell's queue is full, or too full for the request's priority (`shed`).
-    #[error("cell {cell} is overloaded: its write queue is full")]
+    /// The cell's queue is full, or too full or too slow for the request's priority (`shed`).
+    #[error("{}", overloaded(*cell, *shed, *queue_delay_ms))]
     Overloaded {
         cell: u32,
         /// The priority that was shed before the queue was full; `None`: the queue is full.
         shed: Option<crate::backpressure::Priority>,
+        /// Set when the request was shed because requests wait this long in the queue.
+        queue_delay_ms: Option<u64>,
     },
     /// The topic does not exist (it may have just been deleted).
     #[error("topic {0:?} does not exist")]
@@ -128,6 +153,8 @@ enum Command {
         topic: Arc<str>,
         events: Vec<AppendEvent>,
         reply: oneshot::Sender<AppendReply>,
+        /// When it joined the queue: the writer measures the queue's delay from it.
+        queued_at: Instant,
     },
     Process(Box<ProcessCommit>),
     DropConsumer {
@@ -307,6 +334,11 @@ struct Shared {
     processing_stall_ms: u64,
     /// Group-commit size and fsync time, recorded by the writer.
     metrics: crate::metrics::CellMetrics,
+    /// How long append requests wait in the queue before the writer takes them, in µs: the least
+    /// wait over the writer's last interval (a standing queue, not a burst), 0 when the queue empties.
+    queue_delay_us: AtomicU64,
+    /// See [`CellOptions::queue_delay_target_ms`].
+    queue_delay_target: Duration,
 }
 
 impl Shared {
@@ -376,6 +408,8 @@ impl Cell {
             replays: Mutex::new(Vec::new()),
             processing_stall_ms: options.processing_stall_ms,
             metrics: Default::default(),
+            queue_delay_us: AtomicU64::new(0),
+            queue_delay_target: Duration::from_millis(options.queue_delay_target_ms),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
         let thread_err = |cause| OpenError::Thread { cell: index, cause };
@@ -473,9 +507,20 @@ impl Cell {
         self.shared.store.inject_write_fault();
     }
 
+    /// Makes this cell's every later write take `ms` longer, as on a slow disk (test hook, enabled only
+    /// by `debug.fault_injection`); 0 ends it.
+    pub fn inject_slow_writes(&self, ms: u64) {
+        self.shared.store.inject_slow_writes(ms);
+    }
+
     /// Requests waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
+    }
+
+    /// How long appends wait in the queue now (the standing delay the writer measured last).
+    pub fn queue_delay(&self) -> Duration {
+        Duration::from_micros(self.shared.queue_delay_us.load(Ordering::Relaxed))
     }
 
     /// The queue's bound (`cell.queue_len`).
@@ -515,6 +560,15 @@ impl Cell {
             return Err(CellError::Overloaded {
                 cell,
                 shed: Some(priority),
+                queue_delay_ms: None,
+            });
+        }
+        let delay = self.queue_delay();
+        if !priority.admits_delay(delay, self.shared.queue_delay_target) {
+            return Err(CellError::Overloaded {
+                cell,
+                shed: Some(priority),
+                queue_delay_ms: Some(delay.as_millis() as u64),
             });
         }
         let (reply, rx) = oneshot::channel();
@@ -522,9 +576,14 @@ impl Cell {
             topic,
             events,
             reply,
+            queued_at: Instant::now(),
         }) {
             Ok(()) => Ok(rx),
-            Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded { cell, shed: None }),
+            Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded {
+                cell,
+                shed: None,
+                queue_delay_ms: None,
+            }),
             Err(flume::TrySendError::Disconnected(_)) => Err(CellError::ShuttingDown { cell }),
         }
     }

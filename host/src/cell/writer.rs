@@ -46,6 +46,8 @@ pub(super) struct Writer {
     /// Dead letters kept per handler and partition; the oldest go first.
     dlq_max_entries: u64,
     topics: HashMap<Arc<str>, HashMap<u32, PartitionState>>,
+    /// The queue's standing delay, published for admission.
+    delay: super::queue_delay::QueueDelay,
 }
 
 struct PendingAppend {
@@ -125,6 +127,7 @@ impl Writer {
             dedup_max_ids: options.dedup_max_ids,
             dlq_max_entries: options.processor.dlq_max_entries,
             topics: HashMap::new(),
+            delay: Default::default(),
         }
     }
 
@@ -182,17 +185,25 @@ impl Writer {
         loop {
             let command = match deferred.take() {
                 Some(c) => c,
-                None => match rx.recv() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                },
+                None => {
+                    if rx.is_empty() {
+                        self.delay.empty(shared);
+                    }
+                    match rx.recv() {
+                        Ok(c) => c,
+                        Err(_) => return,
+                    }
+                }
             };
+            self.delay.tick(shared, std::time::Instant::now());
             match command {
                 Command::Append {
                     topic,
                     events,
                     reply,
+                    queued_at,
                 } => {
+                    self.delay.observe(shared, queued_at);
                     let first = Pending::Append(PendingAppend {
                         topic,
                         events,
@@ -239,6 +250,7 @@ impl Writer {
                                 topic,
                                 events,
                                 reply,
+                                ..
                             } => {
                                 let pending = Pending::Append(PendingAppend {
                                     topic,
@@ -289,7 +301,9 @@ impl Writer {
                     topic,
                     events,
                     reply,
+                    queued_at,
                 }) => {
+                    self.delay.observe(shared, queued_at);
                     count += events.len();
                     group.push(Pending::Append(PendingAppend {
                         topic,

@@ -390,10 +390,12 @@ mod tests {
         let shed = |p| CellError::Overloaded {
             cell: 0,
             shed: Some(p),
+            queue_delay_ms: None,
         };
         let full = CellError::Overloaded {
             cell: 0,
             shed: None,
+            queue_delay_ms: None,
         };
         assert_eq!(reason(&shed(Priority::Low)), "shed_low");
         assert_eq!(reason(&shed(Priority::Normal)), "shed_normal");

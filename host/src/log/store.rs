@@ -69,6 +69,9 @@ pub struct Store {
     /// Set by [`Store::inject_write_fault`]: every later commit fails. Tests use it to prove that a
     /// storage fault stops one cell only.
     fault: Arc<AtomicBool>,
+    /// Set by [`Store::inject_slow_writes`]: every later commit first sleeps this many ms, as on a
+    /// slow disk.
+    slow_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One id remembered for deduplication, stored at the offset its event was given.
@@ -108,6 +111,7 @@ impl Store {
             dir: dir.to_path_buf(),
             options,
             fault: Arc::default(),
+            slow_ms: Arc::default(),
         })
     }
 
@@ -219,6 +223,10 @@ impl Store {
                 dir: self.dir.clone(),
             });
         }
+        let slow = self.slow_ms.load(Ordering::Relaxed);
+        if slow > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(slow));
+        }
         let mode = if durable {
             PersistMode::SyncData
         } else {
@@ -234,6 +242,12 @@ impl Store {
     /// Makes every later commit fail as if the fsync had failed (test hook behind `debug.fault_injection`).
     pub fn inject_write_fault(&self) {
         self.fault.store(true, Ordering::Release);
+    }
+
+    /// Makes every later commit take `ms` longer, as on a slow disk (test hook behind
+    /// `debug.fault_injection`); 0 ends it.
+    pub fn inject_slow_writes(&self, ms: u64) {
+        self.slow_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Bytes of journal on disk; the writer rotates memtables when it grows, since fjall's own journal

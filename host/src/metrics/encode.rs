@@ -99,6 +99,8 @@ pub struct CellRow {
     pub queue_depth: u64,
     /// The queue's bound.
     pub queue_capacity: u64,
+    /// The queue's standing delay, in seconds.
+    pub queue_delay_seconds: f64,
     /// False once it hit a storage fault.
     pub healthy: bool,
     /// Events per group commit.
@@ -439,6 +441,20 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
+            "cell_queue_delay",
+            "How long appends wait in the cell writer's queue: the least wait over the writer's last \
+             100 ms (a standing queue, not a burst); normal appends are shed past \
+             cell.queue_delay_target_ms, low ones past half of it.",
+            Some(Unit::Seconds),
+            Gauge,
+            |m| {
+                cells
+                    .iter()
+                    .try_for_each(|(l, c)| gauge(m, l, c.queue_delay_seconds))
+            },
+        )?;
+        family(
+            e,
             "cell_healthy",
             "1 while the cell acknowledges writes; 0 after a storage fault (until restart).",
             None,
@@ -568,6 +584,7 @@ mod tests {
                 cell: 1,
                 queue_depth: 256,
                 queue_capacity: 1024,
+                queue_delay_seconds: 0.0,
                 healthy: true,
                 group_commit_events: hs.clone(),
                 fsync_seconds: hs.clone(),
