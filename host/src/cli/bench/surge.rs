@@ -2,8 +2,8 @@
 //!
 //! 1. C is measured closed-loop on a server of its own with admission off (or given: `--capacity`).
 //! 2. A fresh server is started with `admission.global_bytes_per_sec` = C (the operator's rated
-//!    capacity) and a burst of `--burst-ms` of it, so the excess is refused with `503` at the edge,
-//!    before its body is read.
+//!    capacity; `--rated-share` scales it) and a burst of `--burst-ms` of it, so the excess is refused
+//!    with `503` at the edge, before its body is read.
 //! 3. Open-loop load ([`super::open_loop`]): baseline (`--baseline-share` × C), then `--factor` × C for
 //!    `--surge-secs`, then baseline again for `--after-secs`.
 //! 4. The topic is read back: every accepted event exactly once, nothing refused.
@@ -54,7 +54,11 @@ pub struct SurgeArgs {
     /// Seconds of baseline load after the surge (recovery is looked for in them).
     #[arg(long, default_value_t = 20)]
     after_secs: u64,
-    /// The server's global burst (admission.global_burst_bytes) in milliseconds of C.
+    /// The server's rated capacity (admission.global_bytes_per_sec) as a share of C; below 1 leaves
+    /// CPU for refusing the excess, at the cost of goodput.
+    #[arg(long, default_value_t = 1.0)]
+    rated_share: f64,
+    /// The server's global burst (admission.global_burst_bytes) in milliseconds of its rate.
     #[arg(long, default_value_t = 100)]
     burst_ms: u64,
     /// The bound the server's RSS must stay under, in MiB.
@@ -67,6 +71,7 @@ pub(super) async fn run(args: SurgeArgs) -> anyhow::Result<()> {
     for (flag, value) in [
         ("--baseline-share", args.baseline_share),
         ("--factor", args.factor),
+        ("--rated-share", args.rated_share),
     ] {
         if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
             bail!("{flag} must be in (0, 1000]; got {value}");
@@ -81,15 +86,18 @@ pub(super) async fn run(args: SurgeArgs) -> anyhow::Result<()> {
     let capacity = args.load.capacity(&bodies).await?;
     let c = capacity.requests_per_sec;
     println!("  capacity C    {}", capacity.line(&bodies));
-    let global_bytes = (c * bodies.len() as f64).round().max(1.0) as u64;
+    let global_bytes = (args.rated_share * c * bodies.len() as f64)
+        .round()
+        .max(1.0) as u64;
     let burst_bytes = (global_bytes.saturating_mul(args.burst_ms) / 1000).max(bodies.len() as u64);
     let settings = vec![
         format!("admission.global_bytes_per_sec={global_bytes}"),
         format!("admission.global_burst_bytes={burst_bytes}"),
     ];
     println!(
-        "  server config {} (global rate = C, burst = {} ms of C)",
+        "  server config {} (global rate = {} × C, burst = {} ms of it)",
         settings_line(&settings, &args.load.set),
+        args.rated_share,
         args.burst_ms
     );
     let phases = vec![
