@@ -347,8 +347,9 @@ pub(super) struct Tally {
     pub accepted_us: Vec<u32>,
     pub refused_us: Vec<u32>,
     pub late_us: Vec<u32>,
-    /// Service times (from the actual send to the answer) of refused requests: the server's share
-    /// of their latency.
+    /// Service times (from the actual send to the answer): the server's share of the latency, the
+    /// rest being the wait for a free connection.
+    pub accepted_service_us: Vec<u32>,
     pub refused_service_us: Vec<u32>,
 }
 
@@ -361,6 +362,8 @@ impl Tally {
             Outcome::Accepted | Outcome::Partial => {
                 self.accepted_requests += 1;
                 self.accepted_us.push(r.latency_us);
+                self.accepted_service_us
+                    .push(r.latency_us.saturating_sub(r.late_us));
             }
             Outcome::Refused(status) => {
                 match status {
@@ -385,6 +388,7 @@ impl Tally {
         self.accepted_us.sort_unstable();
         self.refused_us.sort_unstable();
         self.late_us.sort_unstable();
+        self.accepted_service_us.sort_unstable();
         self.refused_service_us.sort_unstable();
     }
 }

@@ -229,7 +229,7 @@ impl<'a> Report<'a> {
 
     fn print_phases(&self, c_events: f64) {
         println!(
-            "{:<9} {:>4} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8} {:>6} {:>6} {:>6}  {:<24} {:<24} {:>8} {:>8}",
+            "{:<9} {:>4} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8} {:>6} {:>6} {:>6}  {:<24} {:>8} {:<24} {:>8} {:>8}",
             "phase",
             "s",
             "offered/s",
@@ -242,6 +242,7 @@ impl<'a> Report<'a> {
             "failed",
             "unsent",
             "accepted ms p50/99/999/max",
+            "svc p99",
             "refused ms p50/99/999/max",
             "svc p99",
             "late p99"
@@ -250,7 +251,7 @@ impl<'a> Report<'a> {
             let secs = p.secs.max(f64::MIN_POSITIVE);
             let accepted = t.events_accepted as f64 / secs;
             println!(
-                "{:<9} {:>4} {:>9.0} {:>10.0} {:>10.0} {:>5.1}% {:>8} {:>8} {:>6} {:>6} {:>6}  {:<24} {:<24} {:>8} {:>8}",
+                "{:<9} {:>4} {:>9.0} {:>10.0} {:>10.0} {:>5.1}% {:>8} {:>8} {:>6} {:>6} {:>6}  {:<24} {:>8} {:<24} {:>8} {:>8}",
                 p.name,
                 p.secs,
                 t.requests as f64 / secs,
@@ -263,6 +264,7 @@ impl<'a> Report<'a> {
                 t.failed,
                 t.not_sent,
                 Latencies::of(&t.accepted_us).cell(),
+                p99_cell(&t.accepted_service_us),
                 Latencies::of(&t.refused_us).cell(),
                 p99_cell(&t.refused_service_us),
                 ms(Latencies::of(&t.late_us).p99)
@@ -270,7 +272,8 @@ impl<'a> Report<'a> {
         }
         println!(
             "(rates per second of intended send time; accepted/s counts events; latency from the intended \
-             send time to the end of the answer; svc: refusals' service time, from the actual send; late: actual \
+             send time to the end of the answer; svc: service time, from the actual send \
+             (the rest is the wait for a free connection); late: actual \
              minus intended send time)"
         );
         println!();
