@@ -3,6 +3,7 @@
 #[path = "../harness/mod.rs"]
 mod harness;
 
+mod bench;
 mod cli;
 mod cli_handlers;
 mod dev;

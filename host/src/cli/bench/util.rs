@@ -97,7 +97,7 @@ pub(super) fn process_cpu() -> Option<Duration> {
     stat_cpu("/proc/self/stat")
 }
 
-fn stat_cpu(path: &str) -> Option<Duration> {
+pub(super) fn stat_cpu(path: &str) -> Option<Duration> {
     let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may hold spaces and parentheses; fields 3.. follow its last `)`.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(14 - 3);
