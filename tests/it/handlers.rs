@@ -90,6 +90,46 @@ async fn post(
         .collect()
 }
 
+/// Posts `events` until every one is accepted, as a well-behaved producer does: events refused for
+/// overload (`503`, `429`, or per event in a `207`) are posted again after the advised wait. Without
+/// ids that is safe because a refused event was not appended. Returns how many were posted.
+async fn post_until_accepted(
+    client: &mut Client,
+    topic: &str,
+    events: Vec<(Option<String>, Value)>,
+) -> TestResult<u64> {
+    let total = events.len() as u64;
+    let mut pending = events;
+    for _ in 0..200 {
+        let mut body = String::new();
+        for (key, value) in &pending {
+            body.push_str(&json!({"key": key, "value": value}).to_string());
+            body.push('\n');
+        }
+        let resp = client
+            .post_ndjson(&format!("/v1/topics/{topic}/events"), body)
+            .await?;
+        let refused: Vec<bool> = match resp.status {
+            202 => return Ok(total),
+            207 => resp.json()?["results"]
+                .as_array()
+                .ok_or("no results in a 207")?
+                .iter()
+                .map(|r| r.get("error").is_some())
+                .collect(),
+            429 | 503 => vec![true; pending.len()],
+            _ => {
+                let body = String::from_utf8_lossy(&resp.body).into_owned();
+                return Err(format!("producer got {}: {body}", resp.status).into());
+            }
+        };
+        let mut refused = refused.into_iter();
+        pending.retain(|_| refused.next().unwrap_or(true));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("events still refused after 200 attempts".into())
+}
+
 /// Every partition of `topic`, read in full.
 pub(crate) async fn read_topic(host: &TestHost, topic: &str) -> TestResult<Vec<Vec<Value>>> {
     let mut all = Vec::with_capacity(PARTITIONS as usize);
@@ -529,7 +569,7 @@ impl Producer {
                         (Some(format!("key-{k}")), json!({ "seq": seq }))
                     })
                     .collect();
-                sent += post(&mut client, &topic, &events).await?.len() as u64;
+                sent += post_until_accepted(&mut client, &topic, events).await?;
                 ticks.tick().await;
             }
             Ok(sent)

@@ -70,7 +70,7 @@ impl Default for CellOptions {
             dedup_max_ids: 100_000,
             maintenance_interval_ms: 10_000,
             processing_stall_ms: 60_000,
-            queue_delay_target_ms: 50,
+            queue_delay_target_ms: 100,
             processor: ProcessorOptions::default(),
         }
     }
