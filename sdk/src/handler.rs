@@ -78,9 +78,10 @@ impl<H: Handler> Runtime<H> {
         backend: &mut dyn Backend,
     ) -> Result<Outputs, Failure> {
         self.cache.clear();
-        let mut outputs = Outputs::with_capacity(batch.len(), batch.keys.len(), batch.values.len());
+        let mut outputs = Outputs::with_capacity(batch.len(), batch.keys.len(), batch.value_bytes());
         let mut ctx = Context {
             outputs: &mut outputs,
+            values: batch.values,
             state: State {
                 cache: &mut self.cache,
                 backend,
@@ -98,7 +99,7 @@ impl<H: Handler> Runtime<H> {
             ctx.state.writer = event.index();
             ctx.outputs.current = Current {
                 key: (event.key().as_ptr() as usize, event.key().len()),
-                value: (event.value().as_ptr() as usize, event.value().len()),
+                value: event.value_range(),
                 source: event.index() + 1,
             };
             if let Err(error) = self.handler.handle(&event, &mut ctx) {
