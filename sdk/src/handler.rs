@@ -126,3 +126,66 @@ fn failure(index: usize, message: String) -> Failure {
         message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Values;
+
+    /// A partition without state.
+    struct NoState;
+
+    impl Backend for NoState {
+        fn get(&mut self, _: &[u8]) -> Option<Vec<u8>> {
+            None
+        }
+        fn get_many(&mut self, _: &[u8], ends: &[u32]) -> (Vec<u8>, Vec<u32>, Vec<bool>) {
+            (Vec::new(), vec![0; ends.len()], vec![false; ends.len()])
+        }
+        fn set(&mut self, _: &[u8], _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_many(&mut self, _: &[u8], _: &[u32], _: &[u8], _: &[u32]) -> Result<(), String> {
+            Ok(())
+        }
+        fn delete_many(&mut self, _: &[u8], _: &[u32]) {}
+    }
+
+    /// Event 0: its own key and value. Event 1: a copy of its value. Event 2: forwarded.
+    #[derive(Default)]
+    struct Mixed;
+
+    impl Handler for Mixed {
+        fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+            match event.index() {
+                0 => ctx.emit(0, event.key(), event.value()),
+                1 => ctx.emit(0, event.key(), event.value().to_vec()),
+                _ => ctx.forward(0, event),
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn emitting_the_events_own_value_forwards_it_once_values_are_fetched() {
+        let fetch = || b"aabbcc".to_vec();
+        let values = Values::new(&fetch);
+        let batch = Columns {
+            partition: 0,
+            offsets: &[0, 1, 2],
+            timestamps_ms: &[0, 0, 0],
+            keys: b"xyz",
+            key_ends: &[1, 2, 3],
+            values: &values,
+            value_ends: &[2, 4, 6],
+            headers: &[],
+            header_ends: &[0, 0, 0],
+        };
+        let mut runtime = Runtime::start(Mixed, Config::new(Vec::new())).expect("no init");
+        let out = runtime.handle(batch, &mut NoState).expect("no failure");
+        assert_eq!(out.value_sources, [1, 0, 3]);
+        assert_eq!(out.values, b"bb");
+        assert_eq!(out.key_sources, [1, 2, 3]);
+        assert!(out.keys.is_empty());
+    }
+}
