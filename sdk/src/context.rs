@@ -73,7 +73,8 @@ impl Outputs {
             Some(input) => {
                 let (start, end) = self.current.value;
                 let at = input.as_ptr() as usize + start as usize;
-                self.current.source_of(value, (at, end.saturating_sub(start) as usize))
+                self.current
+                    .source_of(value, (at, end.saturating_sub(start) as usize))
             }
             None => 0,
         };
@@ -143,7 +144,8 @@ impl<'a> Context<'a> {
     #[inline]
     pub fn emit(&mut self, output: u16, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.outputs.push_key(output, key.as_ref());
-        self.outputs.push_value(value.as_ref(), self.values.fetched());
+        self.outputs
+            .push_value(value.as_ref(), self.values.fetched());
     }
 
     /// Emits `event` unchanged (its key and its value) to output `output`, by reference: the host

@@ -78,7 +78,8 @@ impl<H: Handler> Runtime<H> {
         backend: &mut dyn Backend,
     ) -> Result<Outputs, Failure> {
         self.cache.clear();
-        let mut outputs = Outputs::with_capacity(batch.len(), batch.keys.len(), batch.value_bytes());
+        let mut outputs =
+            Outputs::with_capacity(batch.len(), batch.keys.len(), batch.value_bytes());
         let mut ctx = Context {
             outputs: &mut outputs,
             values: batch.values,
@@ -159,6 +160,8 @@ mod tests {
         fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
             match event.index() {
                 0 => ctx.emit(0, event.key(), event.value()),
+                // A copy on purpose: the same bytes elsewhere are not forwarded.
+                #[allow(clippy::unnecessary_to_owned)]
                 1 => ctx.emit(0, event.key(), event.value().to_vec()),
                 _ => ctx.forward(0, event),
             }

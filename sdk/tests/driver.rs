@@ -468,7 +468,13 @@ fn forward_emits_the_event_itself_without_fetching_values() {
         .expect("no failure");
     let got: Vec<(&str, &str, &str)> = records
         .iter()
-        .map(|r| (r.topic.as_deref().unwrap_or("?"), r.key_str(), r.value_str()))
+        .map(|r| {
+            (
+                r.topic.as_deref().unwrap_or("?"),
+                r.key_str(),
+                r.value_str(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -478,7 +484,11 @@ fn forward_emits_the_event_itself_without_fetching_values() {
             ("emitted", "", "x"),
         ]
     );
-    assert_eq!(driver.host_calls().values, 1, "the last event read its value");
+    assert_eq!(
+        driver.host_calls().values,
+        1,
+        "the last event read its value"
+    );
 
     driver
         .send_batch([("fwd-a", "1"), ("fwd-b", "2")])

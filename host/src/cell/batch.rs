@@ -373,7 +373,11 @@ mod tests {
         let buffer = input.values().as_ptr();
         input.refill(0, &short)?;
         assert_eq!(input.values().as_slice(), b"1");
-        assert_eq!(input.values().as_ptr(), buffer, "an unshared buffer is reused");
+        assert_eq!(
+            input.values().as_ptr(),
+            buffer,
+            "an unshared buffer is reused"
+        );
 
         // A clone that outlives a call keeps its values; the batch moves on to a new buffer.
         let held = Arc::clone(input.values());

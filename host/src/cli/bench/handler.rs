@@ -872,11 +872,8 @@ mod tests {
         let batch = &inputs.batches[0];
         assert_eq!(batch.batch.key_ends.len(), 50);
         assert_eq!(batch.values().len(), 50 * 64);
-        let keys: std::collections::HashSet<&[u8]> = inputs
-            .batches
-            .iter()
-            .flat_map(|b| keys(&b.batch))
-            .collect();
+        let keys: std::collections::HashSet<&[u8]> =
+            inputs.batches.iter().flat_map(|b| keys(&b.batch)).collect();
         assert_eq!(keys.len(), 7);
         Ok(())
     }
