@@ -646,3 +646,20 @@ impl Instance {
         self.store.data().log.dropped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_linked_import_has_the_wit_packages_version() {
+        // Linked under another version, `input.values` would be an unknown import: a trap at first use.
+        let wit = include_str!("../../../wit/procd.wit");
+        let version = INPUT_INTERFACE.rsplit_once('@').map(|(_, v)| v);
+        assert!(
+            version.is_some_and(|v| wit.contains(&format!("package procd:handler@{v};"))),
+            "{INPUT_INTERFACE} does not match the WIT package"
+        );
+        assert!(wit.contains("interface input {") && wit.contains("values: func() -> list<u8>;"));
+    }
+}
