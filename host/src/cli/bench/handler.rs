@@ -631,8 +631,8 @@ fn print_parameters(plan: &Plan, bench: &Bench, cache: &std::path::Path) {
          take_writes() applied to a HashMap standing in for committed state (counter's get-many reads it)"
     );
     println!(
-        "  native        same logic in procd's Rust on the same Batch into an OutputBatch: passthrough copies \
-         the key and forwards the value per event; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
+        "  native        same logic in procd's Rust on the same Batch into an OutputBatch: passthrough forwards \
+         each event's key and value; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
     );
     println!(
         "  not included  reading input from fjall, re-encoding outputs (to_records, measured below), commit"
