@@ -5,8 +5,9 @@ use std::io;
 
 use serde::Serialize;
 
+use crate::event::Values;
 use crate::state::{State, end};
-use crate::{Config, Error, Level};
+use crate::{Config, Error, Event, Level};
 
 /// The records a batch emits, column-wise, exactly as `output-batch` in the WIT: emitting appends to
 /// these vectors and nothing else, and on wasm they are handed to the host without a copy.
@@ -25,12 +26,13 @@ pub(crate) struct Outputs {
     pub current: Current,
 }
 
-/// Where the event being handled lives: its key's and value's (address, length), and its source number
+/// Where the event being handled lives: its key's (address, length), its value's (start, end) in the
+/// batch's values column (whose address is only known once they are fetched), and its source number
 /// (1 + its index in the batch; 0 before the first event).
 #[derive(Default, Debug, Clone, Copy)]
 pub(crate) struct Current {
     pub key: (usize, usize),
-    pub value: (usize, usize),
+    pub value: (u32, u32),
     pub source: u32,
 }
 
@@ -64,9 +66,18 @@ impl Outputs {
 
     /// Appends a record's value: the event being handled's own value (the same memory, as in
     /// `ctx.emit(0, event.key(), event.value())`) is forwarded by reference, anything else copied.
+    /// `input` is the batch's values if they were fetched: if not, `value` cannot be one of them.
     #[inline]
-    fn push_value(&mut self, value: &[u8]) {
-        let source = self.current.source_of(value, self.current.value);
+    fn push_value(&mut self, value: &[u8], input: Option<&[u8]>) {
+        let source = match input {
+            Some(input) => {
+                let (start, end) = self.current.value;
+                let at = input.as_ptr() as usize + start as usize;
+                self.current
+                    .source_of(value, (at, end.saturating_sub(start) as usize))
+            }
+            None => 0,
+        };
         if source == 0 {
             self.values.extend_from_slice(value);
         }
@@ -83,6 +94,15 @@ impl Outputs {
         }
         self.key_ends.push(end(&self.keys));
         self.key_sources.push(source);
+    }
+
+    /// Appends a record that is input event `source - 1` itself: its key and value by reference.
+    #[inline]
+    fn push_forwarded(&mut self, output: u16, source: u32) {
+        self.topics.push(output);
+        self.key_ends.push(end(&self.keys));
+        self.key_sources.push(source);
+        self.end_value(source);
     }
 
     #[inline]
@@ -105,6 +125,8 @@ impl Outputs {
 /// configuration, log. One `Context` serves every event of a batch.
 pub struct Context<'a> {
     pub(crate) outputs: &'a mut Outputs,
+    /// The batch's values, to tell whether an emitted value is the handled event's own.
+    pub(crate) values: &'a Values<'a>,
     pub(crate) state: State<'a>,
     pub(crate) config: &'a Config,
     pub(crate) partition: u32,
@@ -116,11 +138,24 @@ impl<'a> Context<'a> {
     /// of its output topic as the input event (so a batch's effects commit atomically in one cell).
     ///
     /// Passing the handled event's own `event.key()` or `event.value()` (the same slice, not a copy)
-    /// forwards it: the bytes do not cross the boundary again.
+    /// forwards it: the bytes do not cross the boundary again. But `event.value()` reads the value,
+    /// which fetches the batch's values into the handler; to emit an event unchanged without that, use
+    /// [`forward`](Context::forward).
     #[inline]
     pub fn emit(&mut self, output: u16, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.outputs.push_key(output, key.as_ref());
-        self.outputs.push_value(value.as_ref());
+        self.outputs
+            .push_value(value.as_ref(), self.values.fetched());
+    }
+
+    /// Emits `event` unchanged (its key and its value) to output `output`, by reference: the host
+    /// writes the input event's own key and value (and keeps the value's kind, JSON or raw). It is
+    /// `emit(output, event.key(), event.value())` without reading the value, so a handler that only
+    /// forwards or drops events never has the batch's values copied into its memory.
+    #[inline]
+    pub fn forward(&mut self, output: u16, event: &Event<'_>) {
+        // Events come from a batch of at most u32::MAX events, so 1 + index does not overflow.
+        self.outputs.push_forwarded(output, event.index() + 1);
     }
 
     /// Emits a record whose value is `value` serialized as JSON, written straight into the output column.
@@ -280,26 +315,30 @@ mod tests {
 
     #[test]
     fn the_handled_events_own_value_is_forwarded_and_anything_else_copied() {
-        let input = b"hello".to_vec();
-        let copy = input.clone();
+        // The batch's values column; the handled event's value is "hello" at 2..7.
+        let column = b"..hello".to_vec();
+        let input = &column[2..];
+        let copy = input.to_vec();
         let mut outputs = Outputs::with_capacity(3, 0, 0);
         let key = b"k".to_vec();
         outputs.current = Current {
             key: (key.as_ptr() as usize, key.len()),
-            value: (input.as_ptr() as usize, input.len()),
+            value: (2, 7),
             source: 7,
         };
         outputs.push_key(0, &key);
-        outputs.push_value(&input);
+        outputs.push_value(input, Some(&column));
         outputs.push_key(0, b"k");
-        outputs.push_value(&copy);
+        outputs.push_value(&copy, Some(&column));
         outputs.push_key(0, &key);
-        outputs.push_value(&input[1..]);
-        assert_eq!(outputs.value_sources, [7, 0, 0]);
+        outputs.push_value(&input[1..], Some(&column));
+        outputs.push_forwarded(1, 3);
+        assert_eq!(outputs.topics, [0, 0, 0, 1]);
+        assert_eq!(outputs.value_sources, [7, 0, 0, 3]);
         assert_eq!(outputs.values, b"helloello");
-        assert_eq!(outputs.value_ends, [0, 5, 9]);
-        assert_eq!(outputs.key_sources, [7, 0, 7]);
+        assert_eq!(outputs.value_ends, [0, 5, 9, 9]);
+        assert_eq!(outputs.key_sources, [7, 0, 7, 3]);
         assert_eq!(outputs.keys, b"k");
-        assert_eq!(outputs.key_ends, [0, 1, 1]);
+        assert_eq!(outputs.key_ends, [0, 1, 1, 1]);
     }
 }

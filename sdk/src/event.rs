@@ -4,15 +4,51 @@
 //! `wit/procd.wit`). An [`Event`] is a handful of slices into those columns: building one copies no
 //! bytes and allocates nothing, which is what makes the boundary cheap.
 //!
+//! The values column is the exception: it is not in the batch but fetched from the host ([`Values`])
+//! the first time any event's value is read, then kept for the rest of the batch. A handler that never
+//! reads a value never has one copied into its memory.
+//!
 //! The columns come from the host and are checked here, not trusted: an end offset out of range or going
 //! backwards fails that event (it reaches the dead-letter log with a message naming the column) instead
-//! of panicking inside the guest.
+//! of panicking inside the guest. A value's range can only be checked against the values once they are
+//! fetched, inside [`Event::value`], which cannot fail: a host that sent values not matching its
+//! `value-ends` gets a panic (a trap) saying so.
 
+use std::cell::OnceCell;
 use std::fmt;
 
 use serde::Deserialize;
 
 use crate::Error;
+
+/// The values column of the batch being handled: fetched with `fetch` (the `input.values` import on
+/// wasm, the test driver natively) on first use, then kept for the rest of the batch.
+pub(crate) struct Values<'a> {
+    blob: OnceCell<Vec<u8>>,
+    fetch: &'a dyn Fn() -> Vec<u8>,
+}
+
+impl<'a> Values<'a> {
+    /// Values that `fetch` will deliver when first needed.
+    pub fn new(fetch: &'a dyn Fn() -> Vec<u8>) -> Self {
+        Values {
+            blob: OnceCell::new(),
+            fetch,
+        }
+    }
+
+    /// All values of the batch, fetching them if this is the first use.
+    #[inline]
+    pub fn get(&self) -> &[u8] {
+        self.blob.get_or_init(self.fetch)
+    }
+
+    /// All values of the batch if they were fetched already; never fetches.
+    #[inline]
+    pub fn fetched(&self) -> Option<&[u8]> {
+        self.blob.get().map(Vec::as_slice)
+    }
+}
 
 /// The columns of one input batch, borrowed from wherever they live (the lifted WIT record on wasm, the
 /// test driver natively).
@@ -23,7 +59,7 @@ pub(crate) struct Columns<'a> {
     pub timestamps_ms: &'a [u64],
     pub keys: &'a [u8],
     pub key_ends: &'a [u32],
-    pub values: &'a [u8],
+    pub values: &'a Values<'a>,
     pub value_ends: &'a [u32],
     pub headers: &'a [u8],
     pub header_ends: &'a [u32],
@@ -33,6 +69,11 @@ impl<'a> Columns<'a> {
     /// How many events the batch holds: one per offset.
     pub fn len(&self) -> usize {
         self.offsets.len()
+    }
+
+    /// The size of the values column, as `value-ends` says (so without fetching it).
+    pub fn value_bytes(&self) -> usize {
+        self.value_ends.last().map_or(0, |&end| end as usize)
     }
 
     /// A cursor over the events, from the first.
@@ -80,7 +121,13 @@ impl<'a> Cursor<'a> {
         let value_end = *c.value_ends.get(i).ok_or_else(|| missing("value-ends"))?;
         let header_end = *c.header_ends.get(i).ok_or_else(|| missing("header-ends"))?;
         let key = slice(c.keys, self.key_start, key_end, "key", i)?;
-        let value = slice(c.values, self.value_start, value_end, "value", i)?;
+        let value_start = self.value_start;
+        if value_end < value_start {
+            return Err(format!(
+                "malformed batch from the host: event {i}'s value spans {}..{value_end}, which goes backwards",
+                self.value_start
+            ));
+        }
         let headers = slice(c.headers, self.header_start, header_end, "header", i)?;
         self.index = i + 1;
         self.key_start = key_end;
@@ -88,7 +135,9 @@ impl<'a> Cursor<'a> {
         self.header_start = header_end;
         Ok(Event {
             key,
-            value,
+            values: c.values,
+            value_start,
+            value_end,
             headers,
             offset,
             timestamp_ms,
@@ -118,11 +167,16 @@ fn slice<'a>(
 
 /// One event of the batch being handled: zero-copy views into the batch's columns.
 ///
-/// An event without a key has an empty [`key`](Event::key); there is no other marker for "no key".
+/// An event without a key has an empty [`key`](Event::key); there is no other marker for "no key". Its
+/// value is fetched from the host, with every other value of the batch, the first time any event's
+/// value is read; [`Context::forward`](crate::Context::forward) emits an event without reading it.
 #[derive(Clone, Copy)]
 pub struct Event<'a> {
     key: &'a [u8],
-    value: &'a [u8],
+    /// The batch's values; this event's is `value_start..value_end` of them.
+    values: &'a Values<'a>,
+    value_start: u32,
+    value_end: u32,
     headers: &'a [u8],
     offset: u64,
     timestamp_ms: u64,
@@ -144,20 +198,45 @@ impl<'a> Event<'a> {
     }
 
     /// The event's value (a JSON value is its UTF-8 text).
+    ///
+    /// The first read of any value in a batch fetches all of the batch's values from the host in one
+    /// call (one copy into the handler's memory); later reads cost nothing more.
     #[inline]
     pub fn value(&self) -> &'a [u8] {
-        self.value
+        let values = self.values.get();
+        match values.get(self.value_start as usize..self.value_end as usize) {
+            Some(value) => value,
+            None => self.malformed_values(values.len()),
+        }
+    }
+
+    /// The host sent values that do not match its `value-ends`: a broken contract, not a bad event, and
+    /// [`value`](Event::value) cannot fail, so this traps with the reason (the panic hook logs it).
+    #[cold]
+    #[inline(never)]
+    fn malformed_values(&self, len: usize) -> ! {
+        panic!(
+            "procd-sdk: malformed batch from the host: event {}'s value spans {}..{} but the batch's \
+             values hold {len} bytes",
+            self.index, self.value_start, self.value_end
+        )
+    }
+
+    /// This event's value's place in the batch's values column, `(start, end)`.
+    #[inline]
+    pub(crate) fn value_range(&self) -> (u32, u32) {
+        (self.value_start, self.value_end)
     }
 
     /// The value as UTF-8, or an error if it is not.
     pub fn value_str(&self) -> Result<&'a str, Error> {
-        std::str::from_utf8(self.value)
+        std::str::from_utf8(self.value())
             .map_err(|e| Error::msg(format!("event value is not UTF-8: {e}")))
     }
 
     /// The value parsed as JSON into `T` (which may borrow from the value), or an error saying why not.
     pub fn json<T: Deserialize<'a>>(&self) -> Result<T, Error> {
-        serde_json::from_slice(self.value)
+        serde_json::from_slice(self.value())
             .map_err(|e| Error::msg(format!("event value is not the expected JSON: {e}")))
     }
 
@@ -205,7 +284,7 @@ impl fmt::Debug for Event<'_> {
             .field("partition", &self.partition)
             .field("timestamp_ms", &self.timestamp_ms)
             .field("key", &String::from_utf8_lossy(self.key))
-            .field("value", &String::from_utf8_lossy(self.value))
+            .field("value", &String::from_utf8_lossy(self.value()))
             .field("headers", &self.headers().collect::<Vec<_>>())
             .finish()
     }
@@ -293,10 +372,40 @@ pub(crate) fn encode_headers<'h>(
 mod tests {
     use super::*;
 
+    use std::cell::Cell;
+
+    /// Fetches `blob`, counting how often.
+    struct Host {
+        blob: &'static [u8],
+        fetches: Cell<u32>,
+    }
+
+    impl Host {
+        fn new(blob: &'static [u8]) -> Self {
+            Host {
+                blob,
+                fetches: Cell::new(0),
+            }
+        }
+
+        fn fetch(&self) -> Vec<u8> {
+            self.fetches.set(self.fetches.get() + 1);
+            self.blob.to_vec()
+        }
+    }
+
+    /// Binds `$name` to [`Values`] that `$host` (a [`Host`]) serves on first use.
+    macro_rules! lazy {
+        ($name:ident, $host:expr) => {
+            let fetch = || $host.fetch();
+            let $name = Values::new(&fetch);
+        };
+    }
+
     fn columns<'a>(
         keys: &'a [u8],
         key_ends: &'a [u32],
-        values: &'a [u8],
+        values: &'a Values<'a>,
         value_ends: &'a [u32],
     ) -> Columns<'a> {
         Columns {
@@ -314,7 +423,9 @@ mod tests {
 
     #[test]
     fn views_slice_the_columns() {
-        let c = columns(b"ab", &[1, 1], b"xyz", &[2, 3]);
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let c = columns(b"ab", &[1, 1], &values, &[2, 3]);
         let mut cursor = c.cursor();
         let e = cursor
             .next_event()
@@ -344,7 +455,9 @@ mod tests {
 
     #[test]
     fn bad_ends_fail_the_event_instead_of_panicking() {
-        let c = columns(b"ab", &[1, 9], b"xyz", &[2, 3]);
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let c = columns(b"ab", &[1, 9], &values, &[2, 3]);
         let mut cursor = c.cursor();
         assert!(matches!(cursor.next_event(), Some(Ok(_))));
         let err = cursor
@@ -353,14 +466,18 @@ mod tests {
             .expect_err("key end 9 is past the blob");
         assert!(err.contains("event 1's key spans 1..9"), "{err}");
 
-        let backwards = columns(b"ab", &[2, 1], b"xyz", &[2, 3]);
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let backwards = columns(b"ab", &[2, 1], &values, &[2, 3]);
         let mut cursor = backwards.cursor();
         assert!(matches!(cursor.next_event(), Some(Ok(_))));
         assert!(matches!(cursor.next_event(), Some(Err(_))));
 
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
         let short = Columns {
             value_ends: &[2],
-            ..columns(b"ab", &[1, 2], b"xyz", &[2, 3])
+            ..columns(b"ab", &[1, 2], &values, &[2, 3])
         };
         let mut cursor = short.cursor();
         assert!(matches!(cursor.next_event(), Some(Ok(_))));
@@ -382,10 +499,12 @@ mod tests {
             [("Content-Type", "application/json"), ("x-a", "1")],
         );
         let end = u32::try_from(blob.len()).expect("small");
+        let host = Host::new(b"");
+        lazy!(values, host);
         let c = Columns {
             headers: &blob,
             header_ends: &[end, end],
-            ..columns(b"", &[0, 0], b"", &[0, 0])
+            ..columns(b"", &[0, 0], &values, &[0, 0])
         };
         let e = c
             .cursor()
@@ -407,7 +526,9 @@ mod tests {
 
     #[test]
     fn json_errors_say_what_was_expected() {
-        let c = columns(b"", &[0, 0], b"{\"a\":1}x", &[7, 8]);
+        let host = Host::new(b"{\"a\":1}x");
+        lazy!(values, host);
+        let c = columns(b"", &[0, 0], &values, &[7, 8]);
         let mut cursor = c.cursor();
         let e = cursor.next_event().expect("event").expect("well formed");
         let v: serde_json::Value = e.json().expect("valid JSON");
@@ -419,5 +540,49 @@ mod tests {
                 .starts_with("event value is not the expected JSON"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn values_are_fetched_once_on_first_read_and_never_without_one() {
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let c = columns(b"ab", &[1, 2], &values, &[2, 3]);
+        let mut cursor = c.cursor();
+        let first = cursor.next_event().expect("event").expect("well formed");
+        let second = cursor.next_event().expect("event").expect("well formed");
+        assert_eq!((first.key(), second.key()), (&b"a"[..], &b"b"[..]));
+        assert_eq!(host.fetches.get(), 0, "keys and views need no values");
+        assert!(values.fetched().is_none());
+        assert_eq!(second.value(), b"z");
+        assert_eq!(first.value_str().ok(), Some("xy"));
+        assert_eq!(host.fetches.get(), 1, "one fetch serves the whole batch");
+        assert_eq!(first.value_range(), (0, 2));
+    }
+
+    #[test]
+    fn value_ends_going_backwards_fail_the_event_without_a_fetch() {
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let c = columns(b"", &[0, 0], &values, &[2, 1]);
+        let mut cursor = c.cursor();
+        assert!(matches!(cursor.next_event(), Some(Ok(_))));
+        let err = cursor
+            .next_event()
+            .expect("second event")
+            .expect_err("value end 1 is before 2");
+        assert!(err.contains("event 1's value spans 2..1"), "{err}");
+        assert_eq!(host.fetches.get(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "event 1's value spans 2..9 but the batch's values hold 3 bytes")]
+    fn values_shorter_than_their_ends_trap_on_read() {
+        let host = Host::new(b"xyz");
+        lazy!(values, host);
+        let c = columns(b"", &[0, 0], &values, &[2, 9]);
+        let mut cursor = c.cursor();
+        let _ = cursor.next_event();
+        let e = cursor.next_event().expect("event").expect("ends ascend");
+        let _ = e.value();
     }
 }

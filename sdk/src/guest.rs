@@ -23,9 +23,9 @@ use std::marker::PhantomData;
 use std::sync::Once;
 
 use bindings::procd::handler::types::{Batch, EventError, Level as WitLevel, OutputBatch};
-use bindings::procd::handler::{log as wit_log, state as wit_state};
+use bindings::procd::handler::{input as wit_input, log as wit_log, state as wit_state};
 
-use crate::event::Columns;
+use crate::event::{Columns, Values};
 use crate::handler::Runtime;
 use crate::state::Backend;
 use crate::{Config, Handler, Level};
@@ -49,13 +49,16 @@ impl<H: Handler + Default> bindings::Guest for Guest<H> {
 
     fn handle(batch: Batch) -> Result<OutputBatch, EventError> {
         install_panic_hook();
+        // The values stay on the host until an event's value is read.
+        let fetch = wit_input::values;
+        let values = Values::new(&fetch);
         let columns = Columns {
             partition: batch.partition,
             offsets: &batch.offsets,
             timestamps_ms: &batch.timestamps_ms,
             keys: &batch.keys,
             key_ends: &batch.key_ends,
-            values: &batch.values,
+            values: &values,
             value_ends: &batch.value_ends,
             headers: &batch.headers,
             header_ends: &batch.header_ends,

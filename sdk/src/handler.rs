@@ -78,9 +78,11 @@ impl<H: Handler> Runtime<H> {
         backend: &mut dyn Backend,
     ) -> Result<Outputs, Failure> {
         self.cache.clear();
-        let mut outputs = Outputs::with_capacity(batch.len(), batch.keys.len(), batch.values.len());
+        let mut outputs =
+            Outputs::with_capacity(batch.len(), batch.keys.len(), batch.value_bytes());
         let mut ctx = Context {
             outputs: &mut outputs,
+            values: batch.values,
             state: State {
                 cache: &mut self.cache,
                 backend,
@@ -98,7 +100,7 @@ impl<H: Handler> Runtime<H> {
             ctx.state.writer = event.index();
             ctx.outputs.current = Current {
                 key: (event.key().as_ptr() as usize, event.key().len()),
-                value: (event.value().as_ptr() as usize, event.value().len()),
+                value: event.value_range(),
                 source: event.index() + 1,
             };
             if let Err(error) = self.handler.handle(&event, &mut ctx) {
@@ -123,5 +125,70 @@ fn failure(index: usize, message: String) -> Failure {
     Failure {
         index: u32::try_from(index).unwrap_or(u32::MAX),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Values;
+
+    /// A partition without state.
+    struct NoState;
+
+    impl Backend for NoState {
+        fn get(&mut self, _: &[u8]) -> Option<Vec<u8>> {
+            None
+        }
+        fn get_many(&mut self, _: &[u8], ends: &[u32]) -> (Vec<u8>, Vec<u32>, Vec<bool>) {
+            (Vec::new(), vec![0; ends.len()], vec![false; ends.len()])
+        }
+        fn set(&mut self, _: &[u8], _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_many(&mut self, _: &[u8], _: &[u32], _: &[u8], _: &[u32]) -> Result<(), String> {
+            Ok(())
+        }
+        fn delete_many(&mut self, _: &[u8], _: &[u32]) {}
+    }
+
+    /// Event 0: its own key and value. Event 1: a copy of its value. Event 2: forwarded.
+    #[derive(Default)]
+    struct Mixed;
+
+    impl Handler for Mixed {
+        fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+            match event.index() {
+                0 => ctx.emit(0, event.key(), event.value()),
+                // A copy on purpose: the same bytes elsewhere are not forwarded.
+                #[allow(clippy::unnecessary_to_owned)]
+                1 => ctx.emit(0, event.key(), event.value().to_vec()),
+                _ => ctx.forward(0, event),
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn emitting_the_events_own_value_forwards_it_once_values_are_fetched() {
+        let fetch = || b"aabbcc".to_vec();
+        let values = Values::new(&fetch);
+        let batch = Columns {
+            partition: 0,
+            offsets: &[0, 1, 2],
+            timestamps_ms: &[0, 0, 0],
+            keys: b"xyz",
+            key_ends: &[1, 2, 3],
+            values: &values,
+            value_ends: &[2, 4, 6],
+            headers: &[],
+            header_ends: &[0, 0, 0],
+        };
+        let mut runtime = Runtime::start(Mixed, Config::new(Vec::new())).expect("no init");
+        let out = runtime.handle(batch, &mut NoState).expect("no failure");
+        assert_eq!(out.value_sources, [1, 0, 3]);
+        assert_eq!(out.values, b"bb");
+        assert_eq!(out.key_sources, [1, 2, 3]);
+        assert!(out.keys.is_empty());
     }
 }

@@ -62,8 +62,9 @@
 //! ```
 //! use procd_sdk::{Context, Event, Result};
 //!
+//! /// Emits every event unchanged (without reading its value: see `Context::forward`).
 //! fn passthrough(event: &Event<'_>, ctx: &mut Context<'_>) -> Result {
-//!     ctx.emit(0, event.key(), event.value());
+//!     ctx.forward(0, event);
 //!     Ok(())
 //! }
 //!
@@ -126,7 +127,9 @@
 //! ## The contract, event by event
 //!
 //! - **Events** ([`Event`]) are views into the host's columnar batch: [`key`](Event::key),
-//!   [`value`](Event::value), [`headers`](Event::headers) borrow from it, nothing is copied. An event
+//!   [`value`](Event::value), [`headers`](Event::headers) borrow from it, nothing is copied per event.
+//!   The values are fetched from the host on the first read of any event's value in a batch (all of
+//!   them, in one call), so a handler that never reads a value never pays for copying one. An event
 //!   without a key has an **empty key**; there is no other "no key" marker. [`json`](Event::json) parses
 //!   the value with serde (types may borrow `&str` from it).
 //! - **Outputs**: [`Context::emit`] appends a record to output topic `output` (the index of the topic in
@@ -134,6 +137,7 @@
 //!   [`emit_with`](Context::emit_with) write the value straight into the output column. An **empty key
 //!   means "no key"**. Records reach the host only if the whole batch succeeds. Emitting the event's own
 //!   `event.key()` or `event.value()` slice costs no copy: the SDK tells the host which input it is.
+//!   [`Context::forward`] emits the event unchanged that way without reading its value at all.
 //! - **State** ([`State`], from [`Context::state`]) is a key-value store per partition. The first read
 //!   of a key in a batch asks the host; later reads, and every write, hit a batch-local cache; the writes
 //!   reach the host in one `set-many` and one `delete-many` when the batch ends. Reads see the batch's own
@@ -174,7 +178,10 @@
 //! ## Performance
 //!
 //! The boundary is cheap when a handler works on the views: building an [`Event`] copies nothing, and
-//! emitting appends to the output columns that are handed to the host as they are. Avoid allocating per
+//! emitting appends to the output columns that are handed to the host as they are. The batch's values,
+//! usually most of its bytes, are copied in only if the handler reads one: route, count or drop events
+//! on their keys, headers, offsets and timestamps, and pass them on with [`Context::forward`], and they
+//! never are. Avoid allocating per
 //! event where a borrow will do (`&str` fields in `#[derive(Deserialize)]` types, [`Context::emit_with`]
 //! to format a value in place). State costs one host call per distinct key read per batch (or one per
 //! batch with [`Handler::prefetch`]) plus one flush.
@@ -188,7 +195,7 @@
 //! ## Layout
 //!
 //! - `handler`: the [`Handler`] trait, the function form, and the batch loop both share.
-//! - `event`: [`Event`] views over the batch columns, headers.
+//! - `event`: [`Event`] views over the batch columns, the lazily fetched values, headers.
 //! - `context`: [`Context`] (emitting, config, logging) and the output columns.
 //! - `state`: [`State`] and its batch-local cache.
 //! - `config`, `error`, `log`, [`collections`]: what the names say.

@@ -2,7 +2,8 @@
 //!
 //! [`TestDriver`] plays the host's part with in-memory state, in the spirit of Kafka Streams'
 //! `TopologyTestDriver`: it builds columnar batches exactly as the host does, calls the same SDK code a
-//! component runs (the batch loop, the state cache and its single flush), commits state only when a batch
+//! component runs (the batch loop, the lazy fetch of the values, the state cache and its single flush),
+//! commits state only when a batch
 //! succeeds, and captures log lines. [`TestDriver::process_batch`] also replays the host's failure
 //! handling (re-run the events before a failed one, dead-letter it, go on), which catches handlers
 //! that are not deterministic.
@@ -29,7 +30,7 @@
 //! assert_eq!(failure.offset, 1);
 //! ```
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -37,7 +38,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::Outputs;
-use crate::event::{Columns, encode_headers};
+use crate::event::{Columns, Values, encode_headers};
 use crate::handler::Runtime;
 use crate::state::Backend;
 use crate::{Config, Error, Handler, Level};
@@ -266,12 +267,20 @@ impl<H: Handler> TestDriver<H> {
             panic!("the handler's init failed: {e} (call `TestDriver::init` to test init errors)");
         }
         let batch = TestBatch::build(events, first_offset, self.time_ms);
-        let columns = batch.columns(self.partition);
+        // `input.values`: a copy, as the host's lowering into guest memory is.
+        let fetches = Cell::new(0);
+        let fetch = || {
+            fetches.set(fetches.get() + 1);
+            batch.values.clone()
+        };
+        let values = Values::new(&fetch);
+        let columns = batch.columns(self.partition, &values);
         let Some(runtime) = self.runtime.as_mut() else {
             unreachable!("init succeeded above")
         };
         let store = &mut self.store;
         let result = capture(&mut self.logs, || runtime.handle(columns, store));
+        self.store.calls.values += fetches.get();
         match result {
             Ok(outputs) => {
                 self.store.commit();
@@ -503,6 +512,9 @@ pub struct LogLine {
 /// Counts of the host calls the SDK made: the cost model of the boundary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCalls {
+    /// `input.values`: the batch's values fetched, at most once per batch and only if the handler read
+    /// a value (each one copies all of them into the handler's memory).
+    pub values: u64,
     /// `state.get`.
     pub get: u64,
     /// `state.get-many`.
@@ -732,14 +744,14 @@ impl TestBatch {
         &self.values[start..self.value_ends[i] as usize]
     }
 
-    fn columns(&self, partition: u32) -> Columns<'_> {
+    fn columns<'a>(&'a self, partition: u32, values: &'a Values<'a>) -> Columns<'a> {
         Columns {
             partition,
             offsets: &self.offsets,
             timestamps_ms: &self.timestamps_ms,
             keys: &self.keys,
             key_ends: &self.key_ends,
-            values: &self.values,
+            values,
             value_ends: &self.value_ends,
             headers: &self.headers,
             header_ends: &self.header_ends,

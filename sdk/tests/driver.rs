@@ -42,6 +42,7 @@ fn state_reads_hit_the_cache_and_writes_flush_once_per_batch() {
     assert_eq!(
         driver.host_calls(),
         HostCalls {
+            values: 1,
             get: 2,
             set_many: 1,
             ..HostCalls::default()
@@ -66,6 +67,7 @@ fn prefetch_loads_a_batch_with_one_call() {
     assert_eq!(
         driver.host_calls(),
         HostCalls {
+            values: 1,
             get_many: 1,
             set_many: 1,
             ..HostCalls::default()
@@ -197,6 +199,7 @@ fn reads_see_the_batchs_own_writes_and_deletes() {
     assert_eq!(
         driver.host_calls(),
         HostCalls {
+            values: 1,
             get: 2,
             set_many: 1,
             delete_many: 1,
@@ -405,6 +408,7 @@ fn the_cache_grows_and_rewrites_values_of_any_length() {
     assert_eq!(
         driver.host_calls(),
         HostCalls {
+            values: 1,
             get: 500,
             set_many: 1,
             ..HostCalls::default()
@@ -421,6 +425,7 @@ fn prefetched_missing_keys_are_not_asked_again_and_blind_writes_ask_nothing() {
     assert_eq!(
         driver.host_calls(),
         HostCalls {
+            values: 1,
             get_many: 1,
             set_many: 1,
             ..HostCalls::default()
@@ -437,4 +442,72 @@ fn prefetched_missing_keys_are_not_asked_again_and_blind_writes_ask_nothing() {
         "a delete and a set need no read"
     );
     assert_eq!(driver.state().get_json::<Doc>("k"), Some(Doc { n: 7 }));
+}
+
+/// Forwards events to output 1 if their key starts with `fwd`, else emits them with `emit` (reading the
+/// value) to output 0.
+#[derive(Default)]
+struct Router;
+
+impl Handler for Router {
+    fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result {
+        if event.key().starts_with(b"fwd") {
+            ctx.forward(1, event);
+        } else {
+            ctx.emit(0, event.key(), event.value());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn forward_emits_the_event_itself_without_fetching_values() {
+    let mut driver = TestDriver::new(Router).outputs(["emitted", "forwarded"]);
+    let records = driver
+        .send_batch([("fwd-1", r#"{"a":1}"#), ("fwd-2", "raw"), ("", "x")])
+        .expect("no failure");
+    let got: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.topic.as_deref().unwrap_or("?"),
+                r.key_str(),
+                r.value_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("forwarded", "fwd-1", r#"{"a":1}"#),
+            ("forwarded", "fwd-2", "raw"),
+            ("emitted", "", "x"),
+        ]
+    );
+    assert_eq!(
+        driver.host_calls().values,
+        1,
+        "the last event read its value"
+    );
+
+    driver
+        .send_batch([("fwd-a", "1"), ("fwd-b", "2")])
+        .expect("no failure");
+    assert_eq!(
+        driver.host_calls().values,
+        1,
+        "a batch only forwarded fetches no values"
+    );
+}
+
+#[test]
+fn values_are_fetched_once_per_batch_that_reads_one() {
+    let mut driver = TestDriver::new(Router);
+    let records = driver
+        .send_batch([("a", "1"), ("b", "22"), ("c", "333")])
+        .expect("no failure");
+    assert_eq!(values(&records), ["1", "22", "333"]);
+    assert_eq!(driver.host_calls().values, 1);
+    driver.send("d", "4").expect("no failure");
+    assert_eq!(driver.host_calls().values, 2);
 }

@@ -160,6 +160,32 @@ async fn a_limit_above_the_servers_is_refused_at_deploy() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_batchs_values_are_not_there_outside_a_batch() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("in").await?;
+    // Deploying runs `init`, which asks for values before any batch (and after none).
+    let resp = host
+        .deploy(
+            "bad",
+            test_guest("hostile")?,
+            "in",
+            &[],
+            &["config=mode=loop", "config=values_in_init=1"],
+        )
+        .await?;
+    ensure_status(&resp, 400)?;
+    let v = resp.json()?;
+    assert_eq!(v["error"], "invalid_component", "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("input.values was called outside `handle`")),
+        "the trap says why: {v}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn unbounded_recursion_exhausts_the_stack() -> TestResult {
     let why = reason(&beside_counter("recursion", &[], &[]).await?);
     assert!(why.contains("stack overflow"), "{why}");

@@ -8,7 +8,8 @@
 //! decimal ASCII** (`1`, `2`, ... — also a valid JSON number), e.g. key `user-7`, value `3`.
 //!
 //! Before each batch it loads the counts of all the batch's keys with one `get-many` host call; the
-//! batch's new counts go back with one `set-many`.
+//! batch's new counts go back with one `set-many`. It never reads a value, so the batch's values are
+//! never fetched into the component.
 
 use procd_sdk::{Context, Event, Events, Handler, Result, State};
 
@@ -56,7 +57,7 @@ mod tests {
     }
 
     #[test]
-    fn one_bulk_read_and_one_bulk_write_per_batch() {
+    fn one_bulk_read_and_one_bulk_write_per_batch_and_no_values() {
         let mut driver = TestDriver::new(Counter);
         let events: Vec<(String, &str)> = (0..100).map(|i| (format!("k{}", i % 7), "x")).collect();
         driver.send_batch(events).expect("counting never fails");

@@ -4,6 +4,10 @@
 //! Both sit on the processor's per-event path, so neither allocates per event: records are decoded
 //! borrowed and copied once into the columns, and an output that forwards an input value (the WIT's
 //! `value-sources`) is encoded from the input column, with the input's kind, without a JSON check.
+//!
+//! The values column is not part of the WIT `batch`: the guest fetches it (`input.values`) only if it
+//! reads a value. It lives in a shared buffer ([`InputBatch::values`]) that the instance clones for the
+//! duration of a call and that refills reuse once it is unshared again.
 
 use std::sync::Arc;
 
@@ -24,12 +28,14 @@ pub(crate) struct BadRecord {
     pub source: DecodeError,
 }
 
-/// One batch of input events of one partition: the columns handed to the guest, and per event whether
-/// its value is JSON (which an output forwarding that value inherits).
+/// One batch of input events of one partition: the columns handed to the guest, its values, and per
+/// event whether its value is JSON (which an output forwarding that value inherits).
 #[derive(Debug)]
 pub(crate) struct InputBatch {
     /// The WIT `batch`.
     pub batch: Batch,
+    /// All values, concatenated, split by `batch.value_ends`: what `input.values` hands the guest.
+    values: Arc<Vec<u8>>,
     json: Vec<bool>,
 }
 
@@ -43,11 +49,11 @@ impl InputBatch {
                 timestamps_ms: Vec::new(),
                 keys: Vec::new(),
                 key_ends: Vec::new(),
-                values: Vec::new(),
                 value_ends: Vec::new(),
                 headers: Vec::new(),
                 header_ends: Vec::new(),
             },
+            values: Arc::new(Vec::new()),
             json: Vec::new(),
         }
     }
@@ -67,13 +73,31 @@ impl InputBatch {
     ) -> Result<(), BadRecord> {
         self.clear(partition);
         let bytes: usize = events.iter().map(|(_, b)| b.as_ref().len()).sum();
-        self.batch.values.reserve(bytes);
+        let values = unshared(&mut self.values);
+        values.clear();
+        values.reserve(bytes);
         for (offset, bytes) in events {
             let record = RecordRef::decode(bytes.as_ref()).map_err(|source| BadRecord {
                 offset: *offset,
                 source,
             })?;
-            self.push(*offset, &record);
+            let b = &mut self.batch;
+            b.offsets.push(*offset);
+            b.timestamps_ms.push(record.timestamp_ms);
+            b.keys.extend_from_slice(record.key.unwrap_or_default());
+            b.key_ends.push(end_u32(b.keys.len()));
+            values.extend_from_slice(record.value.as_bytes());
+            b.value_ends.push(end_u32(values.len()));
+            for (name, value) in &record.headers {
+                b.headers
+                    .extend_from_slice(&end_u32(name.len()).to_le_bytes());
+                b.headers.extend_from_slice(name.as_bytes());
+                b.headers
+                    .extend_from_slice(&end_u32(value.len()).to_le_bytes());
+                b.headers.extend_from_slice(value.as_bytes());
+            }
+            b.header_ends.push(end_u32(b.headers.len()));
+            self.json.push(record.value.is_json());
         }
         Ok(())
     }
@@ -85,32 +109,16 @@ impl InputBatch {
         b.timestamps_ms.clear();
         b.keys.clear();
         b.key_ends.clear();
-        b.values.clear();
         b.value_ends.clear();
         b.headers.clear();
         b.header_ends.clear();
         self.json.clear();
     }
 
-    /// Appends one event to the columns.
-    pub fn push(&mut self, offset: u64, record: &RecordRef<'_>) {
-        let b = &mut self.batch;
-        b.offsets.push(offset);
-        b.timestamps_ms.push(record.timestamp_ms);
-        b.keys.extend_from_slice(record.key.unwrap_or_default());
-        b.key_ends.push(end_u32(b.keys.len()));
-        b.values.extend_from_slice(record.value.as_bytes());
-        b.value_ends.push(end_u32(b.values.len()));
-        for (name, value) in &record.headers {
-            b.headers
-                .extend_from_slice(&end_u32(name.len()).to_le_bytes());
-            b.headers.extend_from_slice(name.as_bytes());
-            b.headers
-                .extend_from_slice(&end_u32(value.len()).to_le_bytes());
-            b.headers.extend_from_slice(value.as_bytes());
-        }
-        b.header_ends.push(end_u32(b.headers.len()));
-        self.json.push(record.value.is_json());
+    /// All values, concatenated, split by `batch.value_ends`, for
+    /// [`Instance::handle`](crate::runtime::Instance::handle).
+    pub fn values(&self) -> &Arc<Vec<u8>> {
+        &self.values
     }
 
     /// How many events the batch holds.
@@ -135,7 +143,7 @@ impl InputBatch {
             Some(prev) => *b.value_ends.get(prev)? as usize,
             None => 0,
         };
-        let bytes = b.values.get(start..*b.value_ends.get(i)? as usize)?;
+        let bytes = self.values.get(start..*b.value_ends.get(i)? as usize)?;
         Some(if *self.json.get(i)? {
             PayloadRef::Json(bytes)
         } else {
@@ -231,6 +239,17 @@ fn classify(value: &[u8]) -> PayloadRef<'_> {
     }
 }
 
+/// The values buffer, to write: unshared between calls (the instance drops its clone when a call
+/// returns), so this reuses it. Should a clone outlive a call anyway, the batch moves to a new buffer
+/// rather than change values someone may still read.
+fn unshared(values: &mut Arc<Vec<u8>>) -> &mut Vec<u8> {
+    if Arc::get_mut(values).is_none() {
+        *values = Arc::new(Vec::new());
+    }
+    // Unique by now, so this never clones.
+    Arc::make_mut(values)
+}
+
 fn end_u32(len: usize) -> u32 {
     // Batches are bounded by MAX_BATCH_BYTES (4 MiB), far below u32::MAX.
     u32::try_from(len).unwrap_or(u32::MAX)
@@ -273,7 +292,7 @@ mod tests {
         let b = &input.batch;
         assert_eq!((b.partition, &b.offsets[..]), (3, &[10, 11][..]));
         assert_eq!(b.keys, b"k1k2");
-        assert_eq!(b.values, br#"{"a":1}[1"#);
+        assert_eq!(input.values().as_slice(), br#"{"a":1}[1"#);
         assert_eq!(b.value_ends, [7, 9]);
         assert_eq!(&b.headers[..4], &1u32.to_le_bytes());
 
@@ -343,6 +362,29 @@ mod tests {
         };
         let err = to_records(&undeclared, &input, &version(&["out"])).err();
         assert!(err.is_some_and(|e| e.contains("not declared")));
+        Ok(())
+    }
+
+    #[test]
+    fn refills_reuse_the_values_buffer_unless_a_clone_is_still_held() -> anyhow::Result<()> {
+        let long = vec![(0u64, stored(Payload::Json("22".into()), "k"))];
+        let short = vec![(1u64, stored(Payload::Json("1".into()), "k"))];
+        let mut input = InputBatch::decode(0, &long)?;
+        let buffer = input.values().as_ptr();
+        input.refill(0, &short)?;
+        assert_eq!(input.values().as_slice(), b"1");
+        assert_eq!(
+            input.values().as_ptr(),
+            buffer,
+            "an unshared buffer is reused"
+        );
+
+        // A clone that outlives a call keeps its values; the batch moves on to a new buffer.
+        let held = Arc::clone(input.values());
+        input.refill(0, &long)?;
+        assert_eq!(held.as_slice(), b"1");
+        assert_eq!(input.values().as_slice(), b"22");
+        assert!(!Arc::ptr_eq(&held, input.values()));
         Ok(())
     }
 

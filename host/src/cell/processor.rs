@@ -1124,7 +1124,7 @@ impl Runner {
         let outcome = match task.instance.as_mut() {
             Some((_, instance)) => {
                 instance.set_state_bytes(state_bytes);
-                instance.handle(&batch.batch)
+                instance.handle(&batch.batch, batch.values())
             }
             None => Err(CallError::Trap("no instance".into())),
         };

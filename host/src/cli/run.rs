@@ -599,7 +599,7 @@ impl<W: Write> Ctx<'_, W> {
         match part.instance.as_mut() {
             Some(instance) => {
                 instance.set_state_bytes(part.state_bytes);
-                instance.handle(&batch.batch)
+                instance.handle(&batch.batch, batch.values())
             }
             None => Err(CallError::Trap("no instance".into())),
         }

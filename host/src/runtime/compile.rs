@@ -36,12 +36,12 @@ pub enum CompileError {
     Invalid(String),
     /// An export of the `handler` world is missing.
     #[error(
-        "the component does not export `{0}` of procd's world procd:handler/handler@0.2.0; \
+        "the component does not export `{0}` of procd's world procd:handler/handler@0.3.0; \
          export your handler with `procd_sdk::export!`"
     )]
     MissingExport(&'static str),
     /// Exports or imports have other types than procd's world.
-    #[error("the component does not implement procd's world procd:handler/handler@0.2.0: {0}")]
+    #[error("the component does not implement procd's world procd:handler/handler@0.3.0: {0}")]
     WrongWorld(String),
 }
 

@@ -5,13 +5,17 @@
 //! reads its own writes); the cell takes them after a successful batch and commits them atomically with
 //! the outputs and the offset, or discards them. A trap poisons the store: the instance must be rebuilt
 //! (about 60 µs), which is why the state that matters lives host-side.
+//!
+//! The batch's values reach the guest only if it asks (`input.values`): the store data holds the
+//! caller's shared buffer during a `handle` call, and nothing outside one, so the guest gets the
+//! current batch's values or a trap, and the caller's buffer is unshared again when the call returns.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder, Trap};
 
 use super::bindings::procd::handler::{log, state, types};
 use super::bindings::{Batch, Handler, Level, OutputBatch, StateValues};
@@ -104,6 +108,9 @@ pub struct HostState {
     /// The SDK's panic report of the current call (its panic hook logs it just before the trap), so the
     /// trap's error says why instead of only where.
     panic: Option<String>,
+    /// The values of the batch being handled, shared with the caller (`input.values` lowers them
+    /// straight from here into guest memory); `None` outside a `handle` call.
+    input_values: Option<Arc<Vec<u8>>>,
 }
 
 /// How to take back one overlay write.
@@ -360,10 +367,25 @@ impl log::Host for HostState {
     }
 }
 
+/// The import name of `input` (its version is the WIT package's).
+const INPUT_INTERFACE: &str = "procd:handler/input@0.3.0";
+
 /// Links procd's imports (and nothing else) for every instance.
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
-    Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    types::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    state::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    log::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    // By hand rather than through the generated `input::Host`: lowering the shared `Arc` copies the
+    // values once, from the caller's buffer into guest memory, where an owned `Vec` return would copy
+    // them on the host first.
+    linker.instance(INPUT_INTERFACE)?.func_wrap(
+        "values",
+        |cx: StoreContextMut<'_, HostState>, (): ()| match &cx.data().input_values {
+            Some(values) => Ok((Arc::clone(values),)),
+            None => wasmtime::bail!("input.values was called outside `handle`: there is no batch"),
+        },
+    )?;
     Ok(linker)
 }
 
@@ -462,6 +484,7 @@ impl Runtime {
             },
             state_refused: false,
             panic: None,
+            input_values: None,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limits);
@@ -530,9 +553,17 @@ impl Instance {
         }
     }
 
-    /// Runs the handler over one batch. State writes stay in the overlay until [`Instance::take_writes`]
-    /// or [`Instance::discard_writes`].
-    pub fn handle(&mut self, batch: &Batch) -> Result<HandleOutcome, CallError> {
+    /// Runs the handler over one batch, whose values (split by `batch.value_ends`) are `values`: the
+    /// guest fetches them if it reads one. State writes stay in the overlay until
+    /// [`Instance::take_writes`] or [`Instance::discard_writes`].
+    ///
+    /// The instance holds a clone of `values` only during the call, so a caller that reuses the buffer
+    /// finds it unshared again afterwards.
+    pub fn handle(
+        &mut self,
+        batch: &Batch,
+        values: &Arc<Vec<u8>>,
+    ) -> Result<HandleOutcome, CallError> {
         if self.poisoned {
             return Err(CallError::Trap(
                 "instance was poisoned by an earlier trap".into(),
@@ -541,7 +572,10 @@ impl Instance {
         self.store.set_epoch_deadline(ticks(self.deadline));
         self.store.data_mut().panic = None;
         self.store.data_mut().state_refused = false;
-        match self.bindings.call_handle(&mut self.store, batch) {
+        self.store.data_mut().input_values = Some(Arc::clone(values));
+        let result = self.bindings.call_handle(&mut self.store, batch);
+        self.store.data_mut().input_values = None;
+        match result {
             Ok(Ok(outputs)) => {
                 let (count, bytes) = (
                     outputs.topics.len(),
@@ -610,5 +644,22 @@ impl Instance {
     /// Log lines dropped by the rate limit so far.
     pub fn dropped_log_lines(&self) -> u64 {
         self.store.data().log.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_linked_import_has_the_wit_packages_version() {
+        // Linked under another version, `input.values` would be an unknown import: a trap at first use.
+        let wit = include_str!("../../../wit/procd.wit");
+        let version = INPUT_INTERFACE.rsplit_once('@').map(|(_, v)| v);
+        assert!(
+            version.is_some_and(|v| wit.contains(&format!("package procd:handler@{v};"))),
+            "{INPUT_INTERFACE} does not match the WIT package"
+        );
+        assert!(wit.contains("interface input {") && wit.contains("values: func() -> list<u8>;"));
     }
 }

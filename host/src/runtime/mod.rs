@@ -4,8 +4,8 @@
 //! `runtime` never touches fjall: an instance reads committed state through the [`StateStore`] the cell
 //! gives it and hands its writes back to the cell, which commits them with the outputs and the offset.
 //!
-//! Sandbox: guests get no WASI. Only procd's `state` and `log` imports are linked; every other import
-//! (std's WASI imports included) is defined as a trap, so a guest can never reach files, network,
+//! Sandbox: guests get no WASI. Only procd's `input`, `state` and `log` imports are linked; every other
+//! import (std's WASI imports included) is defined as a trap, so a guest can never reach files, network,
 //! environment, clocks or randomness. Every store has memory, table and instance limits
 //! (`trap_on_grow_failure`) and a per-call wall-clock deadline by epoch interruption (a 1 ms ticker).
 

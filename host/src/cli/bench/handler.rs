@@ -10,7 +10,8 @@
 //! Measured, single-threaded, per event:
 //!
 //! - **wasm**: [`Instance::handle`] on a prepared batch (lowering the columns into guest memory, the SDK's
-//!   per-event loop and the handler, lifting the output columns back), then [`Instance::take_writes`]
+//!   per-event loop and the handler, lifting the output columns back; the values column is copied in
+//!   only if the handler reads a value, which neither example does), then [`Instance::take_writes`]
 //!   and applying those writes to a `HashMap` that stands in for the committed state, which is also
 //!   what the counter's `get-many` reads. That is everything the server does per batch with a handler's
 //!   result except storage (the fjall read of the input and the commit) and re-encoding the outputs.
@@ -307,8 +308,8 @@ impl Wasm {
 
     /// Everything the server does with one batch between reading and committing it, but re-encoding the
     /// outputs: the call, then taking the state writes and applying them to the committed state.
-    fn step(&mut self, batch: &Batch) -> anyhow::Result<OutputBatch> {
-        match self.instance.handle(batch) {
+    fn step(&mut self, input: &InputBatch) -> anyhow::Result<OutputBatch> {
+        match self.instance.handle(&input.batch, input.values()) {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 self.committed.apply(self.instance.take_writes().writes);
                 Ok(outputs)
@@ -341,20 +342,15 @@ fn end(column: &[u8]) -> u32 {
     u32::try_from(column.len()).unwrap_or(u32::MAX)
 }
 
-/// Each event's key and value, in order, as the SDK's cursor reads them (a bad end gives empty slices).
-fn events(batch: &Batch) -> impl Iterator<Item = (&[u8], &[u8])> {
-    let (mut key_start, mut value_start) = (0usize, 0usize);
-    batch
-        .key_ends
-        .iter()
-        .zip(&batch.value_ends)
-        .map(move |(&key_end, &value_end)| {
-            let (key_end, value_end) = (key_end as usize, value_end as usize);
-            let key = batch.keys.get(key_start..key_end).unwrap_or_default();
-            let value = batch.values.get(value_start..value_end).unwrap_or_default();
-            (key_start, value_start) = (key_end, value_end);
-            (key, value)
-        })
+/// Each event's key, in order, as the SDK's cursor reads them (a bad end gives an empty slice).
+fn keys(batch: &Batch) -> impl Iterator<Item = &[u8]> {
+    let mut key_start = 0usize;
+    batch.key_ends.iter().map(move |&key_end| {
+        let key_end = key_end as usize;
+        let key = batch.keys.get(key_start..key_end).unwrap_or_default();
+        key_start = key_end;
+        key
+    })
 }
 
 /// `passthrough` in native Rust: every event, key and value forwarded, to output 0.
@@ -374,7 +370,7 @@ fn native_passthrough(batch: &Batch) -> OutputBatch {
 fn native_counter(counts: &mut HashMap<Vec<u8>, u64>, batch: &Batch) -> OutputBatch {
     let n = batch.key_ends.len();
     let mut out = output_batch(n, 0, n * 4);
-    for (source, (key, _)) in (1u32..).zip(events(batch)) {
+    for (source, key) in (1u32..).zip(keys(batch)) {
         let count = match counts.get_mut(key) {
             Some(count) => {
                 *count += 1;
@@ -463,25 +459,20 @@ struct Bench {
 }
 
 impl Bench {
-    fn batch(&self, n: usize) -> &Batch {
-        &self.inputs.batches[n % self.inputs.batches.len()].batch
-    }
-
     /// Runs one batch of measurement `kind`.
     fn step(&mut self, kind: Kind, n: usize) -> anyhow::Result<()> {
         let i = n % self.inputs.batches.len();
         match kind {
             Kind::WasmPassthrough => {
-                let batch = &self.inputs.batches[i].batch;
-                black_box(self.passthrough.step(batch)?);
+                black_box(self.passthrough.step(&self.inputs.batches[i])?);
             }
             Kind::NativePassthrough => {
                 black_box(native_passthrough(black_box(&self.inputs.batches[i].batch)));
             }
             Kind::WasmCounter => {
-                let batch = &self.inputs.batches[i].batch;
-                black_box(self.counter.step(batch)?);
-                self.wasm_counted += batch.key_ends.len() as u64;
+                let input = &self.inputs.batches[i];
+                black_box(self.counter.step(input)?);
+                self.wasm_counted += input.len() as u64;
             }
             Kind::NativeCounter => {
                 let batch = &self.inputs.batches[i].batch;
@@ -517,14 +508,15 @@ impl Bench {
     /// Runs every batch through both paths once, checks they agree, and keeps the outputs.
     fn check_and_collect(&mut self) -> anyhow::Result<()> {
         for i in 0..self.inputs.batches.len() {
-            let batch = self.batch(i).clone();
-            let wasm = self.passthrough.step(&batch)?;
-            if !same_outputs(&wasm, &native_passthrough(&batch)) {
+            let input = &self.inputs.batches[i];
+            let batch = &input.batch;
+            let wasm = self.passthrough.step(input)?;
+            if !same_outputs(&wasm, &native_passthrough(batch)) {
                 bail!("passthrough.wasm and the native passthrough disagree on batch {i}");
             }
             self.passthrough_outputs.push(wasm);
-            let wasm = self.counter.step(&batch)?;
-            let native = native_counter(&mut self.native_counts, &batch);
+            let wasm = self.counter.step(input)?;
+            let native = native_counter(&mut self.native_counts, batch);
             if !same_outputs(&wasm, &native) {
                 bail!("counter.wasm and the native counter disagree on batch {i}");
             }
@@ -634,12 +626,13 @@ fn print_parameters(plan: &Plan, bench: &Bench, cache: &std::path::Path) {
         plan.keys, plan.value_bytes
     );
     println!(
-        "  wasm          Instance::handle(&batch) [lower batch, SDK loop + handler, lift outputs], then \
+        "  wasm          Instance::handle(&batch, &values) [lower batch, SDK loop + handler, lift outputs; \
+         values are fetched lazily, on a handler's first read, and neither handler reads one], then \
          take_writes() applied to a HashMap standing in for committed state (counter's get-many reads it)"
     );
     println!(
-        "  native        same logic in procd's Rust on the same Batch into an OutputBatch: passthrough copies \
-         the key and forwards the value per event; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
+        "  native        same logic in procd's Rust on the same Batch into an OutputBatch: passthrough forwards \
+         each event's key and value; counter: HashMap<Vec<u8>, u64> per key, count as decimal; outputs checked equal"
     );
     println!(
         "  not included  reading input from fjall, re-encoding outputs (to_records, measured below), commit"
@@ -878,12 +871,9 @@ mod tests {
         assert_eq!(inputs.batches.len(), DISTINCT_BATCHES);
         let batch = &inputs.batches[0];
         assert_eq!(batch.batch.key_ends.len(), 50);
-        assert_eq!(batch.batch.values.len(), 50 * 64);
-        let keys: std::collections::HashSet<&[u8]> = inputs
-            .batches
-            .iter()
-            .flat_map(|b| events(&b.batch).map(|(k, _)| k))
-            .collect();
+        assert_eq!(batch.values().len(), 50 * 64);
+        let keys: std::collections::HashSet<&[u8]> =
+            inputs.batches.iter().flat_map(|b| keys(&b.batch)).collect();
         assert_eq!(keys.len(), 7);
         Ok(())
     }

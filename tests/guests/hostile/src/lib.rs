@@ -10,6 +10,9 @@
 //! - `flood`: emits a million records (the output limit must stop it);
 //! - `logspam`: logs 10 000 lines, then passes the event through (the log rate limit must absorb it);
 //! - `slow`: spins `spin` iterations (default 20 000 000), then passes the event through.
+//!
+//! With `values_in_init` set (to anything), `init` calls the `input.values` import itself, outside any
+//! batch: the host must trap rather than hand out some batch's values.
 
 use std::hint::black_box;
 
@@ -50,6 +53,9 @@ impl Handler for Hostile {
         };
         self.on = config.get("on").map(|v| v.as_bytes().to_vec());
         self.spin = config.parse("spin")?.unwrap_or(20_000_000);
+        if config.get("values_in_init").is_some() {
+            values_outside_a_batch();
+        }
         Ok(())
     }
 
@@ -96,6 +102,12 @@ impl Handler for Hostile {
         ctx.emit(0, event.key(), event.value());
         Ok(())
     }
+}
+
+/// Calls `input.values` directly (the SDK only calls it while handling a batch).
+fn values_outside_a_batch() {
+    #[cfg(target_arch = "wasm32")]
+    black_box(procd_sdk::__private::bindings::procd::handler::input::values());
 }
 
 /// Recursion the compiler cannot turn into a loop; it never returns, on purpose.
