@@ -10,7 +10,7 @@
 //! caller's shared buffer during a `handle` call, and nothing outside one, so the guest gets the
 //! current batch's values or a trap, and the caller's buffer is unshared again when the call returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,7 +101,8 @@ pub struct HostState {
     bytes_delta: i64,
     /// Committed sizes (key + value bytes, 0 when absent) of the keys read or written in this batch
     /// and not yet in the overlay, so a write after a read costs no second storage look-up.
-    committed_sizes: HashMap<Vec<u8>, u64>,
+    /// (foldhash: keys are the guest's, so seeded, and cheap on short keys.)
+    committed_sizes: foldhash::HashMap<Vec<u8>, u64>,
     log: LogLimiter,
     /// Whether the host refused a state write in the current call (a state limit).
     state_refused: bool,
@@ -113,10 +114,13 @@ pub struct HostState {
     input_values: Option<Arc<Vec<u8>>>,
 }
 
-/// How to take back one overlay write.
+/// What an overlay write replaced: the key's previous overlay entry, if it had one.
+type Replaced = Option<Option<Vec<u8>>>;
+
+/// How to take back one overlay write of a `set-many`: its key's index in the call, what it replaced.
 struct Undo {
-    key: Vec<u8>,
-    previous: Option<Option<Vec<u8>>>,
+    index: usize,
+    previous: Replaced,
     bytes: i64,
 }
 
@@ -177,12 +181,12 @@ impl HostState {
 
     /// Puts one write in the overlay, unless it would grow the partition's state past
     /// `max_state_bytes` (a write that does not grow it always passes, even over the limit). Returns
-    /// what it replaced in the overlay, for [`HostState::undo`].
+    /// what it replaced in the overlay and how it changed the state's bytes, for [`HostState::undo`].
     fn write(
         &mut self,
         key: Vec<u8>,
         value: Option<Vec<u8>>,
-    ) -> wasmtime::Result<Result<Undo, String>> {
+    ) -> wasmtime::Result<Result<(Replaced, i64), String>> {
         let current = self.current_size(&key)?;
         let new = value
             .as_ref()
@@ -201,22 +205,20 @@ impl HostState {
                 )));
             }
         }
-        self.bytes_delta += new as i64 - current as i64;
-        let previous = self.overlay.insert(key.clone(), value);
-        Ok(Ok(Undo {
-            key,
-            previous,
-            bytes: new as i64 - current as i64,
-        }))
+        let bytes = new as i64 - current as i64;
+        self.bytes_delta += bytes;
+        Ok(Ok((self.overlay.insert(key, value), bytes)))
     }
 
-    /// Takes back writes of a refused `set-many`, newest first, so that it changes nothing.
-    fn undo(&mut self, undo: Vec<Undo>) {
+    /// Takes back writes of a refused `set-many` (`keys[index]`, newest first), so that it changes
+    /// nothing.
+    fn undo(&mut self, undo: Vec<Undo>, keys: &[&[u8]]) {
         for u in undo.into_iter().rev() {
             self.bytes_delta -= u.bytes;
+            let key = keys.get(u.index).copied().unwrap_or_default();
             match u.previous {
-                Some(previous) => self.overlay.insert(u.key, previous),
-                None => self.overlay.remove(&u.key),
+                Some(previous) => self.overlay.insert(key.to_vec(), previous),
+                None => self.overlay.remove(key),
             };
         }
     }
@@ -317,11 +319,15 @@ impl state::Host for HostState {
         }
         // All or nothing: a refused write takes back the ones before it.
         let mut done = Vec::with_capacity(keys.len());
-        for (k, v) in keys.into_iter().zip(values) {
+        for (index, (k, v)) in keys.iter().zip(values).enumerate() {
             match self.write(k.to_vec(), Some(v.to_vec()))? {
-                Ok(undo) => done.push(undo),
+                Ok((previous, bytes)) => done.push(Undo {
+                    index,
+                    previous,
+                    bytes,
+                }),
                 Err(e) => {
-                    self.undo(done);
+                    self.undo(done, &keys);
                     return Ok(Err(e));
                 }
             }
@@ -474,7 +480,7 @@ impl Runtime {
             max_state_bytes: limits.max_state_bytes,
             state_bytes: 0,
             bytes_delta: 0,
-            committed_sizes: HashMap::new(),
+            committed_sizes: Default::default(),
             log: LogLimiter {
                 label,
                 per_sec,
