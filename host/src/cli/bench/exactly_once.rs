@@ -59,6 +59,22 @@ impl Check {
 }
 
 /// Reads `topic` (all `partitions`) back from the server at `data_url` and checks it against `rec`.
+/// Whether the benchmark's server survived, and if it did, [`check`] on it (a dead server cannot be
+/// read back).
+pub(super) async fn check_if_alive(
+    server: &mut super::child::ChildServer,
+    topic: &str,
+    partitions: u32,
+    rec: &Recording,
+    batch: usize,
+) -> anyhow::Result<(bool, Option<Check>)> {
+    if !server.alive() {
+        return Ok((false, None));
+    }
+    let check = check(&server.data_url, topic, partitions, rec, batch).await?;
+    Ok((true, Some(check)))
+}
+
 pub(super) async fn check(
     data_url: &str,
     topic: &str,

@@ -146,21 +146,14 @@ pub(super) async fn run(args: SurgeArgs) -> anyhow::Result<()> {
         server.pid(),
     )
     .await?;
-    let alive = server.alive();
-    let check = if alive {
-        Some(
-            exactly_once::check(
-                &server.data_url,
-                TOPIC,
-                args.load.partitions,
-                &rec,
-                bodies.batch(),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
+    let (alive, check) = exactly_once::check_if_alive(
+        &mut server,
+        TOPIC,
+        args.load.partitions,
+        &rec,
+        bodies.batch(),
+    )
+    .await?;
     drop(server);
 
     let report = Report::new(&args, &phases, &rec, bodies.batch());
