@@ -199,6 +199,28 @@ pub async fn read_body(
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
+/// Reads and drops the body of a request that was refused before its body was read, if its declared
+/// length is at most `max_bytes` and it arrives within `timeout`. hyper closes a connection whose request
+/// body was left unread; a client still writing that body may then see the connection reset instead
+/// of the refusal and its `Retry-After`, and must reconnect. Draining a small body avoids both.
+pub async fn discard_body(req: Request<Incoming>, max_bytes: u64, timeout: Duration) {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // A client that asked `Expect: 100-continue` sends no body unless told to: leave it unsent.
+    let expects = req.headers().contains_key(hyper::header::EXPECT);
+    if expects || declared.is_none_or(|len| len > max_bytes) {
+        return;
+    }
+    let mut body = req.into_body();
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
 /// Connection limits of one listener.
 #[derive(Debug, Clone)]
 pub struct ListenerLimits {

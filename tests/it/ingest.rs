@@ -430,6 +430,83 @@ async fn a_tenant_over_its_quota_gets_429_while_another_is_served() -> TestResul
     Ok(())
 }
 
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body) from `stream`.
+fn read_response(stream: &mut std::net::TcpStream) -> TestResult<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(format!(
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&buf)
+            )
+            .into());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok(head + &String::from_utf8_lossy(&body))
+}
+
+#[tokio::test]
+async fn a_request_refused_before_its_body_keeps_the_connection_usable() -> TestResult {
+    use std::io::Write;
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.tenant_bytes_per_sec=1000",
+            "admission.tenant_burst_bytes=100000",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let answers = tokio::task::spawn_blocking(move || -> TestResult<Vec<String>> {
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let line = format!("{{\"key\":\"k\",\"value\":\"{}\"}}\n", "x".repeat(900));
+        let body: String = line.repeat(60); // ~55 KB: the first fits the burst, the second does not
+        let head = |tenant: &str, len: usize| {
+            format!(
+                "POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n\
+                 Procd-Tenant: {tenant}\r\nContent-Length: {len}\r\n\r\n"
+            )
+        };
+        let mut answers = Vec::new();
+        for tenant in ["hot", "hot", "calm"] {
+            // The head, then the body in two parts: the refusal comes before the body is all there.
+            stream.write_all(head(tenant, body.len()).as_bytes())?;
+            let (first, rest) = body.split_at(body.len() / 2);
+            stream.write_all(first.as_bytes())?;
+            std::thread::sleep(Duration::from_millis(100));
+            stream.write_all(rest.as_bytes())?;
+            answers.push(read_response(&mut stream)?);
+        }
+        Ok(answers)
+    })
+    .await??;
+    assert!(answers[0].starts_with("HTTP/1.1 202"), "{}", answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 429"), "{}", answers[1]);
+    assert!(answers[1].contains("over_quota"), "{}", answers[1]);
+    // The same connection serves the next request.
+    assert!(answers[2].starts_with("HTTP/1.1 202"), "{}", answers[2]);
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 120);
+    Ok(())
+}
+
 #[tokio::test]
 async fn tenant_overrides_give_a_tenant_its_own_quota() -> TestResult {
     let host = TestHost::start_with(

@@ -63,6 +63,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     response
 }
 
+/// A request refused before its body was read has the body read and dropped when it is at most this
+/// large, so the client's connection stays usable and it reads the refusal; a larger one is left unread
+/// and the connection closes after the answer.
+const DISCARD_MAX_BYTES: u64 = 1024 * 1024;
+/// How long that discard may take.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn unknown_topic(topic: &str) -> ApiError {
     ApiError::not_found(
         "unknown_topic",
@@ -217,8 +224,12 @@ async fn append(
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&n| n <= state.config.ingest.max_body_bytes as u64);
     // Held until the answer: the request's bytes count in the server's in-flight budget.
-    let admitted = match declared {
-        Some(bytes) => Some(state.admission.admit(&tenant, bytes)?),
+    let admitted = match declared.map(|bytes| state.admission.admit(&tenant, bytes)) {
+        Some(Ok(admitted)) => Some(admitted),
+        Some(Err(refused)) => {
+            crate::http::discard_body(req, DISCARD_MAX_BYTES, DISCARD_TIMEOUT).await;
+            return Err(refused);
+        }
         None => None,
     };
     let body: Bytes = read_body(
