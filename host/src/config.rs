@@ -49,6 +49,9 @@ pub struct Config {
 pub struct HandlerConfig {
     /// Largest component accepted by a deploy (`413` above).
     pub max_component_bytes: usize,
+    /// The wasm stack of every instance (server-wide: wasmtime bounds it per engine); deeper
+    /// recursion traps as a stack overflow.
+    pub max_wasm_stack_bytes: usize,
     /// Linear memory an instance may use.
     pub max_memory_bytes: usize,
     /// Wall-clock time one batch may take.
@@ -83,6 +86,7 @@ impl Default for HandlerConfig {
         let breaker = crate::cell::BreakerOptions::default();
         Self {
             max_component_bytes: 10 * 1024 * 1024,
+            max_wasm_stack_bytes: crate::runtime::DEFAULT_MAX_WASM_STACK,
             max_memory_bytes: limits.max_memory_bytes,
             deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(1000),
             batch_max_events: 1000,
@@ -494,6 +498,13 @@ impl Config {
         )?;
         range("cell.cache_bytes", self.cell.cache_bytes, 1 << 20, 1 << 40)?;
         range("read.max_limit", self.read.max_limit, 1, 1_000_000)?;
+        // Instances run on threads with 2 MiB stacks (tokio's and std's default): leave the host room.
+        range(
+            "handler.max_wasm_stack_bytes",
+            self.handler.max_wasm_stack_bytes,
+            64 * 1024,
+            1024 * 1024,
+        )?;
         range(
             "handler.max_component_bytes",
             self.handler.max_component_bytes,

@@ -90,7 +90,10 @@ impl Server {
         };
         let dir = DataDir::open(&config.data_dir, shape)?;
         let catalog = Arc::new(Catalog::open(&dir.control_dir())?);
-        let runtime = Arc::new(Runtime::new(&dir.root().join("compiled"))?);
+        let runtime = Arc::new(Runtime::new(
+            &dir.root().join("compiled"),
+            config.handler.max_wasm_stack_bytes,
+        )?);
         let options = config.cell_options();
         let cells = (0..shape.cells)
             .map(|k| Cell::open(k, &dir.cell_dir(k), shape, &catalog, &runtime, &options))

@@ -193,6 +193,17 @@ async fn unbounded_recursion_exhausts_the_stack() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_small_wasm_stack_is_exhausted_first_and_says_so() -> TestResult {
+    let settings = ["handler.max_wasm_stack_bytes=65536"];
+    let why = reason(&beside_counter("recursion", &[], &settings).await?);
+    assert!(
+        why.starts_with("trap: stack overflow: the handler ran out of its 64 KiB wasm stack"),
+        "{why}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_panic_on_one_key_costs_that_event_only() -> TestResult {
     let why = reason(&beside_counter("panic", &[], &[]).await?);
     assert!(why.contains("hostile panic on offset"), "{why}");

@@ -141,7 +141,7 @@ fn execute(settings: &Settings) -> anyhow::Result<()> {
     })?;
 
     let cache = CacheDir::create()?;
-    let runtime = Runtime::new(cache.path())?;
+    let runtime = Runtime::new(cache.path(), Config::default().handler.max_wasm_stack_bytes)?;
     let compiled = runtime
         .compile(&component)
         .with_context(|| settings.component.display().to_string())?;

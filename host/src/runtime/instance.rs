@@ -449,6 +449,7 @@ pub struct Instance {
     max_memory_bytes: usize,
     max_outputs: usize,
     max_output_bytes: usize,
+    max_wasm_stack: usize,
     poisoned: bool,
 }
 
@@ -507,6 +508,7 @@ impl Runtime {
             max_memory_bytes: limits.max_memory_bytes,
             max_outputs: limits.max_outputs_per_batch,
             max_output_bytes: limits.max_output_bytes_per_batch,
+            max_wasm_stack: self.max_wasm_stack,
             poisoned: false,
         };
         instance.store.set_epoch_deadline(ticks(limits.deadline));
@@ -541,6 +543,11 @@ impl Instance {
     fn describe(&self, e: &wasmtime::Error) -> CallError {
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallError::Deadline(self.deadline.as_millis()),
+            Some(Trap::StackOverflow) => CallError::Trap(format!(
+                "stack overflow: the handler ran out of its {} KiB wasm stack \
+                 (handler.max_wasm_stack_bytes; unbounded recursion?)",
+                self.max_wasm_stack / 1024
+            )),
             _ => {
                 let text = format!("{e:#}");
                 if text.contains("forcing a memory growth failure to be a trap")

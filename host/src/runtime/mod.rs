@@ -28,6 +28,9 @@ pub use instance::{
     StateWrite, state_entry_bytes,
 };
 
+/// The wasm stack bound of every instance unless `handler.max_wasm_stack_bytes` says otherwise.
+pub const DEFAULT_MAX_WASM_STACK: usize = 512 * 1024;
+
 /// Epoch tick period: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
@@ -81,17 +84,23 @@ pub struct Runtime {
     linker: Linker<instance::HostState>,
     cache_dir: PathBuf,
     ticker_stop: Arc<AtomicBool>,
+    /// The engine's wasm stack bound, for trap messages.
+    max_wasm_stack: usize,
 }
 
 impl Runtime {
     /// Creates the engine, links procd's imports, and starts the epoch ticker. Compiled components are
     /// cached in `cache_dir`.
-    pub fn new(cache_dir: &Path) -> Result<Self, RuntimeError> {
+    ///
+    /// `max_wasm_stack` bounds the wasm stack of every instance (`handler.max_wasm_stack_bytes`): set
+    /// explicitly, so unbounded recursion traps the same way on every machine. wasmtime sets it per
+    /// `Engine`, and there is one engine per process, so it is server-wide, not per handler. It must stay
+    /// well under the host threads' stacks (2 MiB), which config validation ensures.
+    pub fn new(cache_dir: &Path, max_wasm_stack: usize) -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        // A fixed stack bound, so unbounded recursion traps the same way on every machine.
-        config.max_wasm_stack(512 * 1024);
+        config.max_wasm_stack(max_wasm_stack);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(e.to_string()))?;
         let linker = instance::linker(&engine).map_err(|e| RuntimeError::Engine(e.to_string()))?;
@@ -122,6 +131,7 @@ impl Runtime {
             linker,
             cache_dir: cache_dir.to_path_buf(),
             ticker_stop,
+            max_wasm_stack,
         })
     }
 

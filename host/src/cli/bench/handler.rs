@@ -548,7 +548,8 @@ pub(super) fn run(args: HandlerArgs) -> anyhow::Result<()> {
     let counter = read_component(&plan.dir, "counter")?;
     // Declared before the runtime, so it is removed after the runtime is gone.
     let cache = Scratch::create(&std::env::temp_dir())?;
-    let runtime = Runtime::new(cache.path()).context("cannot start the wasm runtime")?;
+    let runtime = Runtime::new(cache.path(), crate::runtime::DEFAULT_MAX_WASM_STACK)
+        .context("cannot start the wasm runtime")?;
     let inputs = inputs(&plan)?;
     let mut bench = Bench {
         inputs,
