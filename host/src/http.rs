@@ -133,18 +133,12 @@ pub async fn read_body(
             ),
         )
     };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max_bytes as u64) {
+    if declared_length(&req).is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
     let mut body = req.into_body();
-    let mut buf = bytes::BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
-    // The first piece is usually the whole body: kept as is, without a copy.
-    let mut first: Option<Bytes> = None;
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
     let deadline = tokio::time::Instant::now() + timeouts.total;
     loop {
         let wait = timeouts
@@ -183,20 +177,26 @@ pub async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        let so_far = first.as_ref().map_or(buf.len(), Bytes::len);
-        if so_far + data.len() > max_bytes {
+        len += data.len();
+        if len > max_bytes {
             return Err(too_large());
         }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            None => buf.extend_from_slice(&data),
-            Some(previous) => {
-                buf.extend_from_slice(&previous);
-                buf.extend_from_slice(&data);
-            }
-        }
+        pieces.push(data);
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+    // The body usually arrives in one piece: kept as is, without a copy.
+    Ok(match pieces.len() {
+        0 => Bytes::new(),
+        1 => pieces.swap_remove(0),
+        _ => Bytes::from(pieces.concat()),
+    })
+}
+
+/// The request's declared body length (`Content-Length`), if it has a valid one.
+pub fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Reads and drops the body of a request that was refused before its body was read, if its declared
@@ -204,11 +204,7 @@ pub async fn read_body(
 /// body was left unread; a client still writing that body may then see the connection reset instead
 /// of the refusal and its `Retry-After`, and must reconnect. Draining a small body avoids both.
 pub async fn discard_body(req: Request<Incoming>, max_bytes: u64, timeout: Duration) {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&req);
     // A client that asked `Expect: 100-continue` sends no body unless told to: leave it unsent.
     let expects = req.headers().contains_key(hyper::header::EXPECT);
     if expects || declared.is_none_or(|len| len > max_bytes) {

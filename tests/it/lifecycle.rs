@@ -83,6 +83,16 @@ async fn invalid_configuration_is_one_line_naming_the_key() -> TestResult {
     Ok(())
 }
 
+/// Makes cell `cell`'s writes take `ms` longer (the debug hook; 0 ends it).
+async fn slow_writes(host: &TestHost, cell: u32, ms: u64) -> TestResult {
+    let path = format!("/v1/debug/cells/{cell}/slow-writes?ms={ms}");
+    let resp = host
+        .admin()?
+        .request(hyper::Method::POST, &path, &[], "")
+        .await?;
+    ensure_status(&resp, 200)
+}
+
 /// Posts one event with `key` at `priority` on a fresh connection; returns the status and body.
 async fn post_one(url: &str, key: &str, priority: &str) -> TestResult<(u16, serde_json::Value)> {
     let mut data = procd::client::Client::new(url)?;
@@ -121,18 +131,7 @@ async fn a_standing_queue_sheds_normal_requests_but_not_critical_ones_nor_other_
             .unwrap_or_default()
     };
     let (slow_key, fast_key) = (key_in(0), key_in(1));
-    ensure_status(
-        &host
-            .admin()?
-            .request(
-                hyper::Method::POST,
-                "/v1/debug/cells/0/slow-writes?ms=50",
-                &[],
-                "",
-            )
-            .await?,
-        200,
-    )?;
+    slow_writes(&host, 0, 50).await?;
     let backlog: Vec<_> = (0..40)
         .map(|_| {
             let (url, key) = (host.url.clone(), slow_key.clone());
@@ -168,18 +167,7 @@ async fn a_standing_queue_sheds_normal_requests_but_not_critical_ones_nor_other_
     assert_eq!(critical.await??.0, 202);
 
     // Once the queue drains, normal requests are served again.
-    ensure_status(
-        &host
-            .admin()?
-            .request(
-                hyper::Method::POST,
-                "/v1/debug/cells/0/slow-writes?ms=0",
-                &[],
-                "",
-            )
-            .await?,
-        200,
-    )?;
+    slow_writes(&host, 0, 0).await?;
     let (status, body) = post_one(&host.url, &slow_key, "normal").await?;
     assert_eq!(status, 202, "{body}");
     Ok(())

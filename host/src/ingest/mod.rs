@@ -217,11 +217,7 @@ async fn append(
             .map_err(|e| ApiError::bad_request("invalid_header", e))?,
         None => crate::backpressure::Priority::default(),
     };
-    let declared = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+    let declared = crate::http::declared_length(&req)
         .filter(|&n| n <= state.config.ingest.max_body_bytes as u64);
     // Held until the answer: the request's bytes count in the server's in-flight budget.
     let admitted = match declared.map(|bytes| state.admission.admit(&tenant, bytes)) {
