@@ -2,7 +2,7 @@
 
 use crate::context::{Current, Outputs};
 use crate::event::{Columns, Events};
-use crate::state::{Backend, Cache};
+use crate::state::{Backend, BatchKeys, Cache};
 use crate::{Config, Context, Error, Event, State};
 
 /// A procd handler: called once per event, in offset order, with the batch's [`Context`].
@@ -77,7 +77,7 @@ impl<H: Handler> Runtime<H> {
         batch: Columns<'_>,
         backend: &mut dyn Backend,
     ) -> Result<Outputs, Failure> {
-        self.cache.clear();
+        self.cache.clear(batch.len());
         let mut outputs =
             Outputs::with_capacity(batch.len(), batch.keys.len(), batch.value_bytes());
         let mut ctx = Context {
@@ -87,6 +87,11 @@ impl<H: Handler> Runtime<H> {
                 cache: &mut self.cache,
                 backend,
                 writer: 0,
+                keys: BatchKeys {
+                    keys: batch.keys,
+                    key_ends: batch.key_ends,
+                },
+                own_key: (0, 0),
             },
             config: &self.config,
             partition: batch.partition,
@@ -98,6 +103,7 @@ impl<H: Handler> Runtime<H> {
             let event = event.map_err(|message| failure(index, message))?;
             index += 1;
             ctx.state.writer = event.index();
+            ctx.state.own_key = (event.key().as_ptr() as usize, event.key().len());
             ctx.outputs.current = Current {
                 key: (event.key().as_ptr() as usize, event.key().len()),
                 value: event.value_range(),

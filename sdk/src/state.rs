@@ -11,6 +11,11 @@
 //! keys word by word (see `bytes`), and entries stay in first-use order, which makes the flush order
 //! deterministic.
 //!
+//! Most look-ups are of the handled event's own key (`state.add_u64(event.key(), 1)`), and a handler that
+//! prefetches has already looked that key up once in the batch. So the cache remembers, per event, the
+//! entry of the event's own key slice (recognised by address and length inside the batch's key column,
+//! which cannot change during the batch): the second look-up is one load instead of a hash and a probe.
+//!
 //! Invariants: an entry exists iff the handler read, wrote or prefetched its key during this batch; a
 //! `loaded` entry's `value` is what the handler would read now; `dirty` entries differ from what the host
 //! holds; every span lies inside its arena.
@@ -91,6 +96,8 @@ pub(crate) struct Cache {
     values: Vec<u8>,
     /// Reused buffer for `set_json`.
     scratch: Vec<u8>,
+    /// Per event of the batch: the entry of that event's own key, or `EMPTY` until it is looked up.
+    own: Vec<u32>,
 }
 
 /// A state write the host refused when the batch was flushed.
@@ -105,13 +112,16 @@ fn hash(key: &[u8]) -> u64 {
 }
 
 impl Cache {
-    pub fn clear(&mut self) {
+    /// Empties the cache for a batch of `events` events.
+    pub fn clear(&mut self, events: usize) {
         if !self.entries.is_empty() {
             self.slots.fill(EMPTY);
         }
         self.entries.clear();
         self.keys.clear();
         self.values.clear();
+        self.own.clear();
+        self.own.resize(events, EMPTY);
     }
 
     /// The index of `key`'s entry, if it has one.
@@ -319,16 +329,75 @@ pub struct State<'a> {
     pub(crate) backend: &'a mut dyn Backend,
     /// Index of the event being handled, recorded on every write.
     pub(crate) writer: u32,
+    /// The batch's key column, to recognise the events' own key slices.
+    pub(crate) keys: BatchKeys<'a>,
+    /// The handled event's key as (address, length); `(0, 0)`, which no slice has, outside `handle`.
+    pub(crate) own_key: (usize, usize),
+}
+
+/// The batch's keys, column-wise.
+#[derive(Clone, Copy)]
+pub(crate) struct BatchKeys<'a> {
+    pub keys: &'a [u8],
+    pub key_ends: &'a [u32],
+}
+
+impl BatchKeys<'_> {
+    /// Whether `key` is exactly the key slice of event `index`.
+    #[inline]
+    fn is_key_of(&self, key: &[u8], index: usize, start: usize) -> bool {
+        let end = self.key_ends.get(index).map_or(usize::MAX, |&e| e as usize);
+        key.as_ptr() as usize == self.keys.as_ptr() as usize + start
+            && key.len() == end.wrapping_sub(start)
+    }
 }
 
 impl State<'_> {
+    /// Whether `key` is the handled event's own key slice.
+    #[inline]
+    fn is_own(&self, key: &[u8]) -> bool {
+        (key.as_ptr() as usize, key.len()) == self.own_key
+    }
+
+    /// The entry of `key` remembered for the handled event, if `key` is its own key and it was looked up.
+    #[inline]
+    fn remembered(&self, own: bool) -> Option<usize> {
+        if !own {
+            return None;
+        }
+        match self.cache.own.get(self.writer as usize) {
+            Some(&index) if index != EMPTY => Some(index as usize),
+            _ => None,
+        }
+    }
+
+    /// Remembers `index` as the handled event's own key's entry, if `key` was its own key.
+    #[inline]
+    fn remember(&mut self, own: bool, index: usize) -> usize {
+        if own && let Some(slot) = self.cache.own.get_mut(self.writer as usize) {
+            // `index` < entries.len(), which `insert` keeps below 2^31.
+            *slot = index as u32;
+        }
+        index
+    }
+
+    /// The index of `key`'s entry (remembered, or found by hash), or the hash to insert it with.
+    #[inline]
+    fn find(&self, key: &[u8], own: bool) -> Result<usize, u64> {
+        if let Some(index) = self.remembered(own) {
+            return Ok(index);
+        }
+        let hash = hash(key);
+        self.cache.find(key, hash).ok_or(hash)
+    }
+
     /// The index of `key`'s entry, asking the host for its value if this batch has not seen it yet.
     #[inline]
     fn load(&mut self, key: &[u8]) -> usize {
-        let hash = hash(key);
-        match self.cache.find(key, hash) {
-            Some(index) if self.cache.entries[index].loaded => index,
-            Some(index) => {
+        let own = self.is_own(key);
+        let index = match self.find(key, own) {
+            Ok(index) if self.cache.entries[index].loaded => index,
+            Ok(index) => {
                 let value = self.backend.get(key);
                 let value = value.as_deref().map(|v| self.cache.push_value(v));
                 let entry = &mut self.cache.entries[index];
@@ -336,21 +405,23 @@ impl State<'_> {
                 entry.loaded = true;
                 index
             }
-            None => {
+            Err(hash) => {
                 let value = self.backend.get(key);
                 self.cache.insert(key, hash, value.as_deref(), true)
             }
-        }
+        };
+        self.remember(own, index)
     }
 
     /// The index of `key`'s entry, creating an empty one without asking the host (for blind writes).
     #[inline]
     fn entry(&mut self, key: &[u8]) -> usize {
-        let hash = hash(key);
-        match self.cache.find(key, hash) {
-            Some(index) => index,
-            None => self.cache.insert(key, hash, None, false),
-        }
+        let own = self.is_own(key);
+        let index = match self.find(key, own) {
+            Ok(index) => index,
+            Err(hash) => self.cache.insert(key, hash, None, false),
+        };
+        self.remember(own, index)
     }
 
     /// The value stored under `key`, if any.
@@ -457,13 +528,28 @@ impl State<'_> {
         // Placeholders enter the cache at once, which also drops duplicate keys from the request.
         let mut wanted = Columns::default();
         let mut indexes = Vec::new();
-        for key in keys {
+        // The usual argument is every event's key in order (`events.map(|e| e.key())`): while the
+        // n-th key is event n's own, its entry is remembered for the event's `handle`.
+        let mut in_order = true;
+        let mut start = 0;
+        for (n, key) in keys.into_iter().enumerate() {
             let key = key.as_ref();
             let hash = hash(key);
-            if self.cache.find(key, hash).is_none() {
-                indexes.push(self.cache.insert(key, hash, None, false));
-                wanted.push_key(key);
+            let index = match self.cache.find(key, hash) {
+                Some(index) => index,
+                None => {
+                    wanted.push_key(key);
+                    let index = self.cache.insert(key, hash, None, false);
+                    indexes.push(index);
+                    index
+                }
+            };
+            in_order = in_order && self.keys.is_key_of(key, n, start);
+            if in_order && let Some(slot) = self.cache.own.get_mut(n) {
+                // `index` < entries.len(), which `insert` keeps below 2^31.
+                *slot = index as u32;
             }
+            start = start.saturating_add(key.len());
         }
         if indexes.is_empty() {
             return;
@@ -496,4 +582,79 @@ fn not_u64(key: &[u8], bytes: &[u8]) -> Error {
         String::from_utf8_lossy(key),
         bytes.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::TestDriver;
+    use crate::{Context, Event, Events, Handler, Result, State};
+
+    /// Counts under each event's key and, separately, under a copy of it; prefetches the keys in the
+    /// given order, or a copy of each.
+    struct Twice {
+        order: Order,
+    }
+
+    #[derive(Clone, Copy)]
+    enum Order {
+        Events,
+        Reversed,
+        Copies,
+    }
+
+    impl Handler for Twice {
+        fn prefetch(&mut self, events: Events<'_>, state: &mut State<'_>) {
+            let keys: Vec<&[u8]> = events.map(|e| e.key()).collect();
+            match self.order {
+                Order::Events => state.prefetch(keys.iter().copied()),
+                Order::Reversed => state.prefetch(keys.iter().rev().copied()),
+                Order::Copies => state.prefetch(keys.iter().map(|k| k.to_vec())),
+            }
+        }
+
+        fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result {
+            let own = ctx.state().add_u64(event.key(), 1)?;
+            let mut copy = b"copy-".to_vec();
+            copy.extend_from_slice(event.key());
+            let copied = ctx.state().add_u64(&copy, 10)?;
+            // The own key again, through a copy of the slice: the same entry either way.
+            #[allow(clippy::unnecessary_to_owned)]
+            let again = ctx.state().get_u64(event.key().to_vec())?;
+            ctx.emit_with(0, event.key(), |w| {
+                w.push_decimal(own);
+                w.push(b'/');
+                w.push_decimal(copied);
+                w.push(b'/');
+                w.push_decimal(again.unwrap_or(0));
+            });
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn remembered_entries_give_the_same_counts_whatever_the_prefetch_order() {
+        let events = ["a", "b", "", "a", "", "b", "a", "c"];
+        for order in [Order::Events, Order::Reversed, Order::Copies] {
+            let mut driver = TestDriver::new(Twice { order });
+            // The reference: a plain map of counts.
+            let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+            for _ in 0..2 {
+                let batch: Vec<(&str, &str)> = events.iter().map(|&k| (k, "v")).collect();
+                let records = driver.send_batch(batch).expect("counting never fails");
+                let got: Vec<&str> = records.iter().map(|r| r.value_str()).collect();
+                let want: Vec<String> = events
+                    .iter()
+                    .map(|&k| {
+                        let n = counts.entry(k).or_default();
+                        *n += 1;
+                        format!("{n}/{}/{n}", *n * 10)
+                    })
+                    .collect();
+                assert_eq!(got, want);
+            }
+            assert_eq!(driver.state().get_u64("a"), Some(6));
+            assert_eq!(driver.state().get_u64("copy-a"), Some(60));
+            assert_eq!(driver.state().get_u64(""), Some(4));
+        }
+    }
 }
