@@ -122,6 +122,15 @@ pub struct Reset {
     pub offsets: Vec<u64>,
 }
 
+/// The SHA-256 of component `bytes`, lowercase hex: how a deployed version is recognised.
+pub fn component_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// One deployed version of a handler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandlerVersion {
@@ -133,6 +142,9 @@ pub struct HandlerVersion {
     pub config: Vec<(String, String)>,
     /// Component size.
     pub size_bytes: u64,
+    /// SHA-256 of the component, lowercase hex (empty for versions deployed before procd recorded it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
     /// Deploy time, ms since the Unix epoch.
     pub created_ms: u64,
     /// Limits this version asked for, below the server's.

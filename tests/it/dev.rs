@@ -405,3 +405,52 @@ async fn dev_and_new_errors_are_one_line() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn dev_restarted_on_the_same_component_deploys_nothing() -> TestResult {
+    // A built component as the source: no cargo build, so this test is quick.
+    let dir = tempfile::tempdir()?;
+    let wasm = dir.path().join("counter.wasm");
+    std::fs::write(&wasm, crate::harness::guests::example("counter")?)?;
+    let start = |extra: &[&str]| -> TestResult<Dev> {
+        let mut cmd = Command::new(TestHost::binary());
+        cmd.arg("dev")
+            .arg(&wasm)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--partitions", "2"])
+            .args(extra);
+        Dev::spawn(cmd)
+    };
+    let versions = |dev: &Dev| {
+        let admin_url = dev.admin_url.clone();
+        async move {
+            let mut admin = Client::new(&admin_url)?;
+            let resp = admin.get("/v1/handlers/counter").await?;
+            ensure_status(&resp, 200)?;
+            let def = resp.json()?;
+            TestResult::Ok(def["versions"].as_array().map_or(0, Vec::len))
+        }
+    };
+
+    let mut dev = start(&[])?;
+    dev.wait_for(|l| l.contains("deployed counter v1"), REDEPLOY)?;
+    assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
+
+    // The same component and settings: v1 keeps running, no new version.
+    let mut dev = start(&[])?;
+    dev.wait_for(
+        |l| l.contains("counter v1 already runs this component with these settings"),
+        REDEPLOY,
+    )?;
+    assert_eq!(versions(&dev).await?, 1);
+    dev.post("{\"key\":\"k\",\"value\":1}\n").await?;
+    dev.wait_outputs(" k 1", 1)?;
+    assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
+
+    // Other settings are a change: a new version.
+    let mut dev = start(&["--config", "note=x"])?;
+    dev.wait_for(|l| l.contains("deployed counter v2"), REDEPLOY)?;
+    assert_eq!(versions(&dev).await?, 2);
+    assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
+    Ok(())
+}

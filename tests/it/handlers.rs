@@ -249,6 +249,7 @@ pub(crate) async fn deploy_ok(
     extra: &[&str],
     version: u64,
 ) -> TestResult<Value> {
+    let digest = sha256_hex(&bytes);
     let resp = host.deploy(name, bytes, input, outputs, extra).await?;
     ensure_status(&resp, 201)?;
     let v = resp.json()?;
@@ -256,7 +257,17 @@ pub(crate) async fn deploy_ok(
     assert_eq!(v["version"], version, "{v}");
     assert_eq!(v["input"], input, "{v}");
     assert_eq!(v["outputs"], json!(outputs), "{v}");
+    assert_eq!(v["sha256"], digest, "{v}");
     Ok(v)
+}
+
+/// SHA-256 of `bytes` in lowercase hex, computed here rather than by procd.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The key of a read-back event (`None` for a keyless one).
@@ -857,6 +868,27 @@ async fn oversized_component_is_413_and_changes_nothing() -> TestResult {
     assert_eq!(definitions(&host).await?, json!({"handlers": []}));
     let resp = host.admin()?.get("/v1/handlers/big").await?;
     ensure_status(&resp, 404)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_version_records_the_sha256_of_its_component() -> TestResult {
+    let host = TestHost::start_with(2, 1, &[])?;
+    host.create_topic("in").await?;
+    host.create_topic("out").await?;
+    let (first, second) = (example("passthrough")?, example("enrich")?);
+    deploy_ok(&host, "h", first.clone(), "in", &["out"], &[], 1).await?;
+    deploy_ok(&host, "h", second.clone(), "in", &["out"], &[], 2).await?;
+    let mut admin = host.admin()?;
+    let def = show(&mut admin, "h").await?;
+    let digests: Vec<&str> = def["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["sha256"].as_str())
+        .collect();
+    assert_eq!(digests, [sha256_hex(&first), sha256_hex(&second)], "{def}");
+    assert_ne!(digests[0], digests[1]);
     Ok(())
 }
 

@@ -301,11 +301,13 @@ pub(super) async fn deploy(
         .and_then(|d| d.versions.iter().map(|v| v.version).max())
         .unwrap_or(0)
         + 1;
+    let sha256 = crate::catalog::component_digest(&body);
     let version = HandlerVersion {
         version: version_no,
         outputs: outputs.clone(),
         config,
         size_bytes: body.len() as u64,
+        sha256: sha256.clone(),
         created_ms: now_ms(),
         limits,
     };
@@ -341,7 +343,7 @@ pub(super) async fn deploy(
     tracing::info!(handler = name, version = version_no, "handler deployed");
     Ok(json(
         StatusCode::CREATED,
-        &json!({"name": name, "version": version_no, "input": input, "outputs": outputs}),
+        &json!({"name": name, "version": version_no, "input": input, "outputs": outputs, "sha256": sha256}),
     ))
 }
 

@@ -277,6 +277,7 @@ mod tests {
             outputs: outputs.iter().map(|s| s.to_string()).collect(),
             config: vec![],
             size_bytes: 0,
+            sha256: String::new(),
             created_ms: 0,
             limits: Default::default(),
         }

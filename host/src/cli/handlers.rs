@@ -342,6 +342,11 @@ fn show(def: &Value) {
                             config.join(",")
                         },
                         text(&v["size_bytes"]),
+                        // The first 12 hex digits, like a short git hash; `-` before digests existed.
+                        match v["sha256"].as_str() {
+                            Some(d) if !d.is_empty() => d.chars().take(12).collect(),
+                            _ => "-".into(),
+                        },
                         text(&v["created_ms"]),
                     ]
                 })
@@ -349,7 +354,14 @@ fn show(def: &Value) {
         })
         .unwrap_or_default();
     print_table(
-        &["VERSION", "OUTPUTS", "CONFIG", "SIZE_BYTES", "CREATED_MS"],
+        &[
+            "VERSION",
+            "OUTPUTS",
+            "CONFIG",
+            "SIZE_BYTES",
+            "SHA256",
+            "CREATED_MS",
+        ],
         versions,
     );
 

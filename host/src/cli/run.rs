@@ -623,6 +623,7 @@ impl<W: Write> Ctx<'_, W> {
             outputs: names,
             config: vec![],
             size_bytes: 0,
+            sha256: String::new(),
             created_ms: 0,
             limits: Default::default(),
         };

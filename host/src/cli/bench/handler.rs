@@ -563,6 +563,7 @@ pub(super) fn run(args: HandlerArgs) -> anyhow::Result<()> {
             outputs: vec!["out".into()],
             config: Vec::new(),
             size_bytes: 0,
+            sha256: String::new(),
             created_ms: 0,
             limits: Default::default(),
         },

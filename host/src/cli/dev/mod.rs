@@ -172,6 +172,8 @@ struct Session {
     outputs: Vec<String>,
     /// `config=K%3DV` query parameters; empty keeps what the handler had.
     config_query: Vec<String>,
+    /// The same configuration as pairs.
+    config: Vec<(String, String)>,
 }
 
 impl Session {
@@ -198,8 +200,9 @@ pub(super) async fn run(args: DevArgs) -> anyhow::Result<()> {
         None => source.default_name()?,
     };
     let mut config_query = Vec::new();
+    let mut config_pairs = Vec::new();
     for kv in &args.config {
-        parse_config(kv)?;
+        config_pairs.push(parse_config(kv)?);
         config_query.push(format!("config={}", encode_component(kv)));
     }
     let outputs = if args.outputs.is_empty() {
@@ -248,6 +251,7 @@ pub(super) async fn run(args: DevArgs) -> anyhow::Result<()> {
         input: args.input,
         outputs,
         config_query,
+        config: config_pairs,
     };
     let result = tokio::select! {
         r = develop(&session, &printer, &data_url, &admin_url) => r,
@@ -331,24 +335,35 @@ async fn develop(
     let watched = session.source.watched();
     let mut fingerprint = watched.fingerprint();
     let mut running: Option<(u64, Vec<u8>)> = None;
+    // What a previous session left running: a restart with the same component and settings deploys
+    // nothing, so versions count changes, not restarts.
+    let mut previous = active_version(&mut admin, &session.name).await;
     let mut first = true;
     loop {
         if let Some(bytes) = next_component(session, printer, running.as_ref()).await? {
-            match deploy(&mut admin, session, bytes.clone()).await {
-                Ok(version) => {
-                    printer.note(&format!(
-                        "deployed {} v{version} ({}){}",
-                        session.name,
-                        human_bytes(bytes.len() as u64),
-                        if running.is_some() {
-                            "; partitions switch at their next batch, keeping state and offsets"
-                        } else {
-                            ""
-                        }
-                    ));
-                    running = Some((version, bytes));
+            if let Some(version) = previous.take().and_then(|p| p.runs(session, &bytes)) {
+                printer.note(&format!(
+                    "{} v{version} already runs this component with these settings; nothing to deploy",
+                    session.name
+                ));
+                running = Some((version, bytes));
+            } else {
+                match deploy(&mut admin, session, bytes.clone()).await {
+                    Ok(version) => {
+                        printer.note(&format!(
+                            "deployed {} v{version} ({}){}",
+                            session.name,
+                            human_bytes(bytes.len() as u64),
+                            if running.is_some() {
+                                "; partitions switch at their next batch, keeping state and offsets"
+                            } else {
+                                ""
+                            }
+                        ));
+                        running = Some((version, bytes));
+                    }
+                    Err(e) => printer.warn(&format!("deploy failed: {e:#}")),
                 }
-                Err(e) => printer.warn(&format!("deploy failed: {e:#}")),
             }
         }
         if first {
@@ -358,6 +373,65 @@ async fn develop(
         fingerprint = watched.changed(&fingerprint).await;
         printer.note("change detected");
     }
+}
+
+/// The active version of a handler as the server has it.
+struct Active {
+    version: u64,
+    input: String,
+    outputs: Vec<String>,
+    config: Vec<(String, String)>,
+    sha256: String,
+}
+
+impl Active {
+    /// The version number, if it is `bytes` deployed as `session` would deploy them.
+    fn runs(&self, session: &Session, bytes: &[u8]) -> Option<u64> {
+        let same = !self.sha256.is_empty()
+            && self.sha256 == crate::catalog::component_digest(bytes)
+            && self.input == session.input
+            && self.outputs == session.outputs
+            // No `--config` keeps the handler's configuration.
+            && (session.config.is_empty() || self.config == session.config);
+        same.then_some(self.version)
+    }
+}
+
+/// The active version of handler `name`, if it exists and the answer is readable.
+async fn active_version(admin: &mut Client, name: &str) -> Option<Active> {
+    let resp = admin
+        .get(&format!("/v1/handlers/{}", encode_component(name)))
+        .await
+        .ok()?;
+    if resp.status != 200 {
+        return None;
+    }
+    let def = resp.json().ok()?;
+    let active = def["active"].as_u64()?;
+    let version = def["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["version"].as_u64() == Some(active))?;
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let config = version["config"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].as_str()?.to_string())))
+        .collect();
+    Some(Active {
+        version: active,
+        input: def["input"].as_str()?.to_string(),
+        outputs: strings(&version["outputs"]),
+        config,
+        sha256: version["sha256"].as_str().unwrap_or_default().to_string(),
+    })
 }
 
 /// Builds (or reads) the component; `None` when there is nothing new to deploy.
