@@ -233,8 +233,10 @@ impl Cache {
         &self.keys[entry.key.range()]
     }
 
-    /// Sends the batch's writes to the host: one `set-many` and one `delete-many` at most, in first-use
-    /// order.
+    /// Sends the batch's writes to the host: one `delete-many` and one `set-many` at most, each in
+    /// first-use order. Deletes go first: a key is either set or deleted, so the order does not change
+    /// the result, but the state the sets are checked against (the host's `max_state_bytes`) is then
+    /// already without the deleted entries.
     pub fn flush(&mut self, backend: &mut dyn Backend) -> Result<(), FlushError> {
         let mut set = Columns::default();
         let mut deleted = Columns::default();
@@ -247,14 +249,14 @@ impl Cache {
                 None => deleted.push_key(self.key(entry)),
             }
         }
+        if !deleted.key_ends.is_empty() {
+            backend.delete_many(&deleted.keys, &deleted.key_ends);
+        }
         if !set.key_ends.is_empty()
             && let Err(message) =
                 backend.set_many(&set.keys, &set.key_ends, &set.values, &set.value_ends)
         {
             return Err(self.blame(backend, message));
-        }
-        if !deleted.key_ends.is_empty() {
-            backend.delete_many(&deleted.keys, &deleted.key_ends);
         }
         Ok(())
     }
@@ -656,5 +658,62 @@ mod tests {
             assert_eq!(driver.state().get_u64("copy-a"), Some(60));
             assert_eq!(driver.state().get_u64(""), Some(4));
         }
+    }
+
+    /// Stores each event's value under its key, or deletes the key when the value is `-`.
+    #[derive(Default)]
+    struct Put;
+
+    impl Handler for Put {
+        fn handle(&mut self, event: &Event<'_>, ctx: &mut Context<'_>) -> Result {
+            if event.value() == b"-" {
+                ctx.state().delete(event.key());
+            } else {
+                ctx.state().set(event.key(), event.value());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_test_driver_refuses_writes_that_grow_the_state_past_max_state_bytes() {
+        const REFUSED: &str = "state write refused: partition state would grow to";
+        // One event per batch: each write is checked against the state before it.
+        let mut driver = TestDriver::new(Put).max_state_bytes(10);
+        assert!(driver.send("a", "1234").is_ok()); // 5 bytes
+        let refused = driver.send("b", "12345").expect_err("11 bytes");
+        assert_eq!(
+            refused.message,
+            format!("{REFUSED} 11 bytes; the limit is 10 bytes (max_state_bytes)")
+        );
+        assert!(driver.send("a", "123").is_ok()); // shrinks: 4
+        assert!(driver.send("c", "12").is_ok()); // 7
+        assert!(driver.send("a", "-").is_ok()); // a delete always passes: 3
+        assert!(driver.send("d", "1234").is_ok()); // 8
+        assert_eq!(driver.state().get("b"), None);
+
+        // A batch is checked by its net writes, deletes first: dropping `a` makes room for `e`.
+        let mut driver = TestDriver::new(Put).max_state_bytes(8);
+        driver.state_mut().set("a", "1234");
+        let outcome = driver.process_batch([("a", "-"), ("e", "1234")]);
+        assert!(
+            outcome.dead_letters.is_empty(),
+            "{:?}",
+            outcome.dead_letters
+        );
+        // Its net state over the limit: the earliest event whose write is refused alone is blamed,
+        // and the events before it are committed without it.
+        let outcome = driver.process_batch([("f", "1"), ("g", "1"), ("h", "1")]);
+        let dead: Vec<u32> = outcome.dead_letters.iter().map(|d| d.index).collect();
+        // (`e` holds 5 bytes; `f` makes 7 of 8; `g` and then `h` would each make 9.)
+        assert_eq!(dead, [1, 2], "{:?}", outcome.dead_letters);
+        assert_eq!(driver.state().get("f"), Some(b"1".as_slice()));
+        assert_eq!(driver.state().get("g"), None);
+
+        // Over the limit already (as after lowering it), a write that does not grow the state passes.
+        let mut driver = TestDriver::new(Put).max_state_bytes(4);
+        driver.state_mut().set("k", "123456");
+        assert!(driver.send("k", "12345").is_ok());
+        assert!(driver.send("k", "1234567").is_err());
     }
 }

@@ -115,6 +115,15 @@ impl<H: Handler> TestDriver<H> {
         self
     }
 
+    /// Refuses state writes that would grow the partition's state (every key's and value's bytes)
+    /// past `bytes`, as the host's `max_state_bytes` limit does: a write that does not grow the state
+    /// passes even over the limit, and deletes always pass.
+    #[must_use]
+    pub fn max_state_bytes(mut self, bytes: u64) -> Self {
+        self.store.max_state_bytes = Some(bytes);
+        self
+    }
+
     /// Sets the timestamp given to the events sent from now on (unless they carry their own).
     pub fn set_time_ms(&mut self, time_ms: u64) {
         self.time_ms = time_ms;
@@ -596,6 +605,7 @@ struct Store {
     committed: StateStore,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     max_value_bytes: Option<usize>,
+    max_state_bytes: Option<u64>,
     calls: HostCalls,
 }
 
@@ -629,6 +639,48 @@ impl Store {
             _ => Ok(()),
         }
     }
+
+    /// The state's bytes as the handler sees it now (committed, then this batch's writes).
+    fn state_bytes(&self) -> u64 {
+        let mut keys: std::collections::BTreeSet<&[u8]> =
+            self.committed.entries.keys().map(Vec::as_slice).collect();
+        keys.extend(self.pending.keys().map(Vec::as_slice));
+        keys.into_iter().map(|key| self.entry_bytes(key)).sum()
+    }
+
+    /// What `key`'s entry counts against `max_state_bytes`: its key's and value's lengths, or 0.
+    fn entry_bytes(&self, key: &[u8]) -> u64 {
+        self.read(key)
+            .map_or(0, |value| (key.len() + value.len()) as u64)
+    }
+
+    /// Puts the writes in the batch's pending state, all or none: refused if one of them, in order,
+    /// would grow the state past `max_state_bytes` (the host's rule and message).
+    fn put(&mut self, writes: Vec<(&[u8], &[u8])>) -> Result<(), String> {
+        if let Some(max) = self.max_state_bytes {
+            let before = self.pending.clone();
+            let mut total = self.state_bytes();
+            for &(key, value) in &writes {
+                let current = self.entry_bytes(key);
+                let new = (key.len() + value.len()) as u64;
+                if new > current && total - current + new > max {
+                    self.pending = before;
+                    return Err(format!(
+                        "partition state would grow to {} bytes; the limit is {max} bytes \
+                         (max_state_bytes)",
+                        total - current + new
+                    ));
+                }
+                total = total - current + new;
+                self.pending.insert(key.to_vec(), Some(value.to_vec()));
+            }
+            return Ok(());
+        }
+        for (key, value) in writes {
+            self.pending.insert(key.to_vec(), Some(value.to_vec()));
+        }
+        Ok(())
+    }
 }
 
 impl Backend for Store {
@@ -652,8 +704,7 @@ impl Backend for Store {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
         self.calls.set += 1;
         self.check(value)?;
-        self.pending.insert(key.to_vec(), Some(value.to_vec()));
-        Ok(())
+        self.put(vec![(key, value)])
     }
 
     fn set_many(
@@ -666,10 +717,7 @@ impl Backend for Store {
         self.calls.set_many += 1;
         let values: Vec<&[u8]> = split(values, value_ends).collect();
         values.iter().try_for_each(|value| self.check(value))?;
-        for (key, value) in split(keys, key_ends).zip(values) {
-            self.pending.insert(key.to_vec(), Some(value.to_vec()));
-        }
-        Ok(())
+        self.put(split(keys, key_ends).zip(values).collect())
     }
 
     fn delete_many(&mut self, keys: &[u8], key_ends: &[u32]) {
