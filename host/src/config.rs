@@ -168,8 +168,8 @@ pub struct CellConfig {
     /// How long a cell's processor may make no progress while it has work before `/readyz` reports
     /// it stalled.
     pub processing_stall_ms: u64,
-    /// Standing queue delay past which `normal` appends are shed with `503` (`low` from half of it,
-    /// `critical` never); 0: shed by queue length only.
+    /// Standing queue delay past which `normal` appends are shed with `503`, with a chance rising from
+    /// 0 to 1 at twice it (`low` from half of it to it, `critical` never); 0: shed by queue length only.
     pub queue_delay_target_ms: u64,
 }
 

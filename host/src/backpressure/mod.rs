@@ -14,8 +14,8 @@
 //! 4. per cell, its bounded queue with [`Priority`]: as it fills, `low` requests are shed first (`503`
 //!    at half full), then `normal` (at 80 %), `critical` only when it is full; and as its standing delay
 //!    (how long requests wait before the writer takes them) passes `cell.queue_delay_target_ms`,
-//!    `normal` requests are shed (`low` from half of it), so accepted requests do not wait long even
-//!    when the server runs at its capacity.
+//!    `normal` requests are shed with a chance rising from 0 there to 1 at twice it (`low` from half of
+//!    it to it), so accepted requests do not wait long even when the server runs at its capacity.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
 //! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
@@ -313,18 +313,31 @@ impl Priority {
         }
     }
 
-    /// Whether a request of this priority may join a queue whose requests wait `delay` before the
-    /// writer takes them: `low` is shed past half the `target`, `normal` past it, `critical` never by
-    /// delay (only by a full queue). A zero target turns this off.
-    pub fn admits_delay(self, delay: Duration, target: Duration) -> bool {
-        if target.is_zero() {
-            return true;
+    /// The probability with which a request of this priority is shed from a queue whose requests wait
+    /// `delay` before the writer takes them: for `normal`, 0 up to the `target`, then rising linearly to
+    /// 1 at twice the target; for `low` the same from half the target to the target; `critical` never
+    /// by delay (only by a full queue). A zero target turns this off.
+    ///
+    /// Shedding a growing share between the two thresholds, rather than everything past one, lets the
+    /// admitted rate settle at what the writer absorbs instead of swinging between all and nothing
+    /// (which also spreads refusals over clients instead of hitting whoever arrives in the off phase).
+    pub fn shed_chance(self, delay: Duration, target: Duration) -> f64 {
+        let from = match self {
+            _ if target.is_zero() => return 0.0,
+            Self::Low => target / 2,
+            Self::Normal => target,
+            Self::Critical => return 0.0,
+        };
+        if delay <= from {
+            return 0.0;
         }
-        match self {
-            Self::Low => delay <= target / 2,
-            Self::Normal => delay <= target,
-            Self::Critical => true,
-        }
+        ((delay - from).as_secs_f64() / from.as_secs_f64()).min(1.0)
+    }
+
+    /// Whether a request of this priority is admitted to a queue with that `delay`: a draw against
+    /// [`shed_chance`](Self::shed_chance) with `uniform`, a number in `[0, 1)`.
+    pub fn admits_delay(self, delay: Duration, target: Duration, uniform: f64) -> bool {
+        uniform >= self.shed_chance(delay, target)
     }
 
     /// Whether a request of this priority may join a queue holding `depth` of `capacity` entries:
@@ -531,17 +544,35 @@ mod tests {
 
     #[test]
     fn the_queue_delay_sheds_low_then_normal_and_never_critical() {
-        let target = Duration::from_millis(50);
+        let target = Duration::from_millis(100);
         let ms = Duration::from_millis;
-        assert!(Priority::Low.admits_delay(ms(25), target));
-        assert!(!Priority::Low.admits_delay(ms(26), target));
-        assert!(Priority::Normal.admits_delay(ms(50), target));
-        assert!(!Priority::Normal.admits_delay(ms(51), target));
-        assert!(Priority::Critical.admits_delay(ms(10_000), target));
-        assert!(
-            Priority::Low.admits_delay(ms(10_000), Duration::ZERO),
+        let chance = |p: Priority, d: u64| p.shed_chance(ms(d), target);
+        // `low`: from half the target to the target.
+        assert_eq!(chance(Priority::Low, 50), 0.0);
+        assert!((chance(Priority::Low, 75) - 0.5).abs() < 1e-9);
+        assert_eq!(chance(Priority::Low, 100), 1.0);
+        // `normal`: from the target to twice it.
+        assert_eq!(chance(Priority::Normal, 100), 0.0);
+        assert!((chance(Priority::Normal, 125) - 0.25).abs() < 1e-9);
+        assert_eq!(chance(Priority::Normal, 200), 1.0);
+        assert_eq!(chance(Priority::Normal, 10_000), 1.0);
+        assert_eq!(chance(Priority::Critical, 10_000), 0.0);
+        assert_eq!(
+            Priority::Low.shed_chance(ms(10_000), Duration::ZERO),
+            0.0,
             "off"
         );
+        // Between the thresholds, the share shed over many draws is the chance.
+        let mut rng = fastrand::Rng::with_seed(3);
+        let shed = (0..10_000)
+            .filter(|_| !Priority::Normal.admits_delay(ms(150), target, rng.f64()))
+            .count();
+        assert!(
+            (4_700..5_300).contains(&shed),
+            "{shed} of 10 000 shed at p = 0.5"
+        );
+        assert!(Priority::Normal.admits_delay(ms(100), target, 0.0));
+        assert!(!Priority::Normal.admits_delay(ms(200), target, 0.999_999));
     }
 
     #[test]

@@ -564,7 +564,7 @@ impl Cell {
             });
         }
         let delay = self.queue_delay();
-        if !priority.admits_delay(delay, self.shared.queue_delay_target) {
+        if !priority.admits_delay(delay, self.shared.queue_delay_target, fastrand::f64()) {
             return Err(CellError::Overloaded {
                 cell,
                 shed: Some(priority),
