@@ -304,9 +304,13 @@ async fn dev_runs_a_new_crate_and_applies_edits_live() -> TestResult {
     assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
     assert!(crate_dir.join(".procd").join("procd.json").is_file());
 
-    // A second session on the same crate reuses .procd/: the count goes on from 3.
+    // A second session on the same crate reuses .procd/: the count goes on from 3, and the unchanged
+    // component is not deployed again.
     let mut again = Dev::start(&crate_dir)?;
-    again.wait_for(|l| l.contains("deployed greeter v"), FIRST_DEPLOY)?;
+    again.wait_for(
+        |l| l.contains("greeter v2 already runs this component"),
+        FIRST_DEPLOY,
+    )?;
     again.post("{\"key\":\"alice\",\"value\":4}\n").await?;
     let resumed = again.wait_outputs("bonjour, alice", 1)?;
     assert!(
@@ -414,7 +418,9 @@ async fn dev_restarted_on_the_same_component_deploys_nothing() -> TestResult {
     std::fs::write(&wasm, crate::harness::guests::example("counter")?)?;
     let start = |extra: &[&str]| -> TestResult<Dev> {
         let mut cmd = Command::new(TestHost::binary());
-        cmd.arg("dev")
+        // For a `.wasm`, the data directory is `./.procd/`.
+        cmd.current_dir(dir.path())
+            .arg("dev")
             .arg(&wasm)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--partitions", "2"])
@@ -435,6 +441,7 @@ async fn dev_restarted_on_the_same_component_deploys_nothing() -> TestResult {
     let mut dev = start(&[])?;
     dev.wait_for(|l| l.contains("deployed counter v1"), REDEPLOY)?;
     assert_eq!(dev.interrupt()?, 0, "stderr:\n{}", dev.stderr());
+    assert!(dir.path().join(".procd").join("procd.json").is_file());
 
     // The same component and settings: v1 keeps running, no new version.
     let mut dev = start(&[])?;
