@@ -41,7 +41,7 @@ fn tick(shared: &Shared) -> Result<(), StoreError> {
                 view.log().drop_before(cut)?;
                 // Events below the cut still in the memtable (or in a table reaching past the cut) stay;
                 // sealing the memtable puts them in a table of their own that the next tick can drop.
-                if view.log().first_offset()?.is_some_and(|first| first < cut) {
+                if view.log().holds_entries_below(cut)? {
                     view.log().seal()?;
                 }
             }

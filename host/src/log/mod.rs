@@ -1,11 +1,12 @@
 //! Partitioned, durable storage on fjall.
 //!
 //! `log` owns everything that touches disk for the data plane: the data-directory layout and its recorded
-//! shape ([`layout`]), the on-disk key and record encodings ([`keys`], [`record`]) and one fjall `Database`
-//! per cell ([`Store`]). It knows nothing of HTTP, wasm or threads: `cell` decides *when* to write, `log`
-//! decides *how* bytes are laid out.
+//! shape ([`layout`]), the on-disk key, entry and record encodings ([`keys`], [`entry`], [`record`]) and
+//! one fjall `Database` per cell ([`Store`]). It knows nothing of HTTP, wasm or threads: `cell` decides
+//! *when* to write, `log` decides *how* bytes are laid out.
 
 pub mod consumer;
+pub mod entry;
 pub mod keys;
 pub mod layout;
 pub mod record;
