@@ -64,8 +64,9 @@ pub struct E2eArgs {
     /// Directory holding passthrough.wasm [default: guest-examples/target/wasm32-wasip2/release].
     #[arg(long, value_name = "DIR")]
     components: Option<PathBuf>,
-    /// Events each phase writes in each round.
-    #[arg(long, default_value_t = 200_000)]
+    /// Events each phase writes in each round (a million keeps each phase above a second, so that
+    /// start-up and the last flush do not decide the figure).
+    #[arg(long, default_value_t = 1_000_000)]
     events: usize,
     /// Rounds of (i) then (ii); figures are totals over all rounds.
     #[arg(long, default_value_t = 3)]
