@@ -146,17 +146,11 @@ pub fn record(entry: &[u8], index: u64) -> Result<Option<Range<usize>>, EntryErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::{Payload, Record};
+    use crate::log::Record;
+    use crate::log::record::test_record;
 
     fn record_bytes(n: u32) -> Vec<u8> {
-        Record {
-            timestamp_ms: u64::from(n),
-            key: None,
-            value: Payload::Json(n.to_string()),
-            headers: vec![],
-            id: None,
-        }
-        .encode()
+        test_record(u64::from(n), n)
     }
 
     #[test]

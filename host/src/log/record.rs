@@ -239,6 +239,19 @@ pub fn set_timestamp(encoded: &mut [u8], timestamp_ms: u64) {
     }
 }
 
+/// An encoded record with a JSON number as its value, for tests of the log's storage.
+#[cfg(test)]
+pub(crate) fn test_record(timestamp_ms: u64, n: u32) -> Vec<u8> {
+    Record {
+        timestamp_ms,
+        key: None,
+        value: Payload::Json(n.to_string()),
+        headers: vec![],
+        id: None,
+    }
+    .encode()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -404,11 +404,7 @@ impl PartitionLog {
     }
 
     fn entry_err(&self, e: entry::EntryError) -> StoreError {
-        StoreError::Corrupt {
-            dir: self.dir.clone(),
-            keyspace: self.log.name().to_string(),
-            detail: e.to_string(),
-        }
+        self.corrupt(&self.log, e.to_string())
     }
 
     /// The entry holding `offset`, or else the last one before it: `(its first offset, its bytes)`.
@@ -567,18 +563,8 @@ impl PartitionLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::record::test_record as record;
     use crate::log::{Payload, Record};
-
-    fn record(ts: u64, n: u32) -> Vec<u8> {
-        Record {
-            timestamp_ms: ts,
-            key: None,
-            value: Payload::Json(n.to_string()),
-            headers: vec![],
-            id: None,
-        }
-        .encode()
-    }
 
     #[test]
     fn appends_survive_reopen_and_read_back_in_order() -> Result<(), Box<dyn std::error::Error>> {
