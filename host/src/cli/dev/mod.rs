@@ -24,6 +24,7 @@ use clap::Args;
 
 use super::progress::{human_bytes, with_spinner};
 use super::{check, encode_component, parse_config};
+use crate::catalog::{HandlerDef, HandlerVersion};
 use crate::client::Client;
 use crate::config::{Config, Overrides};
 use crate::server::{Server, shutdown_signal};
@@ -375,25 +376,23 @@ async fn develop(
     }
 }
 
-/// The active version of a handler as the server has it.
+/// The version a handler runs on the server, read back into the catalog's own types.
 struct Active {
-    version: u64,
     input: String,
-    outputs: Vec<String>,
-    config: Vec<(String, String)>,
-    sha256: String,
+    version: HandlerVersion,
 }
 
 impl Active {
     /// The version number, if it is `bytes` deployed as `session` would deploy them.
     fn runs(&self, session: &Session, bytes: &[u8]) -> Option<u64> {
-        let same = !self.sha256.is_empty()
-            && self.sha256 == crate::catalog::component_digest(bytes)
+        let v = &self.version;
+        let same = !v.sha256.is_empty()
+            && v.sha256 == crate::catalog::component_digest(bytes)
             && self.input == session.input
-            && self.outputs == session.outputs
+            && v.outputs == session.outputs
             // No `--config` keeps the handler's configuration.
-            && (session.config.is_empty() || self.config == session.config);
-        same.then_some(self.version)
+            && (session.config.is_empty() || v.config == session.config);
+        same.then_some(u64::from(v.version))
     }
 }
 
@@ -406,31 +405,12 @@ async fn active_version(admin: &mut Client, name: &str) -> Option<Active> {
     if resp.status != 200 {
         return None;
     }
-    let def = resp.json().ok()?;
-    let active = def["active"].as_u64()?;
-    let version = def["versions"]
-        .as_array()?
-        .iter()
-        .find(|v| v["version"].as_u64() == Some(active))?;
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_string))
-            .collect()
-    };
-    let config = version["config"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].as_str()?.to_string())))
-        .collect();
+    // The answer is the catalog's `HandlerDef` plus per-partition fields, which are ignored here.
+    let def: HandlerDef = serde_json::from_value(resp.json().ok()?).ok()?;
+    let version = def.versions.into_iter().find(|v| v.version == def.active)?;
     Some(Active {
-        version: active,
-        input: def["input"].as_str()?.to_string(),
-        outputs: strings(&version["outputs"]),
-        config,
-        sha256: version["sha256"].as_str().unwrap_or_default().to_string(),
+        input: def.input,
+        version,
     })
 }
 
