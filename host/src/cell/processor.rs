@@ -892,8 +892,14 @@ impl Runner {
             task.status.detail = None;
             return Ok(false);
         }
-        task.status.status = "running";
-        task.status.detail = None;
+        if task.status.status != "running" {
+            // Published at once: the watchdog must see the events waiting even if this very batch is
+            // the one that never returns.
+            task.status.status = "running";
+            task.status.detail = None;
+            task.status.last_progress_ms = now_ms();
+            self.publish(task);
+        }
 
         let records = view.log().read(
             committed.offset,
