@@ -1099,6 +1099,22 @@ async fn counts_continue_across_a_restart() -> TestResult {
     assert_eq!(host.stop()?, 0, "SIGINT exits cleanly");
 
     host.restart()?;
+    // Every partition is reported where it stopped, by the version that committed there.
+    let ends = end_offsets(&host, "in").await?;
+    let v = poll_handler(&host, "c", "reporting every partition", |v| {
+        partitions(v).len() == PARTITIONS as usize
+    })
+    .await?;
+    for p in partitions(&v) {
+        let partition = p["partition"].as_u64().unwrap_or(u64::MAX) as usize;
+        assert_eq!(
+            p["committed_offset"].as_u64(),
+            ends.get(partition).copied(),
+            "{p}"
+        );
+        assert_eq!(p["version"], 1, "{p}");
+        assert_eq!(p["lag"], 0, "{p}");
+    }
     // Nothing is processed twice after the restart, before or after new input.
     post_all(&host, "in", &varied_events(150, false)).await?;
     let v = wait_processed(&host, "c", "in").await?;

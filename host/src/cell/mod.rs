@@ -679,16 +679,6 @@ impl Cell {
             if let Some(v) = &view {
                 task.end_offset = v.end_offset();
             }
-            if task.version == 0 {
-                // Not stepped yet since the start: report what is committed on disk.
-                if let Ok(Some(c)) = self
-                    .consumer(handler, task.partition)
-                    .and_then(|c| c.committed())
-                {
-                    task.committed_offset = c.offset;
-                    task.version = c.version;
-                }
-            }
             let lag = task.end_offset.saturating_sub(task.committed_offset);
             // Lag in time: how old the oldest unprocessed event is (its log-append time).
             let lag_ms = if lag == 0 {

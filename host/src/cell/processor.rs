@@ -91,7 +91,7 @@ impl Default for ProcessorOptions {
 pub struct TaskStatus {
     /// Partition.
     pub partition: u32,
-    /// Version running (0 before the first instance).
+    /// Version running; before the task's first step, the version of its last commit (0: none yet).
     pub version: u32,
     /// Next input offset to process.
     pub committed_offset: u64,
@@ -469,6 +469,13 @@ impl Runner {
             partition = task.partition
         )
         .entered();
+        // Reported at once, from what is on disk: where the task stands until its first step.
+        if let Ok(Some(committed)) = task.consumer.committed() {
+            task.committed = Some(committed);
+            task.status.committed_offset = committed.offset;
+            task.status.version = committed.version;
+        }
+        self.publish(&task);
         loop {
             if self.quit.load(Ordering::Acquire) || self.ctx.stop.load(Ordering::Acquire) {
                 break;
