@@ -54,14 +54,9 @@ impl Hasher for FixedHasher {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            // The same little-endian, zero-padded word as copying `rest` into `[0; 8]`, built without a
-            // copy of unknown length: in a component that is a `memory.copy`, which wasmtime runs as a
-            // call into the host (dearer than the rest of the hash).
-            let word = rest
-                .iter()
-                .rev()
-                .fold(0u64, |word, &byte| (word << 8) | u64::from(byte));
-            self.add(word);
+            // The zero-padded little-endian word of the last bytes, built without a loop or a copy of
+            // unknown length (see `bytes::tail_word`).
+            self.add(crate::bytes::tail_word(rest));
         }
     }
 
