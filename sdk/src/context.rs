@@ -255,6 +255,23 @@ impl ValueWriter<'_> {
 
     /// Appends the decimal digits of `n`, without going through `fmt`.
     pub fn push_decimal(&mut self, n: u64) {
+        if n < 100_000_000 {
+            // Up to eight digits: built in one little-endian word and appended as a fixed 8 bytes, then
+            // cut to length. A copy of unknown length would be a `memory.copy`, a call into the host.
+            let (mut m, mut word, mut len) = (n as u32, 0u64, 0);
+            loop {
+                word = (word << 8) | u64::from(b'0' + (m % 10) as u8);
+                len += 1;
+                m /= 10;
+                if m == 0 {
+                    break;
+                }
+            }
+            let at = self.values.len();
+            self.values.extend_from_slice(&word.to_le_bytes());
+            self.values.truncate(at + len);
+            return;
+        }
         let mut digits = [0u8; 20];
         let mut start = digits.len();
         // wasm has no 128-bit multiply, so a u64 division by 10 stays a real division (tens of cycles
@@ -311,7 +328,30 @@ impl fmt::Debug for ValueWriter<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Current, Outputs};
+    use super::{Current, Outputs, ValueWriter};
+
+    #[test]
+    fn decimals_match_the_formatter_at_every_length() {
+        let mut values = b"x".to_vec();
+        let mut want = "x".to_string();
+        let mut n = 0u64;
+        for _ in 0..20 {
+            for m in [n, n + 1, n.saturating_mul(10).saturating_sub(1)] {
+                ValueWriter {
+                    values: &mut values,
+                }
+                .push_decimal(m);
+                want.push_str(&m.to_string());
+            }
+            n = n.saturating_mul(10).max(1);
+        }
+        ValueWriter {
+            values: &mut values,
+        }
+        .push_decimal(u64::MAX);
+        want.push_str(&u64::MAX.to_string());
+        assert_eq!(String::from_utf8(values).as_deref(), Ok(want.as_str()));
+    }
 
     #[test]
     fn the_handled_events_own_value_is_forwarded_and_anything_else_copied() {
