@@ -279,6 +279,58 @@ async fn retention_by_age_drops_old_ranges() -> TestResult {
 }
 
 #[tokio::test]
+async fn retention_by_size_keeps_about_the_limit() -> TestResult {
+    let host = TestHost::start_with(
+        1,
+        1,
+        &[
+            "cell.maintenance_interval_ms=50",
+            "cell.max_memtable_bytes=1048576",
+        ],
+    )?;
+    let mut admin = host.admin()?;
+    let spec = json!({"name": "t", "retention": {"max_bytes": 1048576}});
+    ensure_status(&admin.post_json("/v1/topics", &spec).await?, 201)?;
+    let mut data = host.data()?;
+    // 4 000 events of ~1 KiB: about four times the limit, and several memtables' worth.
+    let value = "x".repeat(1000);
+    for batch in 0..4 {
+        let body: String = (0..1000)
+            .map(|i| format!("{{\"value\":\"{batch}-{i}-{value}\"}}\n"))
+            .collect();
+        ensure_status(&data.post_ndjson("/v1/topics/t/events", body).await?, 202)?;
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let start = loop {
+        let show = admin.get("/v1/topics/t").await?.json()?;
+        let start = show["partition_offsets"][0]["start_offset"]
+            .as_u64()
+            .unwrap_or(0);
+        if start > 0 {
+            break start;
+        }
+        assert!(Instant::now() < deadline, "nothing was dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Whole tables go, so the log keeps at least the limit and at most about the limit plus the
+    // memtable (1.5 MiB at most) and one table more.
+    let kept = 4000 - start;
+    assert!(
+        kept >= 1000,
+        "kept only {kept} events of ~1 KiB for a 1 MiB limit"
+    );
+    assert!(
+        kept <= 3600,
+        "kept {kept} events of ~1 KiB for a 1 MiB limit"
+    );
+    let events = host.read_all("t", 0).await?;
+    assert_eq!(events.len() as u64, kept);
+    assert_eq!(events[0]["offset"], start);
+    Ok(())
+}
+
+#[tokio::test]
 async fn retention_never_drops_the_last_event() -> TestResult {
     let mut host = TestHost::start_with(1, 1, &["cell.maintenance_interval_ms=50"])?;
     let spec = json!({"name": "t", "retention": {"max_age_ms": 1}});
