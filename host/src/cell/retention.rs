@@ -54,8 +54,9 @@ fn seal_by_age(
     let end = view.end_offset();
     let key = (topic.clone(), view.partition);
     let from = match sealed.0.get(&key) {
-        Some(&from) => from,
-        None => view.log().first_offset()?.unwrap_or(end),
+        // Past the end only if the topic was deleted and created again between two ticks.
+        Some(&from) if from <= end => from,
+        _ => view.log().first_offset()?.unwrap_or(end),
     };
     if from >= end {
         return Ok(());
