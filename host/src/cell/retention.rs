@@ -5,8 +5,6 @@
 //! size cut, but never past the partition's last event (the next offset is recovered from it) and never
 //! past the lowest committed offset of the topic's consumers unless the topic sets `drop_unconsumed`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -16,7 +14,6 @@ use crate::log::StoreError;
 
 pub(super) fn run(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
     let _span = tracing::info_span!("procd.cell.maintenance", cell = shared.index).entered();
-    let mut sealed = Sealed::default();
     loop {
         match stop.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -26,16 +23,11 @@ pub(super) fn run(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
         if shared.health.failure().is_some() {
             continue;
         }
-        if let Err(e) = tick(shared, &mut sealed) {
+        if let Err(e) = tick(shared, interval) {
             tracing::warn!(cell = shared.index, error = %e, "maintenance failed; retrying next tick");
         }
     }
 }
-
-/// Per partition, the end offset when this thread last sealed its memtable: events from there on may
-/// still be in the memtable.
-#[derive(Default)]
-struct Sealed(HashMap<(Arc<str>, u32), u64>);
 
 /// A partition with an age limit has its memtable sealed once its oldest events are this share of the
 /// limit old, so that tables never span much more time than that and age retention can drop them whole.
@@ -43,42 +35,21 @@ struct Sealed(HashMap<(Arc<str>, u32), u64>);
 /// `drop_range` can never drop while the newest event is young.
 const SEAL_AGE_SHARE: u64 = 4;
 
-/// Seals `view`'s memtable if it may hold events older than its topic's age limit / [`SEAL_AGE_SHARE`].
-fn seal_by_age(
-    view: &PartitionView,
-    topic: &Arc<str>,
-    max_age_ms: u64,
-    now_ms: u64,
-    sealed: &mut Sealed,
-) -> Result<(), StoreError> {
-    let end = view.end_offset();
-    let key = (topic.clone(), view.partition);
-    let from = match sealed.0.get(&key) {
-        // Past the end only if the topic was deleted and created again between two ticks.
-        Some(&from) if from <= end => from,
-        _ => view.log().first_offset()?.unwrap_or(end),
-    };
-    if from >= end {
-        return Ok(());
-    }
-    let oldest = view.log().timestamp_at(from)?.unwrap_or(0);
-    if now_ms.saturating_sub(oldest) >= (max_age_ms / SEAL_AGE_SHARE).max(1) {
-        view.log().seal()?;
-        sealed.0.insert(key, end);
-    }
-    Ok(())
-}
-
-fn tick(shared: &Shared, sealed: &mut Sealed) -> Result<(), StoreError> {
+fn tick(shared: &Shared, interval: Duration) -> Result<(), StoreError> {
     let topics = shared.topics.load();
     let mut logs = Vec::new();
-    // Partitions of deleted topics are forgotten.
-    sealed.0.retain(|(topic, _), _| topics.contains_key(topic));
-    for (name, tp) in topics.iter() {
+    for tp in topics.values() {
         for view in tp.by_partition.values() {
             logs.push(view.log().clone());
             if let Some(max_age_ms) = tp.topic.retention.max_age_ms {
-                seal_by_age(view, name, max_age_ms, now_ms(), sealed)?;
+                let seal_after_ms = (max_age_ms / SEAL_AGE_SHARE).max(1);
+                if view
+                    .log()
+                    .memtable_since()?
+                    .is_some_and(|t| now_ms().saturating_sub(t) >= seal_after_ms)
+                {
+                    view.log().seal()?;
+                }
             }
             let floor = consumer_floor(shared, &tp.topic.name, view.partition)?;
             if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), floor)? {
@@ -92,9 +63,12 @@ fn tick(shared: &Shared, sealed: &mut Sealed) -> Result<(), StoreError> {
             }
         }
     }
-    // fjall only truncates journals after memtables flush; seal them before the budget is reached.
+    // fjall deletes a journal file only once every memtable holding its data has flushed; memtables
+    // that stopped filling (quiet partitions, dedup windows) would keep journals forever. Seal those
+    // (older than a tick) before the budget is reached, leaving busy ones to flush as they fill.
     if shared.store.journal_bytes() > shared.store.max_journal_bytes() / 2 {
-        shared.store.rotate_memtables(&logs)?;
+        let before_ms = now_ms().saturating_sub(interval.as_millis() as u64);
+        shared.store.rotate_stale_memtables(&logs, before_ms)?;
     }
     Ok(())
 }

@@ -296,11 +296,21 @@ impl Store {
         self.options.max_journal_bytes
     }
 
-    /// Seals every non-empty memtable so it is flushed and the journal can be truncated.
-    pub fn rotate_memtables(&self, partitions: &[PartitionLog]) -> Result<(), StoreError> {
+    /// Seals the memtables (log and dedup window) of `partitions` that hold data appended before
+    /// `before_ms`, so they are flushed and the journal files they pin can be deleted. Memtables of busy
+    /// partitions fill and flush on their own; sealing them too would flush them all at once.
+    pub fn rotate_stale_memtables(
+        &self,
+        partitions: &[PartitionLog],
+        before_ms: u64,
+    ) -> Result<(), StoreError> {
         for p in partitions {
-            p.log.rotate_memtable().map_err(self.err())?;
-            p.dedup.rotate_memtable().map_err(self.err())?;
+            if p.memtable_since()?.is_some_and(|t| t < before_ms) {
+                p.log.rotate_memtable().map_err(self.err())?;
+            }
+            if p.dedup_memtable_since()?.is_some_and(|t| t < before_ms) {
+                p.dedup.rotate_memtable().map_err(self.err())?;
+            }
         }
         Ok(())
     }
@@ -537,6 +547,34 @@ impl PartitionLog {
             .ok_or_else(|| self.corrupt(&self.log, "truncated record"))
     }
 
+    /// When the oldest event still in the log's active (unsealed) memtable was appended, if it holds
+    /// any. Retention and journal upkeep seal memtables by it.
+    pub fn memtable_since(&self) -> Result<Option<u64>, StoreError> {
+        let Some(first) = self.log.tree.active_memtable().iter().next() else {
+            return Ok(None);
+        };
+        if first.is_tombstone() {
+            // procd never deletes single log entries; should one appear, count it as old.
+            return Ok(Some(0));
+        }
+        let record = entry::record(&first.value, 0).map_err(|e| self.entry_err(e))?;
+        Ok(record.and_then(|range| record::timestamp_of(&first.value[range])))
+    }
+
+    /// When the oldest id still in the dedup window's active memtable was appended, if it holds any.
+    fn dedup_memtable_since(&self) -> Result<Option<u64>, StoreError> {
+        let Some(first) = self.dedup.tree.active_memtable().iter().next() else {
+            return Ok(None);
+        };
+        if first.is_tombstone() {
+            // A forgotten id: its timestamp is gone, and it left the window, so it is old.
+            return Ok(Some(0));
+        }
+        let entry: DedupEntry = postcard::from_bytes(&first.value)
+            .map_err(|e| self.corrupt(&self.dedup, format!("dedup entry: {e}")))?;
+        Ok(Some(entry.timestamp_ms))
+    }
+
     /// Every remembered id with its offset, in offset order.
     pub fn dedup_entries(&self) -> Result<Vec<(u64, DedupEntry)>, StoreError> {
         let mut out = Vec::new();
@@ -597,6 +635,47 @@ mod tests {
             }
         }
         assert_eq!(staggered_memtable_bytes(base, 3), sizes[3], "deterministic");
+    }
+
+    #[test]
+    fn only_memtables_holding_old_data_are_sealed() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path(), StoreOptions::default())?;
+        let (quiet, busy) = (store.partition("t", 0)?, store.partition("t", 1)?);
+        assert_eq!(quiet.memtable_since()?, None);
+        let mut batch = store.batch();
+        batch.append(&quiet, 0, record(1_000, 0));
+        batch.append(&quiet, 1, record(1_500, 1));
+        let id = DedupEntry {
+            id: "a".into(),
+            timestamp_ms: 1_000,
+        };
+        batch.remember_id(&quiet, 0, &id);
+        batch.append(&busy, 0, record(9_000, 0));
+        store.commit(batch, true)?;
+        assert_eq!(quiet.memtable_since()?, Some(1_000));
+        assert_eq!(quiet.dedup_memtable_since()?, Some(1_000));
+        assert_eq!(busy.memtable_since()?, Some(9_000));
+
+        store.rotate_stale_memtables(&[quiet.clone(), busy.clone()], 5_000)?;
+        assert_eq!(
+            quiet.memtable_since()?,
+            None,
+            "the quiet log's memtable is sealed"
+        );
+        assert_eq!(
+            quiet.dedup_memtable_since()?,
+            None,
+            "and its dedup window's"
+        );
+        assert_eq!(
+            busy.memtable_since()?,
+            Some(9_000),
+            "the young one is left to fill"
+        );
+        // Sealing moves data, it does not lose it.
+        assert_eq!(quiet.timestamp_at(1)?, Some(1_500));
+        Ok(())
     }
 
     #[test]
