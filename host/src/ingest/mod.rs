@@ -238,6 +238,9 @@ async fn append(
         Some(admitted) => admitted,
         None => state.admission.admit(&tenant, body.len() as u64)?,
     };
+    // Parsing a large body holds this worker for a while; let the requests already waiting (under
+    // overload, mostly refusals that cost microseconds) go first.
+    tokio::task::yield_now().await;
     let events = match format {
         parse::Format::Ndjson => parse::ndjson(&body),
         parse::Format::Json => parse::json(&body),
