@@ -27,9 +27,10 @@ static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(0);
 pub struct StoreOptions {
     /// Block cache size. Reads are mostly of the recent tail, which the memtable serves.
     pub cache_bytes: u64,
-    /// Memtable size per keyspace; small, because there are (topics × partitions / cells) of them.
+    /// Memtable size per keyspace, the base of each partition's (see `staggered_memtable_bytes`); small,
+    /// because there are (topics × partitions / cells) of them.
     pub max_memtable_bytes: u64,
-    /// Journal budget; the writer rotates memtables when the journal grows past half of it.
+    /// Journal budget; past half of it, maintenance seals the memtables that stopped filling.
     pub max_journal_bytes: u64,
     /// Background flush/compaction threads of this Database (fjall starts its own pool per Database).
     pub worker_threads: usize,
@@ -46,7 +47,8 @@ impl Default for StoreOptions {
             // every memtable still holding data of the oldest one to flush at once: a burst that stalls
             // commits (see `staggered_memtable_bytes`). At 64 MiB (fjall's minimum) that happened every
             // ~5 s per cell under steady load; with room for a few journal files, memtables flush as
-            // they fill, one at a time. Recovery replays at most this much.
+            // they fill, one at a time. Recovery replays about this much at most (fjall can run a journal
+            // file past it before its flushes catch up).
             max_journal_bytes: 256 * 1024 * 1024,
             worker_threads: 1,
             max_cached_files: 128,
