@@ -89,36 +89,6 @@ pub struct RecordRef<'a> {
     pub id: Option<&'a str>,
 }
 
-impl Serialize for PayloadRef<'_> {
-    // By hand: serde's derive would write a `&[u8]` as a sequence, one call per byte (same bytes in
-    // postcard, several times slower).
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match *self {
-            PayloadRef::Json(b) => s.serialize_newtype_variant("Payload", 0, "Json", &AsBytes(b)),
-            PayloadRef::Bytes(b) => s.serialize_newtype_variant("Payload", 1, "Bytes", &AsBytes(b)),
-        }
-    }
-}
-
-/// A byte slice serialized in one piece.
-struct AsBytes<'a>(&'a [u8]);
-
-impl Serialize for AsBytes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
-/// The postcard body, written from borrowed pieces: `key: Option<bytes>, value: Payload (variant 0
-/// Json as a string, 1 Bytes as bytes), headers: seq of (string, string), id: Option<string>`.
-#[derive(Serialize)]
-struct BodyOut<'a, H> {
-    key: Option<AsBytes<'a>>,
-    value: PayloadRef<'a>,
-    headers: H,
-    id: Option<&'a str>,
-}
-
 /// The body decoded borrowed.
 #[derive(Deserialize)]
 struct BodyIn<'a> {
@@ -148,13 +118,13 @@ pub enum DecodeError {
 impl Record {
     /// Encodes the record in the current format.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyOut {
-            key: self.key.as_deref().map(AsBytes),
-            value: self.value.as_ref(),
-            headers: &self.headers,
-            id: self.id.as_deref(),
-        };
-        encode_body(self.timestamp_ms, &body)
+        encode(
+            self.timestamp_ms,
+            self.key.as_deref(),
+            self.value.as_ref(),
+            self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            self.id.as_deref(),
+        )
     }
 
     /// Decodes a record of any supported version.
@@ -186,13 +156,13 @@ impl<'a> RecordRef<'a> {
     /// Encodes the record in the current format, byte for byte what [`Record::encode`] writes for the
     /// same event.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyOut {
-            key: self.key.map(AsBytes),
-            value: self.value,
-            headers: &self.headers,
-            id: self.id,
-        };
-        encode_body(self.timestamp_ms, &body)
+        encode(
+            self.timestamp_ms,
+            self.key,
+            self.value,
+            self.headers.iter().copied(),
+            self.id,
+        )
     }
 
     /// Copies the event out of the buffer it borrows from.
@@ -214,15 +184,71 @@ impl<'a> RecordRef<'a> {
     }
 }
 
-fn encode_body<H: Serialize>(timestamp_ms: u64, body: &BodyOut<'_, H>) -> Vec<u8> {
-    let key_len = body.key.as_ref().map_or(0, |k| k.0.len());
-    let mut out = Vec::with_capacity(HEADER_LEN + 32 + key_len + body.value.as_bytes().len());
+/// Writes a record: the header, then the body in postcard's wire format, by hand. Through serde,
+/// postcard extends the buffer a byte iterator at a time: encoding an ingest event with a 256-byte
+/// value took ~115 ns, by hand ~60-75 ns (allocation included). The bytes are the same: a test checks
+/// them against postcard's own encoding, and decoding still goes through postcard.
+///
+/// postcard's format for the body: an `Option` is a byte 0 or 1 followed by the value; a byte string,
+/// a string and a sequence start with their length as a varint (LEB128: 7 bits a byte, low first); an
+/// enum variant is its index as a varint.
+fn encode<'h>(
+    timestamp_ms: u64,
+    key: Option<&[u8]>,
+    value: PayloadRef<'_>,
+    headers: impl ExactSizeIterator<Item = (&'h str, &'h str)> + Clone,
+    id: Option<&str>,
+) -> Vec<u8> {
+    const VARINT_MAX: usize = 10;
+    let headers_len: usize = headers
+        .clone()
+        .map(|(n, v)| n.len() + v.len() + 2 * VARINT_MAX)
+        .sum();
+    let capacity = HEADER_LEN
+        + 4 * VARINT_MAX
+        + key.map_or(0, <[u8]>::len)
+        + value.as_bytes().len()
+        + headers_len
+        + id.map_or(0, str::len);
+    let mut out = Vec::with_capacity(capacity);
     out.push(FORMAT_V1);
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
-    // Serializing into a Vec cannot fail for these types: every field is a plain sequence or string.
-    match postcard::to_extend(body, out) {
-        Ok(out) => out,
-        Err(e) => unreachable!("postcard cannot fail to encode a record body into a Vec: {e}"),
+    put_option(&mut out, key);
+    let (variant, bytes) = match value {
+        PayloadRef::Json(b) => (0, b),
+        PayloadRef::Bytes(b) => (1, b),
+    };
+    put_varint(&mut out, variant);
+    put_bytes(&mut out, bytes);
+    put_varint(&mut out, headers.len() as u64);
+    for (name, value) in headers {
+        put_bytes(&mut out, name.as_bytes());
+        put_bytes(&mut out, value.as_bytes());
+    }
+    put_option(&mut out, id.map(str::as_bytes));
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_option(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        None => out.push(0),
+        Some(bytes) => {
+            out.push(1);
+            put_bytes(out, bytes);
+        }
     }
 }
 
@@ -263,6 +289,82 @@ mod tests {
             value: Payload::Json(r#"{"a":1}"#.into()),
             headers: vec![("h".into(), "v".into())],
             id: Some("req-9".into()),
+        }
+    }
+
+    // postcard's own encoding of the body, through serde: the reference the hand-written encoder must
+    // match byte for byte.
+    struct AsBytes<'a>(&'a [u8]);
+
+    impl Serialize for AsBytes<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    struct Value<'a>(PayloadRef<'a>);
+
+    impl Serialize for Value<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                PayloadRef::Json(b) => {
+                    s.serialize_newtype_variant("Payload", 0, "Json", &AsBytes(b))
+                }
+                PayloadRef::Bytes(b) => {
+                    s.serialize_newtype_variant("Payload", 1, "Bytes", &AsBytes(b))
+                }
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    struct BodyOut<'a> {
+        key: Option<AsBytes<'a>>,
+        value: Value<'a>,
+        headers: &'a [(String, String)],
+        id: Option<&'a str>,
+    }
+
+    fn postcard_encoding(r: &Record) -> Vec<u8> {
+        let body = BodyOut {
+            key: r.key.as_deref().map(AsBytes),
+            value: Value(r.value.as_ref()),
+            headers: &r.headers,
+            id: r.id.as_deref(),
+        };
+        let mut out = vec![FORMAT_V1];
+        out.extend_from_slice(&r.timestamp_ms.to_be_bytes());
+        out.extend(postcard::to_allocvec(&body).unwrap_or_default());
+        out
+    }
+
+    #[test]
+    fn the_hand_written_encoding_is_postcards() {
+        // Lengths around the varint steps (1, 2 and 3 bytes), empty and absent fields, both value kinds.
+        let sizes = [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000];
+        for (i, &n) in sizes.iter().enumerate() {
+            let text = "x".repeat(n);
+            let records = [
+                Record {
+                    timestamp_ms: i as u64,
+                    key: (i % 2 == 0).then(|| vec![7u8; n]),
+                    value: Payload::Json(format!("\"{text}\"")),
+                    headers: (0..i).map(|h| (format!("h{h}"), text.clone())).collect(),
+                    id: (i % 3 != 0).then(|| text.clone()),
+                },
+                Record {
+                    timestamp_ms: u64::MAX - i as u64,
+                    key: Some(Vec::new()),
+                    value: Payload::Bytes(vec![0xff; n]),
+                    headers: vec![(String::new(), String::new())],
+                    id: Some(String::new()),
+                },
+            ];
+            for r in records {
+                let bytes = r.encode();
+                assert_eq!(bytes, postcard_encoding(&r), "size {n}");
+                assert_eq!(Record::decode(&bytes).ok(), Some(r));
+            }
         }
     }
 

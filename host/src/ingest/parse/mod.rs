@@ -17,6 +17,8 @@ use serde_json::value::RawValue;
 
 use crate::log::{PayloadRef, RecordRef};
 
+mod fast;
+
 /// Longest accepted event id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -113,6 +115,14 @@ fn check_id(id: Option<Cow<'_, str>>) -> Result<Option<Cow<'_, str>>, String> {
 }
 
 fn event_from(raw: &str) -> Result<Event<'_>, String> {
+    if let Some(event) = fast::event(raw) {
+        return Ok(event);
+    }
+    serde_event(raw)
+}
+
+/// The event in `raw` through serde_json: every shape, and the error messages.
+fn serde_event(raw: &str) -> Result<Event<'_>, String> {
     let e: EventIn<'_> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
     Ok(Event {
         key: e.key.map(|t| t.0),
