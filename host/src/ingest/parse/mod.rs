@@ -153,15 +153,23 @@ pub fn ndjson(body: &[u8]) -> Result<Vec<Event<'_>>, String> {
 pub fn json(body: &[u8]) -> Result<Vec<Event<'_>>, String> {
     let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
     if text.trim_start().starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| event_from(raw.get()).map_err(|e| format!("element {}: {e}", i + 1)))
-            .collect()
+        if let Some(events) = fast::array(text) {
+            return Ok(events);
+        }
+        serde_array(text)
     } else {
         Ok(vec![event_from(text)?])
     }
+}
+
+/// A JSON array of events through serde_json; errors name the 1-based element.
+fn serde_array(text: &str) -> Result<Vec<Event<'_>>, String> {
+    let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| event_from(raw.get()).map_err(|e| format!("element {}: {e}", i + 1)))
+        .collect()
 }
 
 /// One raw event: the body is the value.
