@@ -39,16 +39,8 @@ pub(super) fn array(text: &str) -> Option<Vec<Event<'_>>> {
         loop {
             events.push(c.event()?);
             c.ws();
-            match c.peek()? {
-                b',' => {
-                    c.at += 1;
-                    c.ws();
-                }
-                b']' => {
-                    c.at += 1;
-                    break;
-                }
-                _ => return None,
+            if c.comma_or(b']')? {
+                break;
             }
         }
     }
@@ -91,7 +83,7 @@ impl<'a> Cursor<'a> {
                         }
                         headers = Some(self.headers()?);
                         self.ws();
-                        if self.comma_or_end()? {
+                        if self.comma_or(b'}')? {
                             break;
                         }
                         continue;
@@ -104,7 +96,7 @@ impl<'a> Cursor<'a> {
                         self.value(0)?;
                         value = Some(self.text.get(start..self.at)?);
                         self.ws();
-                        if self.comma_or_end()? {
+                        if self.comma_or(b'}')? {
                             break;
                         }
                         continue;
@@ -116,7 +108,7 @@ impl<'a> Cursor<'a> {
                 }
                 *slot = Some(self.plain_string()?);
                 self.ws();
-                if self.comma_or_end()? {
+                if self.comma_or(b'}')? {
                     break;
                 }
             }
@@ -151,15 +143,15 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// After a member: `,` (more follow) or `}` (true: the object ended).
-    fn comma_or_end(&mut self) -> Option<bool> {
+    /// After a member or element: `,` (more follow) or `close` (true: the object or array ended).
+    fn comma_or(&mut self, close: u8) -> Option<bool> {
         match self.peek()? {
             b',' => {
                 self.at += 1;
                 self.ws();
                 Some(false)
             }
-            b'}' => {
+            b if b == close => {
                 self.at += 1;
                 Some(true)
             }
@@ -192,7 +184,7 @@ impl<'a> Cursor<'a> {
                 let value = self.plain_string()?;
                 headers.push((name.to_owned(), value.to_owned()));
                 self.ws();
-                if self.comma_or_end()? {
+                if self.comma_or(b'}')? {
                     break;
                 }
             }
@@ -259,7 +251,7 @@ impl<'a> Cursor<'a> {
                     self.ws();
                     self.value(depth)?;
                     self.ws();
-                    if self.comma_or_end()? {
+                    if self.comma_or(b'}')? {
                         return Some(());
                     }
                 }
@@ -274,16 +266,8 @@ impl<'a> Cursor<'a> {
                 loop {
                     self.value(depth)?;
                     self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.at += 1;
-                            self.ws();
-                        }
-                        b']' => {
-                            self.at += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if self.comma_or(b']')? {
+                        return Some(());
                     }
                 }
             }
@@ -547,47 +531,75 @@ mod tests {
         chars.into_iter().collect()
     }
 
+    /// What a differential run saw: generated texts serde_json accepted, and texts the fast path
+    /// took among the generated and among the mutated ones.
+    #[derive(Default)]
+    struct Seen {
+        valid: usize,
+        fast_valid: usize,
+        fast_mutated: usize,
+    }
+
+    /// Runs `rounds` texts from `generate` (every other one mutated) through `compare`, which parses a
+    /// text both ways, asserts that whatever the fast path took serde_json took the same way, and
+    /// answers (serde_json accepted it, the fast path took it).
+    fn differential(
+        seed: u64,
+        rounds: usize,
+        generate: impl Fn(&mut Rng) -> String,
+        mut compare: impl FnMut(&str) -> (bool, bool),
+    ) -> Seen {
+        let mut rng = Rng(seed);
+        let mut seen = Seen::default();
+        for i in 0..rounds {
+            let generated = generate(&mut rng);
+            let mutated = i % 2 == 1;
+            let text = if mutated {
+                mutate(&mut rng, &generated)
+            } else {
+                generated
+            };
+            let (serde_ok, fast_took) = compare(&text);
+            seen.valid += usize::from(!mutated && serde_ok);
+            seen.fast_valid += usize::from(!mutated && fast_took);
+            seen.fast_mutated += usize::from(mutated && fast_took);
+        }
+        // The comparison means something only if both sides saw plenty of texts.
+        assert!(
+            seen.fast_valid > seen.valid / 4,
+            "fast path took {} of {} valid texts",
+            seen.fast_valid,
+            seen.valid
+        );
+        seen
+    }
+
     /// Whatever the fast path accepts, serde_json accepts with the same event.
     #[test]
     fn agrees_with_serde_json_wherever_it_answers() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let (mut fast_valid, mut valid, mut fast_mutated, mut fast_headers) = (0, 0, 0, 0);
-        for i in 0..60_000 {
-            let generated = line(&mut rng);
-            let text = if i % 2 == 0 {
-                generated
-            } else {
-                mutate(&mut rng, &generated)
-            };
-            let by_serde = super::super::serde_event(&text);
-            if i % 2 == 0 && by_serde.is_ok() {
-                valid += 1;
+        let mut with_headers = 0;
+        let seen = differential(0x9E37_79B9_7F4A_7C15, 60_000, line, |text| {
+            let by_serde = super::super::serde_event(text);
+            let fast = event(text);
+            if let Some(e) = &fast {
+                assert_eq!(Ok(e), by_serde.as_ref(), "line {text:?}");
+                with_headers += usize::from(!e.headers.is_empty());
             }
-            if let Some(event) = event(&text) {
-                assert_eq!(Ok(&event), by_serde.as_ref(), "line {text:?}");
-                if !event.headers.is_empty() {
-                    fast_headers += 1;
-                }
-                if i % 2 == 0 {
-                    fast_valid += 1;
-                } else {
-                    fast_mutated += 1;
-                }
-            }
-        }
-        // The comparison means something only if both sides see plenty of lines.
-        assert!(valid > 5_000, "{valid} generated lines were valid");
+            (by_serde.is_ok(), fast.is_some())
+        });
         assert!(
-            fast_valid > valid / 4,
-            "fast path took {fast_valid} of {valid} valid lines"
+            seen.valid > 5_000,
+            "{} generated lines were valid",
+            seen.valid
         );
         assert!(
-            fast_mutated > 500,
-            "fast path took {fast_mutated} mutated lines"
+            seen.fast_mutated > 500,
+            "fast path took {} mutated lines",
+            seen.fast_mutated
         );
         assert!(
-            fast_headers > 200,
-            "fast path took {fast_headers} lines with headers"
+            with_headers > 200,
+            "fast path took {with_headers} lines with headers"
         );
     }
 
@@ -604,37 +616,27 @@ mod tests {
     /// The same for arrays of events (`application/json` bodies).
     #[test]
     fn arrays_agree_with_serde_json_wherever_they_answer() {
-        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
-        let (mut fast_valid, mut valid, mut fast_mutated) = (0, 0, 0);
-        for i in 0..20_000 {
-            let lines: Vec<String> = (0..rng.below(5)).map(|_| line(&mut rng)).collect();
-            let generated = format!("{}[{}]{}", ws(&mut rng), lines.join(","), ws(&mut rng));
-            let text = if i % 2 == 0 {
-                generated
-            } else {
-                mutate(&mut rng, &generated)
-            };
-            let by_serde = serde_array(&text);
-            if i % 2 == 0 && by_serde.is_ok() {
-                valid += 1;
+        let body = |rng: &mut Rng| {
+            let lines: Vec<String> = (0..rng.below(5)).map(|_| line(rng)).collect();
+            format!("{}[{}]{}", ws(rng), lines.join(","), ws(rng))
+        };
+        let seen = differential(0x2545_F491_4F6C_DD1D, 20_000, body, |text| {
+            let by_serde = serde_array(text);
+            let fast = array(text);
+            if let Some(events) = &fast {
+                assert_eq!(Ok(events), by_serde.as_ref(), "body {text:?}");
             }
-            if let Some(events) = array(&text) {
-                assert_eq!(Ok(&events), by_serde.as_ref(), "body {text:?}");
-                if i % 2 == 0 {
-                    fast_valid += 1;
-                } else {
-                    fast_mutated += 1;
-                }
-            }
-        }
-        assert!(valid > 2_000, "{valid} generated bodies were valid");
+            (by_serde.is_ok(), fast.is_some())
+        });
         assert!(
-            fast_valid > valid / 4,
-            "fast path took {fast_valid} of {valid}"
+            seen.valid > 2_000,
+            "{} generated bodies were valid",
+            seen.valid
         );
         assert!(
-            fast_mutated > 100,
-            "fast path took {fast_mutated} mutated bodies"
+            seen.fast_mutated > 100,
+            "fast path took {} mutated bodies",
+            seen.fast_mutated
         );
     }
 
