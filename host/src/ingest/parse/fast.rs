@@ -12,6 +12,7 @@
 //! compare the two on generated and mutated lines and arrays.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use super::Event;
 use crate::log::PayloadRef;
@@ -66,55 +67,17 @@ impl<'a> Cursor<'a> {
     /// One event object at the cursor; the cursor ends right after its `}`.
     fn event(&mut self) -> Option<Event<'a>> {
         let (mut key, mut value, mut id, mut headers) = (None, None, None, None);
-        self.eat(b'{')?;
-        self.ws();
-        if self.peek()? != b'}' {
-            loop {
-                let field = self.plain_string()?;
-                self.ws();
-                self.eat(b':')?;
-                self.ws();
-                let slot = match field {
-                    "key" => &mut key,
-                    "id" => &mut id,
-                    "headers" => {
-                        if headers.is_some() {
-                            return None;
-                        }
-                        headers = Some(self.headers()?);
-                        self.ws();
-                        if self.comma_or(b'}')? {
-                            break;
-                        }
-                        continue;
-                    }
-                    "value" => {
-                        if value.is_some() {
-                            return None;
-                        }
-                        let start = self.at;
-                        self.value(0)?;
-                        value = Some(self.text.get(start..self.at)?);
-                        self.ws();
-                        if self.comma_or(b'}')? {
-                            break;
-                        }
-                        continue;
-                    }
-                    _ => return None,
-                };
-                if slot.is_some() {
-                    return None;
-                }
-                *slot = Some(self.plain_string()?);
-                self.ws();
-                if self.comma_or(b'}')? {
-                    break;
-                }
+        self.plain_object(|c, field| match field {
+            "key" => once(&mut key, c.plain_string()?),
+            "id" => once(&mut id, c.plain_string()?),
+            "headers" => once(&mut headers, c.headers()?),
+            "value" => {
+                let start = c.at;
+                c.value(0)?;
+                once(&mut value, c.text.get(start..c.at)?)
             }
-        } else {
-            self.at += 1;
-        }
+            _ => None,
+        })?;
         let id = match id {
             // serde_json would accept it; `check_id` then refuses it with its own message.
             Some(id) if id.is_empty() || id.len() > super::MAX_ID_BYTES => return None,
@@ -169,36 +132,38 @@ impl<'a> Cursor<'a> {
         self.text.get(start..self.at - 1)
     }
 
-    /// A headers object of plain strings, as serde_json reads it into a map: sorted by name, the last
-    /// of repeated names winning.
-    fn headers(&mut self) -> Option<Vec<(String, String)>> {
+    /// An object whose keys are plain strings; `member` reads the value of each.
+    fn plain_object(
+        &mut self,
+        mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
         self.eat(b'{')?;
         self.ws();
-        let mut headers = Vec::new();
-        if self.eat(b'}').is_none() {
-            loop {
-                let name = self.plain_string()?;
-                self.ws();
-                self.eat(b':')?;
-                self.ws();
-                let value = self.plain_string()?;
-                headers.push((name.to_owned(), value.to_owned()));
-                self.ws();
-                if self.comma_or(b'}')? {
-                    break;
-                }
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            let name = self.plain_string()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            member(self, name)?;
+            self.ws();
+            if self.comma_or(b'}')? {
+                return Some(());
             }
         }
-        // Stable, so repeated names keep their order and the last one is kept.
-        headers.sort_by(|a: &(String, String), b| a.0.cmp(&b.0));
-        let mut kept: Vec<(String, String)> = Vec::with_capacity(headers.len());
-        for header in headers {
-            match kept.last_mut() {
-                Some(last) if last.0 == header.0 => *last = header,
-                _ => kept.push(header),
-            }
-        }
-        Some(kept)
+    }
+
+    /// A headers object of plain strings, read the way serde_json reads it into the map: sorted by
+    /// name, the last of repeated names winning.
+    fn headers(&mut self) -> Option<Vec<(String, String)>> {
+        let mut headers = BTreeMap::new();
+        self.plain_object(|c, name| {
+            headers.insert(name.to_owned(), c.plain_string()?.to_owned());
+            Some(())
+        })?;
+        Some(headers.into_iter().collect())
     }
 
     /// Any string, escapes validated.
@@ -313,6 +278,11 @@ impl<'a> Cursor<'a> {
             self.at += 1;
         }
     }
+}
+
+/// Fills `slot` unless it is filled already (a repeated field, which serde_json refuses).
+fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    slot.is_none().then(|| *slot = Some(value))
 }
 
 fn nested(depth: usize) -> Option<usize> {
