@@ -34,17 +34,10 @@ pub(super) fn array(text: &str) -> Option<Vec<Event<'_>>> {
     let mut c = Cursor::new(text);
     let mut events = Vec::new();
     c.ws();
-    c.eat(b'[')?;
-    c.ws();
-    if c.eat(b']').is_none() {
-        loop {
-            events.push(c.event()?);
-            c.ws();
-            if c.comma_or(b']')? {
-                break;
-            }
-        }
-    }
+    c.list(b'[', b']', |c| {
+        events.push(c.event()?);
+        Some(())
+    })?;
     c.ws();
     (c.at == c.bytes.len()).then_some(events)
 }
@@ -137,19 +130,32 @@ impl<'a> Cursor<'a> {
         &mut self,
         mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
-        self.eat(b'{')?;
+        self.list(b'{', b'}', |c| {
+            let name = c.plain_string()?;
+            c.ws();
+            c.eat(b':')?;
+            c.ws();
+            member(c, name)
+        })
+    }
+
+    /// `open`, items read by `item` and separated by commas, `close`: an object's members or an array's
+    /// elements.
+    fn list(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(open)?;
         self.ws();
-        if self.eat(b'}').is_some() {
+        if self.eat(close).is_some() {
             return Some(());
         }
         loop {
-            let name = self.plain_string()?;
+            item(self)?;
             self.ws();
-            self.eat(b':')?;
-            self.ws();
-            member(self, name)?;
-            self.ws();
-            if self.comma_or(b'}')? {
+            if self.comma_or(close)? {
                 return Some(());
             }
         }
@@ -204,37 +210,17 @@ impl<'a> Cursor<'a> {
             b'"' => self.string(),
             b'{' => {
                 let depth = nested(depth)?;
-                self.at += 1;
-                self.ws();
-                if self.eat(b'}').is_some() {
-                    return Some(());
-                }
-                loop {
-                    self.string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
-                    self.value(depth)?;
-                    self.ws();
-                    if self.comma_or(b'}')? {
-                        return Some(());
-                    }
-                }
+                self.list(b'{', b'}', |c| {
+                    c.string()?;
+                    c.ws();
+                    c.eat(b':')?;
+                    c.ws();
+                    c.value(depth)
+                })
             }
             b'[' => {
                 let depth = nested(depth)?;
-                self.at += 1;
-                self.ws();
-                if self.eat(b']').is_some() {
-                    return Some(());
-                }
-                loop {
-                    self.value(depth)?;
-                    self.ws();
-                    if self.comma_or(b']')? {
-                        return Some(());
-                    }
-                }
+                self.list(b'[', b']', |c| c.value(depth))
             }
             b't' => self.literal("true"),
             b'f' => self.literal("false"),
