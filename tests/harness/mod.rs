@@ -3,6 +3,10 @@
 //!
 //! `TestHost::start` waits for the `procd ready: data=... admin=...` line; `stop` sends SIGINT and waits
 //! for a clean exit; `kill` sends SIGKILL; `restart` starts again on the same data directory (new ports).
+//!
+//! The server's log (warnings and errors) goes to `server.log` in the temporary directory, not to the
+//! test's stderr: dozens of servers run at once and their warnings drowned the failure reports. When a
+//! `TestHost` is dropped it prints the log's tail, which the test harness shows only for a failed test.
 
 #![allow(dead_code)]
 
@@ -20,6 +24,8 @@ pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>
 
 /// How long a server gets to start or stop before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of the server's log printed when a `TestHost` is dropped.
+const LOG_TAIL_LINES: usize = 40;
 
 /// A running `procd serve`.
 pub struct TestHost {
@@ -67,7 +73,16 @@ impl TestHost {
         PathBuf::from(env!("CARGO_BIN_EXE_procd"))
     }
 
+    /// The server's log, kept over restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
     fn spawn(&mut self) -> TestResult {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let mut child = Command::new(Self::binary())
             .arg("serve")
             .arg("--data-dir")
@@ -77,7 +92,7 @@ impl TestHost {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -218,6 +233,18 @@ impl Drop for TestHost {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Captured by the test harness: shown only if the test failed.
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        if !lines.is_empty() {
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- the server's log ({} lines, the last {}):\n{}",
+                lines.len(),
+                tail.len(),
+                tail.join("\n")
+            );
         }
     }
 }
