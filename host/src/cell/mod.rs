@@ -155,6 +155,9 @@ enum Command {
         reply: oneshot::Sender<AppendReply>,
         /// When it joined the queue: the writer measures the queue's delay from it.
         queued_at: Instant,
+        /// The writer's group count then (see [`queue_delay`]): taken by the next group, it waited
+        /// only for the commit in progress.
+        queued_behind: u64,
     },
     Process(Box<ProcessCommit>),
     DropConsumer {
@@ -337,6 +340,8 @@ struct Shared {
     /// How long append requests wait in the queue before the writer takes them, in µs: the least
     /// wait over the writer's last interval (a standing queue, not a burst), 0 when the queue empties.
     queue_delay_us: AtomicU64,
+    /// Groups the writer has begun collecting.
+    groups_begun: AtomicU64,
     /// See [`CellOptions::queue_delay_target_ms`].
     queue_delay_target: Duration,
 }
@@ -409,6 +414,7 @@ impl Cell {
             processing_stall_ms: options.processing_stall_ms,
             metrics: Default::default(),
             queue_delay_us: AtomicU64::new(0),
+            groups_begun: AtomicU64::new(0),
             queue_delay_target: Duration::from_millis(options.queue_delay_target_ms),
         });
         let (tx, rx) = flume::bounded(options.queue_len.max(1));
@@ -577,6 +583,7 @@ impl Cell {
             events,
             reply,
             queued_at: Instant::now(),
+            queued_behind: self.shared.groups_begun.load(Ordering::Relaxed),
         }) {
             Ok(()) => Ok(rx),
             Err(flume::TrySendError::Full(_)) => Err(CellError::Overloaded {

@@ -5,6 +5,13 @@
 //! each interval: a burst that drains within the interval leaves it low, a standing queue (arrivals
 //! above what the writer can commit) raises it. Admission sheds by it (`Priority::admits_delay`), so
 //! accepted requests never wait much longer than the target, however long the queue's bound.
+//!
+//! Only waiting behind other requests counts. A request the writer takes in the group right after
+//! the one it was collecting when the request was queued waited for that commit alone: the cell's
+//! service time, which refusing requests cannot shorten. It counts as no wait, as CoDel never drops
+//! from a queue holding less than one packet; so a slow disk (a commit of 150 ms) does not shed a
+//! producer whose requests each fit in the next group, while requests left behind a full group
+//! still measure the standing queue.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,6 +26,8 @@ const INTERVAL: Duration = Duration::from_millis(100);
 pub(super) struct QueueDelay {
     since: Instant,
     least: Option<Duration>,
+    /// The group being collected (the count of groups begun, published as `Shared::groups_begun`).
+    group: u64,
 }
 
 impl Default for QueueDelay {
@@ -26,15 +35,27 @@ impl Default for QueueDelay {
         Self {
             since: Instant::now(),
             least: None,
+            group: 0,
         }
     }
 }
 
 impl QueueDelay {
-    /// A request that joined the queue at `queued_at` was just taken.
-    pub fn observe(&mut self, shared: &Shared, queued_at: Instant) {
+    /// The writer begins collecting a group.
+    pub fn begin_group(&mut self, shared: &Shared) {
+        self.group += 1;
+        shared.groups_begun.store(self.group, Ordering::Relaxed);
+    }
+
+    /// A request that joined the queue at `queued_at`, while the writer was on group `queued_behind`,
+    /// was just taken into the current group.
+    pub fn observe(&mut self, shared: &Shared, queued_at: Instant, queued_behind: u64) {
         let now = Instant::now();
-        let waited = now.saturating_duration_since(queued_at);
+        let waited = if self.group <= queued_behind.saturating_add(1) {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(queued_at)
+        };
         self.least = Some(self.least.map_or(waited, |l| l.min(waited)));
         self.tick(shared, now);
     }

@@ -202,8 +202,10 @@ impl Writer {
                     events,
                     reply,
                     queued_at,
+                    queued_behind,
                 } => {
-                    self.delay.observe(shared, queued_at);
+                    self.delay.begin_group(shared);
+                    self.delay.observe(shared, queued_at, queued_behind);
                     let first = Pending::Append(PendingAppend {
                         topic,
                         events,
@@ -212,6 +214,7 @@ impl Writer {
                     deferred = self.collect_and_commit(shared, &rx, first);
                 }
                 Command::Process(commit) => {
+                    self.delay.begin_group(shared);
                     deferred = self.collect_and_commit(shared, &rx, Pending::Process(commit));
                 }
                 Command::CreateTopic { topic, reply } => {
@@ -302,8 +305,9 @@ impl Writer {
                     events,
                     reply,
                     queued_at,
+                    queued_behind,
                 }) => {
-                    self.delay.observe(shared, queued_at);
+                    self.delay.observe(shared, queued_at, queued_behind);
                     count += events.len();
                     group.push(Pending::Append(PendingAppend {
                         topic,
