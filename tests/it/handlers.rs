@@ -79,12 +79,12 @@ async fn post(
         let resp = client
             .post_ndjson(&format!("/v1/topics/{topic}/events"), body)
             .await?;
-        if !matches!(resp.status, 202 | 207) {
-            if !matches!(resp.status, 429 | 503) {
-                ensure_status(&resp, 202)?;
-            }
+        if matches!(resp.status, 429 | 503) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
+        }
+        if resp.status != 207 {
+            ensure_status(&resp, 202)?;
         }
         let results = resp.json()?["results"]
             .as_array()
