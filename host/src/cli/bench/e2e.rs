@@ -36,10 +36,10 @@ use clap::Args;
 
 use super::server::{AppendResults, Running, post_all};
 use super::util::{
-    Component, Scratch, check_range, components_dir, event_value, machine_line, percentile,
-    process_cpu, read_component,
+    Component, Scratch, check_range, components_dir, machine_line, percentile, process_cpu,
+    read_component,
 };
-use crate::config::{Config, Overrides};
+use super::workload::{Workload, WorkloadArgs, ndjson_line};
 
 /// Input topic of both phases, and output topic of (ii).
 const INPUT: &str = "in";
@@ -71,30 +71,11 @@ pub struct E2eArgs {
     /// Rounds of (i) then (ii); figures are totals over all rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Events per HTTP request.
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
-    /// Concurrent keep-alive HTTP connections.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Partitions of the topics.
-    #[arg(long, default_value_t = 8)]
-    partitions: u32,
-    /// Cells of the server.
-    #[arg(long, default_value_t = 2)]
-    cells: u32,
     /// Single events posted one at a time after (ii) to measure the latency of an idle pipeline (0: none).
     #[arg(long, default_value_t = 100)]
     probes: usize,
-    /// Where the temporary data directories go (removed afterwards) [default: the system temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Any server config key, as KEY=VALUE (e.g. --set handler.batch_max_events=2000). Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    #[command(flatten)]
+    load: WorkloadArgs,
 }
 
 /// Validated settings of a run.
@@ -102,69 +83,22 @@ pub struct E2eArgs {
 struct Plan {
     events: usize,
     rounds: usize,
-    batch: usize,
-    value_bytes: usize,
-    connections: usize,
     probes: usize,
-    config: Config,
-    set: Vec<String>,
-    parent: PathBuf,
+    load: Workload,
 }
 
 impl Plan {
     fn new(args: E2eArgs) -> anyhow::Result<Self> {
         check_range("--events", args.events, 1, 100_000_000)?;
         check_range("--rounds", args.rounds, 1, 1000)?;
-        check_range("--batch", args.batch, 1, 1_000_000)?;
-        check_range("--value-bytes", args.value_bytes, 2, 1 << 20)?;
-        check_range("--connections", args.connections, 1, 1024)?;
         check_range("--probes", args.probes, 0, 100_000)?;
-        // Built like `procd serve` builds it, minus procd.toml and PROCD_*: a benchmark must not depend
-        // on the directory it is run from.
-        let mut flags = Overrides::default();
-        flags.set("partitions", args.partitions.to_string(), "--partitions");
-        flags.set("cells", args.cells.to_string(), "--cells");
-        flags.set("listen", "127.0.0.1:0", "the benchmark");
-        flags.set("admin_listen", "127.0.0.1:0", "the benchmark");
-        for kv in &args.set {
-            let (key, value) = kv
-                .split_once('=')
-                .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-            flags.set(key.trim(), value, format!("--set {key}"));
-        }
-        let config = Config::load(None, Vec::new(), flags)?;
-        let body_bytes = ndjson_line(args.events - 1, args.value_bytes)
-            .len()
-            .saturating_mul(args.batch);
-        if body_bytes > config.ingest.max_body_bytes {
-            bail!(
-                "--batch {} of {}-byte values makes {body_bytes}-byte bodies, over the server's \
-                 ingest.max_body_bytes ({}); lower --batch or --value-bytes",
-                args.batch,
-                args.value_bytes,
-                config.ingest.max_body_bytes
-            );
-        }
         Ok(Self {
             events: args.events,
             rounds: args.rounds,
-            batch: args.batch,
-            value_bytes: args.value_bytes,
-            connections: args.connections,
             probes: args.probes,
-            config,
-            set: args.set,
-            parent: args.dir.unwrap_or_else(std::env::temp_dir),
+            load: Workload::new(args.load, args.events, 2..=1 << 20, &[])?,
         })
     }
-}
-
-/// Event `i` as an NDJSON line, newline included (as in `procd bench ingest`).
-fn ndjson_line(i: usize, value_bytes: usize) -> String {
-    format!(
-        "{{\"key\":\"k{i}\",\"value\":{}}}\n",
-        event_value(i, value_bytes)
-    )
 }
 
 /// What one phase of one round measured.
@@ -193,16 +127,16 @@ pub(super) async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let dir = components_dir(args.components.clone());
     let plan = Plan::new(args)?;
     let component = read_component(&dir, "passthrough")?;
-    let scratch = Scratch::create(&plan.parent)?;
+    let scratch = Scratch::create(&plan.load.parent)?;
     print_parameters(&plan, &component, scratch.path());
 
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         (0..plan.events)
-            .step_by(plan.batch)
+            .step_by(plan.load.batch)
             .map(|start| {
                 Bytes::from(
-                    (start..(start + plan.batch).min(plan.events))
-                        .map(|i| ndjson_line(i, plan.value_bytes))
+                    (start..(start + plan.load.batch).min(plan.events))
+                        .map(|i| ndjson_line(i, &plan.load.value(i)))
                         .collect::<String>(),
                 )
             })
@@ -236,7 +170,7 @@ async fn phase(
     bodies: Arc<Vec<Bytes>>,
     component: Option<Bytes>,
 ) -> anyhow::Result<Measured> {
-    let mut server = Running::start(&plan.config, data_dir).await?;
+    let mut server = Running::start(&plan.load.config, data_dir).await?;
     let measured = measure_phase(plan, &mut server, bodies, component).await;
     server.stop().await?;
     measured
@@ -266,7 +200,7 @@ async fn measure_phase(
     post_all(
         &server.data_url,
         INPUT,
-        plan.connections,
+        plan.load.connections,
         bodies,
         plan.events,
     )
@@ -393,7 +327,7 @@ async fn probe_delays(plan: &Plan, server: &mut Running, already: u64) -> anyhow
 // Output
 
 fn print_parameters(plan: &Plan, component: &Component, dir: &Path) {
-    let shape = &plan.config;
+    let shape = &plan.load.config;
     println!("procd bench e2e");
     println!(
         "  events        {} per phase per round, {} rounds of (i) then (ii), a fresh server and data \
@@ -402,14 +336,14 @@ fn print_parameters(plan: &Plan, component: &Component, dir: &Path) {
     );
     println!(
         "  event         key \"k<i>\", value a {}-byte JSON string; NDJSON line ~{} B",
-        plan.value_bytes,
-        ndjson_line(plan.events / 2, plan.value_bytes).len()
+        plan.load.value_bytes,
+        ndjson_line(plan.events / 2, &plan.load.value(plan.events / 2)).len()
     );
     println!(
         "  clients       {} keep-alive connections, {} requests of {} events, bodies pre-built, in-process",
-        plan.connections,
-        plan.events.div_ceil(plan.batch),
-        plan.batch
+        plan.load.connections,
+        plan.events.div_ceil(plan.load.batch),
+        plan.load.batch
     );
     println!(
         "  shape         {} partitions over {} cells; handler batches of <= {} events",
@@ -424,10 +358,10 @@ fn print_parameters(plan: &Plan, component: &Component, dir: &Path) {
         component.bytes.len(),
         POLL.as_millis()
     );
-    let set = if plan.set.is_empty() {
+    let set = if plan.load.set.is_empty() {
         "none".to_string()
     } else {
-        plan.set.join(" ")
+        plan.load.set.join(" ")
     };
     println!("  server        defaults, procd.toml and PROCD_* not read; --set: {set}");
     println!("  data dir      {} (removed afterwards)", dir.display());
@@ -540,19 +474,6 @@ fn delay_line(delays: &[u64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ndjson_lines_parse_as_the_server_expects() -> Result<(), String> {
-        let line = ndjson_line(42, 256);
-        let events = crate::ingest::parse::ndjson(line.as_bytes())?;
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0].key.as_deref(), Some("k42"));
-        assert_eq!(
-            events[0].value,
-            crate::log::PayloadRef::Json(event_value(42, 256).as_bytes())
-        );
-        Ok(())
-    }
 
     #[test]
     fn delays_are_summarised_by_nearest_rank() {

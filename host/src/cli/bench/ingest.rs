@@ -38,13 +38,14 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::client::Client;
-use crate::config::{Config, Overrides};
+use crate::config::Config;
 use crate::ingest::partitioner;
 use crate::log::layout::Shape;
 use crate::log::{PartitionLog, Payload, Record, Store};
 use crate::server::{AppState, Server};
 
-use super::util::{Scratch, event_value, load_average, percentile, process_cpu};
+use super::util::{Scratch, check_range, load_average, percentile, process_cpu};
+use super::workload::{Workload, WorkloadArgs, event_key, ndjson_line};
 
 /// The topic both phases write.
 const TOPIC: &str = "bench";
@@ -61,28 +62,8 @@ pub struct IngestArgs {
     /// Rounds of (a) then (b); figures are totals over all rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Events per HTTP request in phase (b).
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
-    /// Concurrent keep-alive HTTP connections in phase (b).
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Partitions of the topic (both phases).
-    #[arg(long, default_value_t = 8)]
-    partitions: u32,
-    /// Cells of the server in (b), and raw writer threads in (a).
-    #[arg(long, default_value_t = 2)]
-    cells: u32,
-    /// Where the temporary data directories go (removed afterwards) [default: the system temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Any server config key, as KEY=VALUE (e.g. --set cell.group_commit_max_events=4000); phase (a)
-    /// follows the cell keys too. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    #[command(flatten)]
+    load: WorkloadArgs,
 }
 
 /// Validated settings of a run.
@@ -90,82 +71,36 @@ pub struct IngestArgs {
 struct Plan {
     events: usize,
     rounds: usize,
-    batch: usize,
-    value_bytes: usize,
-    connections: usize,
-    /// The server's configuration; phase (a) takes its shape and cell options from it too.
-    config: Config,
-    /// The `--set` overrides it was built with, for the parameter block.
-    set: Vec<String>,
-    parent: PathBuf,
+    /// The request stream and the server's configuration; phase (a) takes its shape and cell options
+    /// from it too.
+    load: Workload,
 }
 
 impl Plan {
     fn new(args: IngestArgs) -> anyhow::Result<Self> {
-        fn range(flag: &str, value: usize, lo: usize, hi: usize) -> anyhow::Result<()> {
-            if !(lo..=hi).contains(&value) {
-                bail!("{flag} must be in {lo}..={hi}; got {value}");
-            }
-            Ok(())
-        }
-        range("--events", args.events, 1, 100_000_000)?;
-        range("--rounds", args.rounds, 1, 1000)?;
-        range("--batch", args.batch, 1, 1_000_000)?;
-        range("--value-bytes", args.value_bytes, 2, 1 << 20)?;
-        range("--connections", args.connections, 1, 1024)?;
-        // Built like `procd serve` builds it, minus procd.toml and PROCD_*: a benchmark must not depend
-        // on the directory it is run from.
-        let mut flags = Overrides::default();
-        flags.set("partitions", args.partitions.to_string(), "--partitions");
-        flags.set("cells", args.cells.to_string(), "--cells");
-        flags.set("listen", "127.0.0.1:0", "the benchmark");
-        flags.set("admin_listen", "127.0.0.1:0", "the benchmark");
-        for kv in &args.set {
-            let (key, value) = kv
-                .split_once('=')
-                .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-            flags.set(key.trim(), value, format!("--set {key}"));
-        }
-        let config = Config::load(None, Vec::new(), flags)?;
-        // The longest line is the last one (longest key); a body of `batch` of them must be accepted.
-        let body_bytes = ndjson_line(args.events - 1, args.value_bytes)
-            .len()
-            .saturating_mul(args.batch);
-        if body_bytes > config.ingest.max_body_bytes {
-            bail!(
-                "--batch {} of {}-byte values makes {body_bytes}-byte bodies, over the server's \
-                 ingest.max_body_bytes ({}); lower --batch or --value-bytes",
-                args.batch,
-                args.value_bytes,
-                config.ingest.max_body_bytes
-            );
-        }
+        check_range("--events", args.events, 1, 100_000_000)?;
+        check_range("--rounds", args.rounds, 1, 1000)?;
         Ok(Self {
             events: args.events,
             rounds: args.rounds,
-            batch: args.batch,
-            value_bytes: args.value_bytes,
-            connections: args.connections,
-            config,
-            set: args.set,
-            parent: args.dir.unwrap_or_else(std::env::temp_dir),
+            load: Workload::new(args.load, args.events, 2..=1 << 20, &[])?,
         })
     }
 
     fn shape(&self) -> Shape {
         Shape {
-            partitions: self.config.partitions,
-            cells: self.config.cells,
+            partitions: self.load.config.partitions,
+            cells: self.load.config.cells,
         }
     }
 
     fn group_events(&self) -> usize {
-        self.config.cell.group_commit_max_events.max(1)
+        self.load.config.cell.group_commit_max_events.max(1)
     }
 
     /// The event numbers of each request, in order: `--batch` at a time.
     fn requests(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
-        let (events, batch) = (self.events, self.batch);
+        let (events, batch) = (self.events, self.load.batch);
         (0..events)
             .step_by(batch)
             .map(move |start| start..(start + batch).min(events))
@@ -210,7 +145,7 @@ fn cpu_since(before: Option<Duration>) -> Option<Duration> {
 
 pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let plan = Plan::new(args)?;
-    let scratch = Scratch::create(&plan.parent)?;
+    let scratch = Scratch::create(&plan.load.parent)?;
     print_parameters(&plan, scratch.path());
 
     // Bodies are built once, before any clock starts, so the client's cost is sending and checking only.
@@ -219,7 +154,7 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
             .map(|events| {
                 Bytes::from(
                     events
-                        .map(|i| ndjson_line(i, plan.value_bytes))
+                        .map(|i| ndjson_line(i, &plan.load.value(i)))
                         .collect::<String>(),
                 )
             })
@@ -248,20 +183,6 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
     }
     print_results(&plan, &raw, &http, &ratios);
     Ok(())
-}
-
-/// Key of event `i`.
-fn event_key(i: usize) -> String {
-    format!("k{i}")
-}
-
-/// Event `i` as an NDJSON line, newline included.
-fn ndjson_line(i: usize, value_bytes: usize) -> String {
-    format!(
-        "{{\"key\":\"{}\",\"value\":{}}}\n",
-        event_key(i),
-        event_value(i, value_bytes)
-    )
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -299,7 +220,7 @@ impl RawWriter {
 
 fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
     let shape = plan.shape();
-    let options = plan.config.cell_options();
+    let options = plan.load.config.cell_options();
     let group_events = plan.group_events();
     let mut writers = Vec::new();
     for cell in 0..shape.cells {
@@ -329,7 +250,7 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
             let record = Record {
                 timestamp_ms,
                 key: Some(key.into_bytes()),
-                value: Payload::Json(event_value(i, plan.value_bytes)),
+                value: Payload::Json(plan.load.value(i)),
                 headers: Vec::new(),
                 id: None,
             }
@@ -431,7 +352,7 @@ async fn http_phase(
 ) -> anyhow::Result<Measured> {
     let config = Config {
         data_dir,
-        ..plan.config.clone()
+        ..plan.load.config.clone()
     };
     let server = Server::open(config).context("cannot open the benchmark server")?;
     let state = server.state().clone();
@@ -486,7 +407,7 @@ async fn drive_http(
     let cpu_before = process_cpu();
     let started = Instant::now();
     let mut connections = tokio::task::JoinSet::new();
-    for _ in 0..plan.connections {
+    for _ in 0..plan.load.connections {
         let mut client = Client::new(data_url)?;
         let (bodies, path, next) = (bodies.clone(), path.clone(), next.clone());
         connections.spawn(async move {
@@ -534,7 +455,7 @@ fn print_parameters(plan: &Plan, dir: &Path) {
     let shape = plan.shape();
     let sample: Vec<usize> = (0..plan.events)
         .step_by((plan.events / 1000).max(1))
-        .map(|i| ndjson_line(i, plan.value_bytes).len())
+        .map(|i| ndjson_line(i, &plan.load.value(i)).len())
         .collect();
     let avg_line = sample.iter().sum::<usize>() / sample.len().max(1);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -545,7 +466,7 @@ fn print_parameters(plan: &Plan, dir: &Path) {
     );
     println!(
         "  event         key \"k<i>\", value a {}-byte JSON string; NDJSON line ~{avg_line} B",
-        plan.value_bytes
+        plan.load.value_bytes
     );
     println!(
         "  shape         {} partitions over {} cells, Kafka murmur2 partitioner on the key",
@@ -563,14 +484,14 @@ fn print_parameters(plan: &Plan, dir: &Path) {
     println!(
         "  (b) http      {} keep-alive connections, {} NDJSON requests of {} events per round, bodies \
          pre-built, client in-process",
-        plan.connections,
-        plan.events.div_ceil(plan.batch),
-        plan.batch
+        plan.load.connections,
+        plan.events.div_ceil(plan.load.batch),
+        plan.load.batch
     );
-    let set = if plan.set.is_empty() {
+    let set = if plan.load.set.is_empty() {
         "none".to_string()
     } else {
-        plan.set.join(" ")
+        plan.load.set.join(" ")
     };
     println!("  server        defaults, procd.toml and PROCD_* not read; --set: {set}");
     println!("  data dir      {} (removed afterwards)", dir.display());
@@ -584,7 +505,7 @@ fn print_parameters(plan: &Plan, dir: &Path) {
 }
 
 fn print_results(plan: &Plan, raw: &Measured, http: &Measured, ratios: &[f64]) {
-    let mb_per_sec = |m: &Measured| m.events_per_sec() * plan.value_bytes as f64 / 1e6;
+    let mb_per_sec = |m: &Measured| m.events_per_sec() * plan.load.value_bytes as f64 / 1e6;
     let cores = |m: &Measured| match m.cpu {
         Some(cpu) => format!(
             "{:.2}",
@@ -652,50 +573,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_are_json_strings_of_the_requested_size() {
-        for size in [2, 3, 17, 256] {
-            let value = event_value(7, size);
-            assert_eq!(value.len(), size);
-            assert!(matches!(serde_json::from_str::<String>(&value), Ok(s) if s.len() == size - 2));
-        }
-        assert_ne!(event_value(1, 64), event_value(2, 64));
-        assert_eq!(event_value(3, 64), event_value(3, 64));
-    }
-
-    #[test]
-    fn ndjson_lines_parse_as_the_server_expects() -> Result<(), String> {
-        let line = ndjson_line(42, 256);
-        let events = crate::ingest::parse::ndjson(line.as_bytes())?;
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0].key.as_deref(), Some("k42"));
-        assert_eq!(
-            events[0].value,
-            crate::log::PayloadRef::Json(event_value(42, 256).as_bytes())
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&samples, 0.5), Duration::from_millis(50));
-        assert_eq!(percentile(&samples, 0.99), Duration::from_millis(99));
-        assert_eq!(percentile(&samples, 1.0), Duration::from_millis(100));
-        assert_eq!(percentile::<Duration>(&[], 0.5), Duration::ZERO);
-    }
-
-    #[test]
     fn requests_cover_every_event_once_in_batches() {
         let args = IngestArgs {
             events: 2500,
             rounds: 1,
-            batch: 1000,
-            value_bytes: 16,
-            connections: 1,
-            partitions: 4,
-            cells: 2,
-            dir: None,
-            set: vec![],
+            load: WorkloadArgs {
+                batch: 1000,
+                value_bytes: 16,
+                connections: 1,
+                partitions: 4,
+                cells: 2,
+                dir: None,
+                set: vec![],
+            },
         };
         let plan = Plan::new(args).map_err(|e| e.to_string());
         let requests: Vec<_> = plan.iter().flat_map(Plan::requests).collect();

@@ -39,10 +39,9 @@ use clap::Args;
 
 use super::server::{Running, post_all};
 use super::util::{
-    Component, Scratch, check_range, event_value, machine_line, percentile, process_cpu,
-    read_component,
+    Component, Scratch, check_range, machine_line, percentile, process_cpu, read_component,
 };
-use crate::config::{Config, Overrides};
+use super::workload::{Workload, WorkloadArgs, event_key, ndjson_line};
 use crate::ingest::partitioner::route;
 
 /// Input and output topics.
@@ -82,113 +81,50 @@ pub struct IsolationArgs {
     /// Rounds of (A) then (B); figures are totals over all rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Events per HTTP request.
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
-    /// Concurrent keep-alive HTTP connections.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Partitions of the topics.
-    #[arg(long, default_value_t = 8)]
-    partitions: u32,
-    /// Cells of the server.
-    #[arg(long, default_value_t = 2)]
-    cells: u32,
     /// The partition whose events carry triggers in (B).
     #[arg(long, default_value_t = 0)]
     bad_partition: u32,
     /// In (B), every Nth event of the bad partition's share is a trigger (the first one included).
     #[arg(long, default_value_t = 1000)]
     poison_every: usize,
-    /// Where the temporary data directories go (removed afterwards) [default: the system temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Any server config key, as KEY=VALUE (default here: handler.deadline_ms=200). Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    #[command(flatten)]
+    load: WorkloadArgs,
 }
 
 /// Validated settings of a run.
 struct Plan {
     events: usize,
     rounds: usize,
-    batch: usize,
-    value_bytes: usize,
-    connections: usize,
     partitions: u32,
     bad: u32,
     poison_every: usize,
-    config: Config,
-    set: Vec<String>,
-    parent: PathBuf,
+    load: Workload,
 }
 
 impl Plan {
     fn new(args: IsolationArgs) -> anyhow::Result<Self> {
         check_range("--events", args.events, 1, 100_000_000)?;
         check_range("--rounds", args.rounds, 1, 1000)?;
-        check_range("--batch", args.batch, 1, 1_000_000)?;
-        // The trigger travels in the deploy URL, so it is kept well under any URL limit.
-        check_range("--value-bytes", args.value_bytes, 3, 4096)?;
-        check_range("--connections", args.connections, 1, 1024)?;
         check_range("--poison-every", args.poison_every, 1, 100_000_000)?;
-        if args.partitions < 2 {
-            bail!(
-                "--partitions must be at least 2 (one bad, others measured); got {}",
-                args.partitions
-            );
+        let partitions = args.load.partitions;
+        if partitions < 2 {
+            bail!("--partitions must be at least 2 (one bad, others measured); got {partitions}");
         }
-        if args.bad_partition >= args.partitions {
+        if args.bad_partition >= partitions {
             bail!(
-                "--bad-partition must be in 0..{}; got {}",
-                args.partitions,
+                "--bad-partition must be in 0..{partitions}; got {}",
                 args.bad_partition
             );
         }
-        let mut flags = Overrides::default();
-        flags.set("partitions", args.partitions.to_string(), "--partitions");
-        flags.set("cells", args.cells.to_string(), "--cells");
-        flags.set("listen", "127.0.0.1:0", "the benchmark");
-        flags.set("admin_listen", "127.0.0.1:0", "the benchmark");
-        flags.set(
-            "handler.deadline_ms",
-            DEFAULT_DEADLINE_MS.to_string(),
-            "the benchmark",
-        );
-        for kv in &args.set {
-            let (key, value) = kv
-                .split_once('=')
-                .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-            flags.set(key.trim(), value, format!("--set {key}"));
-        }
-        let config = Config::load(None, Vec::new(), flags)?;
-        let body_bytes = ndjson_line(args.events - 1, &event_value(0, args.value_bytes))
-            .len()
-            .saturating_mul(args.batch);
-        if body_bytes > config.ingest.max_body_bytes {
-            bail!(
-                "--batch {} of {}-byte values makes {body_bytes}-byte bodies, over the server's \
-                 ingest.max_body_bytes ({}); lower --batch or --value-bytes",
-                args.batch,
-                args.value_bytes,
-                config.ingest.max_body_bytes
-            );
-        }
+        let defaults = [("handler.deadline_ms", DEFAULT_DEADLINE_MS.to_string())];
         Ok(Self {
             events: args.events,
             rounds: args.rounds,
-            batch: args.batch,
-            value_bytes: args.value_bytes,
-            connections: args.connections,
-            partitions: args.partitions,
+            partitions,
             bad: args.bad_partition,
             poison_every: args.poison_every,
-            config,
-            set: args.set,
-            parent: args.dir.unwrap_or_else(std::env::temp_dir),
+            // The trigger travels in the deploy URL, so it is kept well under any URL limit.
+            load: Workload::new(args.load, args.events, 3..=4096, &defaults)?,
         })
     }
 
@@ -196,16 +132,6 @@ impl Plan {
     fn good(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.partitions).filter(|&p| p != self.bad)
     }
-}
-
-/// Event `i`'s key.
-fn key(i: usize) -> String {
-    format!("k{i}")
-}
-
-/// Event `i` as an NDJSON line with the given JSON value text, newline included.
-fn ndjson_line(i: usize, value: &str) -> String {
-    format!("{{\"key\":\"{}\",\"value\":{value}}}\n", key(i))
 }
 
 /// The trigger: a JSON string of exactly `value_bytes` bytes that no generated value equals.
@@ -220,7 +146,7 @@ fn poison_mask(events: usize, partitions: u32, bad: u32, every: usize) -> Vec<bo
     let mut seen = 0usize;
     (0..events)
         .map(|i| {
-            if route(Some(key(i).as_bytes()), None, partitions) != bad {
+            if route(Some(event_key(i).as_bytes()), None, partitions) != bad {
                 return false;
             }
             let poison = seen.is_multiple_of(every.max(1));
@@ -232,18 +158,18 @@ fn poison_mask(events: usize, partitions: u32, bad: u32, every: usize) -> Vec<bo
 
 /// The request bodies of a phase: event `i` carries the trigger where `poison[i]`, else its value.
 fn bodies(plan: &Plan, poison: &[bool]) -> Arc<Vec<Bytes>> {
-    let trigger = trigger_value(plan.value_bytes);
+    let trigger = trigger_value(plan.load.value_bytes);
     Arc::new(
         (0..plan.events)
-            .step_by(plan.batch)
+            .step_by(plan.load.batch)
             .map(|start| {
                 Bytes::from(
-                    (start..(start + plan.batch).min(plan.events))
+                    (start..(start + plan.load.batch).min(plan.events))
                         .map(|i| {
                             if poison.get(i).copied().unwrap_or(false) {
                                 ndjson_line(i, &trigger)
                             } else {
-                                ndjson_line(i, &event_value(i, plan.value_bytes))
+                                ndjson_line(i, &plan.load.value(i))
                             }
                         })
                         .collect::<String>(),
@@ -290,7 +216,7 @@ pub(super) async fn run(args: IsolationArgs) -> anyhow::Result<()> {
              --manifest-path tests/guests/Cargo.toml`"
         )
     })?;
-    let scratch = Scratch::create(&plan.parent)?;
+    let scratch = Scratch::create(&plan.load.parent)?;
     let poison = poison_mask(plan.events, plan.partitions, plan.bad, plan.poison_every);
     let triggers = poison.iter().filter(|&&p| p).count();
     print_parameters(&plan, &component, scratch.path(), triggers);
@@ -332,7 +258,7 @@ async fn phase(
     component: Bytes,
     triggers: usize,
 ) -> anyhow::Result<Measured> {
-    let mut server = Running::start(&plan.config, data_dir).await?;
+    let mut server = Running::start(&plan.load.config, data_dir).await?;
     let measured = measure_phase(plan, &mut server, bodies, component, triggers).await;
     server.stop().await?;
     measured
@@ -348,7 +274,7 @@ async fn measure_phase(
     server.create_topic(INPUT).await?;
     server.create_topic(OUTPUT).await?;
     // The trigger is a JSON string: its quotes are escaped for the query.
-    let on = trigger_value(plan.value_bytes).replace('"', "%22");
+    let on = trigger_value(plan.load.value_bytes).replace('"', "%22");
     let query = format!("input={INPUT}&output={OUTPUT}&config=mode=loop&config=on={on}");
     server.deploy(HANDLER, &query, component).await?;
 
@@ -357,7 +283,7 @@ async fn measure_phase(
     post_all(
         &server.data_url,
         INPUT,
-        plan.connections,
+        plan.load.connections,
         bodies,
         plan.events,
     )
@@ -473,7 +399,7 @@ async fn partition_delays(
 // Output
 
 fn print_parameters(plan: &Plan, component: &Component, dir: &Path, triggers: usize) {
-    let config = &plan.config;
+    let config = &plan.load.config;
     let good: Vec<String> = plan.good().map(|p| p.to_string()).collect();
     println!("procd bench isolation");
     println!(
@@ -483,14 +409,14 @@ fn print_parameters(plan: &Plan, component: &Component, dir: &Path, triggers: us
     );
     println!(
         "  event         key \"k<i>\", value a {}-byte JSON string; NDJSON line ~{} B",
-        plan.value_bytes,
-        ndjson_line(plan.events / 2, &event_value(0, plan.value_bytes)).len()
+        plan.load.value_bytes,
+        ndjson_line(plan.events / 2, &plan.load.value(0)).len()
     );
     println!(
         "  clients       {} keep-alive connections, {} requests of {} events, bodies pre-built, in-process",
-        plan.connections,
-        plan.events.div_ceil(plan.batch),
-        plan.batch
+        plan.load.connections,
+        plan.events.div_ceil(plan.load.batch),
+        plan.load.batch
     );
     println!(
         "  shape         {} partitions over {} cells; handler batches of <= {} events; \
@@ -517,10 +443,10 @@ fn print_parameters(plan: &Plan, component: &Component, dir: &Path, triggers: us
         good.join(","),
         POLL.as_millis()
     );
-    let set = if plan.set.is_empty() {
+    let set = if plan.load.set.is_empty() {
         "none".to_string()
     } else {
-        plan.set.join(" ")
+        plan.load.set.join(" ")
     };
     println!(
         "  server        defaults but handler.deadline_ms={DEFAULT_DEADLINE_MS}, procd.toml and \
@@ -648,6 +574,7 @@ fn print_results(plan: &Plan, baseline: &[Measured], bad: &[Measured]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::util::event_value;
     use super::*;
 
     #[test]
@@ -655,17 +582,18 @@ mod tests {
         let (events, partitions, bad, every) = (10_000, 8, 3, 100);
         let mask = poison_mask(events, partitions, bad, every);
         let share = (0..events)
-            .filter(|&i| route(Some(key(i).as_bytes()), None, partitions) == bad)
+            .filter(|&i| route(Some(event_key(i).as_bytes()), None, partitions) == bad)
             .count();
         assert!(share > 0);
         assert_eq!(mask.iter().filter(|&&p| p).count(), share.div_ceil(every));
         for (i, &poison) in mask.iter().enumerate() {
             if poison {
-                assert_eq!(route(Some(key(i).as_bytes()), None, partitions), bad);
+                assert_eq!(route(Some(event_key(i).as_bytes()), None, partitions), bad);
             }
         }
         // The bad partition's very first event is a trigger, so it loops from the start.
-        let first = (0..events).find(|&i| route(Some(key(i).as_bytes()), None, partitions) == bad);
+        let first =
+            (0..events).find(|&i| route(Some(event_key(i).as_bytes()), None, partitions) == bad);
         assert!(matches!(first, Some(i) if mask[i]));
     }
 

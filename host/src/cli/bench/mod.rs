@@ -15,6 +15,7 @@ mod requests;
 mod server;
 mod surge;
 mod util;
+mod workload;
 
 use anyhow::Context as _;
 use clap::Subcommand;
