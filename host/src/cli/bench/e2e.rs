@@ -130,18 +130,7 @@ pub(super) async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let scratch = Scratch::create(&plan.load.parent)?;
     print_parameters(&plan, &component, scratch.path());
 
-    let bodies: Arc<Vec<Bytes>> = Arc::new(
-        (0..plan.events)
-            .step_by(plan.load.batch)
-            .map(|start| {
-                Bytes::from(
-                    (start..(start + plan.load.batch).min(plan.events))
-                        .map(|i| ndjson_line(i, &plan.load.value(i)))
-                        .collect::<String>(),
-                )
-            })
-            .collect(),
-    );
+    let bodies = plan.load.bodies(plan.events, |i| plan.load.value(i));
     let component = Bytes::from(component.bytes);
     let mut ingest = Vec::with_capacity(plan.rounds);
     let mut pipeline = Vec::with_capacity(plan.rounds);

@@ -100,10 +100,7 @@ impl Plan {
 
     /// The event numbers of each request, in order: `--batch` at a time.
     fn requests(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
-        let (events, batch) = (self.events, self.load.batch);
-        (0..events)
-            .step_by(batch)
-            .map(move |start| start..(start + batch).min(events))
+        self.load.requests(self.events)
     }
 }
 
@@ -148,18 +145,7 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let scratch = Scratch::create(&plan.load.parent)?;
     print_parameters(&plan, scratch.path());
 
-    // Bodies are built once, before any clock starts, so the client's cost is sending and checking only.
-    let bodies: Arc<Vec<Bytes>> = Arc::new(
-        plan.requests()
-            .map(|events| {
-                Bytes::from(
-                    events
-                        .map(|i| ndjson_line(i, &plan.load.value(i)))
-                        .collect::<String>(),
-                )
-            })
-            .collect(),
-    );
+    let bodies = plan.load.bodies(plan.events, |i| plan.load.value(i));
     let (mut raw, mut http) = (Measured::default(), Measured::default());
     let mut ratios = Vec::with_capacity(plan.rounds);
     for round in 0..plan.rounds {
@@ -566,29 +552,4 @@ fn latency_line(latencies: &[Duration], what: &str) -> String {
     }
     let _ = write!(line, "over {} {what}", sorted.len());
     line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_cover_every_event_once_in_batches() {
-        let args = IngestArgs {
-            events: 2500,
-            rounds: 1,
-            load: WorkloadArgs {
-                batch: 1000,
-                value_bytes: 16,
-                connections: 1,
-                partitions: 4,
-                cells: 2,
-                dir: None,
-                set: vec![],
-            },
-        };
-        let plan = Plan::new(args).map_err(|e| e.to_string());
-        let requests: Vec<_> = plan.iter().flat_map(Plan::requests).collect();
-        assert_eq!(requests, vec![0..1000, 1000..2000, 2000..2500]);
-    }
 }

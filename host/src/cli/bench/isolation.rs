@@ -159,24 +159,13 @@ fn poison_mask(events: usize, partitions: u32, bad: u32, every: usize) -> Vec<bo
 /// The request bodies of a phase: event `i` carries the trigger where `poison[i]`, else its value.
 fn bodies(plan: &Plan, poison: &[bool]) -> Arc<Vec<Bytes>> {
     let trigger = trigger_value(plan.load.value_bytes);
-    Arc::new(
-        (0..plan.events)
-            .step_by(plan.load.batch)
-            .map(|start| {
-                Bytes::from(
-                    (start..(start + plan.load.batch).min(plan.events))
-                        .map(|i| {
-                            if poison.get(i).copied().unwrap_or(false) {
-                                ndjson_line(i, &trigger)
-                            } else {
-                                ndjson_line(i, &plan.load.value(i))
-                            }
-                        })
-                        .collect::<String>(),
-                )
-            })
-            .collect(),
-    )
+    plan.load.bodies(plan.events, |i| {
+        if poison.get(i).copied().unwrap_or(false) {
+            trigger.clone()
+        } else {
+            plan.load.value(i)
+        }
+    })
 }
 
 /// What one phase of one round measured.

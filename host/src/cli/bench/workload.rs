@@ -2,10 +2,12 @@
 //! request stream and of the server it runs against, the server configuration built from them, and
 //! the events themselves (event `i`: key `k<i>`, value a JSON string of `--value-bytes` bytes).
 
-use std::ops::RangeInclusive;
+use std::ops::{Range, RangeInclusive};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use clap::Args;
 
 use super::util::{check_range, event_value};
@@ -113,6 +115,27 @@ impl Workload {
     pub fn value(&self, i: usize) -> String {
         event_value(i, self.value_bytes)
     }
+
+    /// The event numbers of each of the requests that post `events` events: `--batch` at a time.
+    pub fn requests(&self, events: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+        let batch = self.batch;
+        (0..events)
+            .step_by(batch)
+            .map(move |start| start..(start + batch).min(events))
+    }
+
+    /// The NDJSON body of each request, with `value(i)` as event `i`'s value. Built before any clock
+    /// starts, so the client's cost is sending and checking only.
+    pub fn bodies(&self, events: usize, value: impl Fn(usize) -> String) -> Arc<Vec<Bytes>> {
+        let body = |request: Range<usize>| {
+            Bytes::from(
+                request
+                    .map(|i| ndjson_line(i, &value(i)))
+                    .collect::<String>(),
+            )
+        };
+        Arc::new(self.requests(events).map(body).collect())
+    }
 }
 
 /// Event `i`'s key.
@@ -152,6 +175,21 @@ mod tests {
             events[0].value,
             crate::log::PayloadRef::Json(value.as_bytes())
         );
+        Ok(())
+    }
+
+    #[test]
+    fn requests_cover_every_event_once_in_batches() -> anyhow::Result<()> {
+        let load = Workload::new(args(1000, 16), 2500, 2..=4096, &[])?;
+        let requests: Vec<_> = load.requests(2500).collect();
+        assert_eq!(requests, vec![0..1000, 1000..2000, 2000..2500]);
+        let bodies = load.bodies(2500, |i| i.to_string());
+        let lines: Vec<usize> = bodies
+            .iter()
+            .map(|b| b.split(|&c| c == b'\n').count() - 1)
+            .collect();
+        assert_eq!(lines, vec![1000, 1000, 500]);
+        assert!(bodies[2].ends_with(b"{\"key\":\"k2499\",\"value\":2499}\n"));
         Ok(())
     }
 
