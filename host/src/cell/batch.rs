@@ -16,8 +16,9 @@ use crate::log::record::DecodeError;
 use crate::log::{PayloadRef, RecordRef};
 use crate::runtime::{Batch, OutputBatch};
 
-/// Encoded output records, each with the output topic it goes to.
-pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<u8>)>;
+/// Encoded output records grouped by the output topic they go to, in emission order within each (the
+/// writer then looks each topic up once per batch, not once per record).
+pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<Vec<u8>>)>;
 
 /// A stored record at `offset` did not decode.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +161,29 @@ pub(crate) fn to_records(
     input: &InputBatch,
     version: &HandlerVersion,
 ) -> Result<EncodedOutputs, String> {
+    let mut by_topic: Vec<Vec<Vec<u8>>> = vec![Vec::new(); version.outputs.len()];
+    encode_outputs(outputs, input, version, |topic, record| {
+        if let Some(records) = by_topic.get_mut(topic) {
+            records.push(record);
+        }
+    })?;
+    Ok(version
+        .outputs
+        .iter()
+        .zip(by_topic)
+        .filter(|(_, records)| !records.is_empty())
+        .map(|(topic, records)| (Arc::from(topic.as_str()), records))
+        .collect())
+}
+
+/// Encodes a handler's columnar outputs for `input` in emission order, handing each record with the
+/// index of its output topic (checked against `version.outputs`) to `sink`.
+pub(crate) fn encode_outputs(
+    outputs: &OutputBatch,
+    input: &InputBatch,
+    version: &HandlerVersion,
+    mut sink: impl FnMut(usize, Vec<u8>),
+) -> Result<(), String> {
     let n = outputs.topics.len();
     let (sources, key_sources) = (&outputs.value_sources, &outputs.key_sources);
     if outputs.key_ends.len() != n
@@ -181,20 +205,15 @@ pub(crate) fn to_records(
             input.len()
         )
     };
-    let topics: Vec<Arc<str>> = version
-        .outputs
-        .iter()
-        .map(|t| Arc::from(t.as_str()))
-        .collect();
-    let mut records = Vec::with_capacity(n);
     let (mut key_start, mut value_start) = (0usize, 0usize);
     for i in 0..n {
-        let topic = topics.get(outputs.topics[i] as usize).ok_or_else(|| {
-            format!(
-                "output topic index {} is not declared (outputs: {:?})",
-                outputs.topics[i], version.outputs
-            )
-        })?;
+        let topic = usize::from(outputs.topics[i]);
+        if topic >= version.outputs.len() {
+            return Err(format!(
+                "output topic index {topic} is not declared (outputs: {:?})",
+                version.outputs
+            ));
+        }
         let (key_end, value_end) = (outputs.key_ends[i] as usize, outputs.value_ends[i] as usize);
         let own_key = outputs
             .keys
@@ -224,9 +243,9 @@ pub(crate) fn to_records(
             headers: vec![],
             id: None,
         };
-        records.push((topic.clone(), record.encode()));
+        sink(topic, record.encode());
     }
-    Ok(records)
+    Ok(())
 }
 
 /// JSON if the bytes are one valid JSON value, else raw bytes.
@@ -308,11 +327,15 @@ mod tests {
             value_sources: vec![2, 1, 0, 0],
             key_sources: vec![0, 2, 0, 0],
         };
-        let records =
+        let grouped =
             to_records(&outputs, &input, &version(&["out"])).map_err(anyhow::Error::msg)?;
+        let records = match &grouped[..] {
+            [(topic, records)] if &**topic == "out" => records,
+            other => anyhow::bail!("expected one group for \"out\", got {other:?}"),
+        };
         let keys: Vec<Option<Vec<u8>>> = records
             .iter()
-            .map(|(_, bytes)| Record::decode(bytes).map(|r| r.key))
+            .map(|bytes| Record::decode(bytes).map(|r| r.key))
             .collect::<Result<_, _>>()?;
         let keys: Vec<Option<&[u8]>> = keys.iter().map(Option::as_deref).collect();
         assert_eq!(
@@ -327,7 +350,7 @@ mod tests {
         );
         let values: Vec<Payload> = records
             .iter()
-            .map(|(_, bytes)| Record::decode(bytes).map(|r| r.value))
+            .map(|bytes| Record::decode(bytes).map(|r| r.value))
             .collect::<Result<_, _>>()?;
         assert_eq!(
             values,
@@ -336,6 +359,40 @@ mod tests {
                 Payload::Json(r#"{"a":1}"#.into()),
                 Payload::Json("7".into()),
                 Payload::Bytes(b"{x".to_vec()),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn outputs_are_grouped_by_topic_in_emission_order() -> anyhow::Result<()> {
+        let events = vec![(0u64, stored(Payload::Json("1".into()), "k"))];
+        let input = InputBatch::decode(0, &events)?;
+        // Own values 1..=4 to topics b, a, b, b (declared a, b, c: c gets nothing).
+        let outputs = OutputBatch {
+            topics: vec![1, 0, 1, 1],
+            keys: vec![],
+            key_ends: vec![0; 4],
+            values: b"1234".to_vec(),
+            value_ends: vec![1, 2, 3, 4],
+            value_sources: vec![],
+            key_sources: vec![],
+        };
+        let grouped =
+            to_records(&outputs, &input, &version(&["a", "b", "c"])).map_err(anyhow::Error::msg)?;
+        let values: Vec<(String, Vec<Payload>)> = grouped
+            .iter()
+            .map(|(topic, records)| {
+                let values = records.iter().map(|r| Record::decode(r).map(|r| r.value));
+                Ok((topic.to_string(), values.collect::<Result<_, _>>()?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let json = |v: &str| Payload::Json(v.into());
+        assert_eq!(
+            values,
+            [
+                ("a".to_string(), vec![json("2")]),
+                ("b".to_string(), vec![json("1"), json("3"), json("4")]),
             ]
         );
         Ok(())

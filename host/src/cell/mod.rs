@@ -31,7 +31,7 @@ use crate::log::{Committed, ConsumerLog, DlqEntry};
 use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
 use crate::runtime::Runtime;
 
-pub(crate) use batch::{InputBatch, to_records};
+pub(crate) use batch::{InputBatch, encode_outputs, to_records};
 pub use breaker::BreakerOptions;
 pub use dedup::DedupIndex;
 pub use processor::{ProcessorOptions, TaskStatus};
@@ -186,7 +186,7 @@ struct ProcessCommit {
     consumer: ConsumerLog,
     partition: u32,
     /// Encoded records per output topic (all to `partition`).
-    outputs: Vec<(Arc<str>, Vec<u8>)>,
+    outputs: batch::EncodedOutputs,
     /// State writes (`None` deletes).
     state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     committed: Committed,

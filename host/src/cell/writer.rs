@@ -67,7 +67,7 @@ impl Pending {
     fn weight(&self) -> usize {
         match self {
             Pending::Append(a) => a.events.len(),
-            Pending::Process(p) => p.outputs.len().max(1),
+            Pending::Process(p) => p.outputs.iter().map(|(_, r)| r.len()).sum::<usize>().max(1),
         }
     }
 
@@ -520,13 +520,15 @@ impl Writer {
                 );
             }
         }
-        for (topic, record) in outputs {
+        for (topic, records) in outputs {
             if let Some(state) = self
                 .topics
                 .get_mut(&topic)
                 .and_then(|p| p.get_mut(&partition))
             {
-                Self::append_record(batch, state, now, record, None);
+                for record in records {
+                    Self::append_record(batch, state, now, record, None);
+                }
             }
         }
         for (key, value) in state {

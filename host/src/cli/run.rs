@@ -6,7 +6,7 @@
 //! [`ingest::parse`](crate::ingest::parse), routed by [`partitioner::route`] over `--partitions`
 //! (default: the server's default), deduplicated by id like the cell writer, and given per-partition
 //! offsets from 0 in file order; each partition gets its own instance and state, and batches of up to
-//! `handler.batch_max_events` events built with [`build_batch`]; outputs go through [`to_records`].
+//! `handler.batch_max_events` events built with [`build_batch`]; outputs go through [`encode_outputs`].
 //! Failures are handled like the cell processor: an event the handler reports failed is printed as an
 //! error (the server would dead-letter it), the events before it are run again to get their effects, and
 //! the next batch starts after it; a trap makes every event of the batch run alone.
@@ -29,7 +29,7 @@ use clap::Args;
 
 use super::parse_config;
 use crate::catalog::HandlerVersion;
-use crate::cell::{DedupIndex, InputBatch, to_records};
+use crate::cell::{DedupIndex, InputBatch, encode_outputs};
 use crate::config::Config;
 use crate::ingest::{parse, partitioner};
 use crate::log::{Payload, Record};
@@ -41,7 +41,7 @@ use crate::runtime::{
 /// Bytes of input per batch at most: the cell processor's bound (`MAX_BATCH_BYTES` there), counted the
 /// same way (encoded record sizes, the batch closes on the event that reaches it).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Encoded output records with the output each goes to, as `to_records` makes them.
+/// Encoded output records with the output each goes to, as `encode_outputs` makes them.
 type Records = Vec<(Arc<str>, Vec<u8>)>;
 /// The most partitions a server can have (the range of its `partitions` key).
 const MAX_PARTITIONS: u32 = 4096;
@@ -627,7 +627,18 @@ impl<W: Write> Ctx<'_, W> {
             created_ms: 0,
             limits: Default::default(),
         };
-        to_records(outputs, input, &version)
+        let names: Vec<Arc<str>> = version
+            .outputs
+            .iter()
+            .map(|n| Arc::from(n.as_str()))
+            .collect();
+        let mut records = Records::new();
+        encode_outputs(outputs, input, &version, |topic, record| {
+            if let Some(name) = names.get(topic) {
+                records.push((name.clone(), record));
+            }
+        })?;
+        Ok(records)
     }
 
     fn emit(&mut self, partition: u32, records: Records) -> anyhow::Result<()> {

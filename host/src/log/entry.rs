@@ -13,6 +13,8 @@
 
 use std::ops::Range;
 
+use byteview::ByteView;
+
 use super::record::FORMAT_V1;
 
 /// Format byte of a run.
@@ -34,65 +36,82 @@ pub enum EntryError {
 }
 
 /// Builds one entry from records appended in offset order.
+///
+/// The records are kept as they come and copied once, when the entry is finished, into a buffer of
+/// the entry's exact size, which fjall then keeps as it is: no growing buffer, no second copy.
 #[derive(Debug, Default)]
 pub struct RunBuilder {
-    /// The first record, kept as is while it is alone.
-    single: Option<Vec<u8>>,
-    /// The run, once it holds two records or more.
-    run: Vec<u8>,
-    count: u32,
+    records: Vec<Vec<u8>>,
+    /// Bytes of the framed records (length prefixes included).
+    framed: usize,
 }
 
 impl RunBuilder {
     /// Appends the next record.
     pub fn push(&mut self, record: Vec<u8>) {
-        match self.count {
-            0 => self.single = Some(record),
-            _ => {
-                if let Some(first) = self.single.take() {
-                    self.run
-                        .reserve(RUN_HEADER + 2 * LEN_PREFIX + first.len() + record.len());
-                    self.run.push(FORMAT_RUN);
-                    self.run.extend_from_slice(&[0; 4]);
-                    push_framed(&mut self.run, &first);
-                }
-                push_framed(&mut self.run, &record);
-            }
-        }
-        self.count += 1;
+        self.framed += LEN_PREFIX + record.len();
+        self.records.push(record);
     }
 
     /// Records in the entry so far.
     pub fn count(&self) -> u32 {
-        self.count
+        // A run is bounded by MAX_RUN_BYTES, so its count is far below u32::MAX.
+        self.records.len() as u32
     }
 
     /// Bytes of the entry so far.
     pub fn len(&self) -> usize {
-        self.single.as_ref().map_or(self.run.len(), Vec::len)
+        match &self.records[..] {
+            [] => 0,
+            [single] => single.len(),
+            _ => RUN_HEADER + self.framed,
+        }
     }
 
     /// Whether no record was pushed.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.records.is_empty()
     }
 
     /// The entry's bytes.
-    pub fn finish(mut self) -> Vec<u8> {
-        if let Some(single) = self.single.take() {
-            return single;
+    pub fn finish(self) -> ByteView {
+        if let [single] = &self.records[..] {
+            return ByteView::new(single);
         }
-        if let Some(count) = self.run.get_mut(1..RUN_HEADER) {
-            count.copy_from_slice(&self.count.to_be_bytes());
+        let mut entry = ByteView::with_size(self.len());
+        let written = match entry.get_mut() {
+            Some(mut bytes) => {
+                self.write_run(&mut bytes);
+                true
+            }
+            None => false,
+        };
+        if written {
+            return entry;
         }
-        self.run
+        // A view just made has no other owner; should that ever change, build it the slow way.
+        let mut bytes = vec![0; self.len()];
+        self.write_run(&mut bytes);
+        ByteView::from(bytes)
     }
-}
 
-fn push_framed(out: &mut Vec<u8>, record: &[u8]) {
-    // A record is far below 4 GiB: request bodies are limited to a few MiB.
-    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
-    out.extend_from_slice(record);
+    /// Writes the run into `out`, which is exactly [`Self::len`] bytes long.
+    fn write_run(&self, out: &mut [u8]) {
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            if let Some(dst) = out.get_mut(at..at + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+            at += bytes.len();
+        };
+        put(&[FORMAT_RUN]);
+        put(&self.count().to_be_bytes());
+        for record in &self.records {
+            // A record is far below 4 GiB: request bodies are limited to a few MiB.
+            put(&(record.len() as u32).to_be_bytes());
+            put(record);
+        }
+    }
 }
 
 /// How many records `entry` holds.
@@ -113,28 +132,68 @@ pub fn count(entry: &[u8]) -> Result<u64, EntryError> {
 
 /// Where each record of `entry` lies in it, in offset order.
 pub fn records(entry: &[u8]) -> Result<Vec<Range<usize>>, EntryError> {
-    let n = count(entry)?;
-    if entry.first() == Some(&FORMAT_V1) {
-        // One range covering the whole entry: its only record.
-        #[allow(clippy::single_range_in_vec_init)]
-        return Ok(vec![0..entry.len()]);
-    }
-    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(entry.len()));
-    let mut at = RUN_HEADER;
-    for _ in 0..n {
-        let len: [u8; 4] = entry
+    ranges(entry)?.collect()
+}
+
+/// Where each record of `entry` lies in it, in offset order, found as it goes (reads use this: no
+/// allocation per entry).
+pub fn ranges(entry: &[u8]) -> Result<Ranges<'_>, EntryError> {
+    let left = count(entry)?;
+    let single = entry.first() == Some(&FORMAT_V1);
+    Ok(Ranges {
+        entry,
+        at: if single { 0 } else { RUN_HEADER },
+        left,
+        single,
+    })
+}
+
+/// The iterator [`ranges`] returns; it ends after an error.
+#[derive(Debug)]
+pub struct Ranges<'a> {
+    entry: &'a [u8],
+    at: usize,
+    left: u64,
+    single: bool,
+}
+
+impl Iterator for Ranges<'_> {
+    type Item = Result<Range<usize>, EntryError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        if self.single {
+            // One range covering the whole entry: its only record.
+            return Some(Ok(0..self.entry.len()));
+        }
+        let truncated = EntryError::Truncated(self.entry.len());
+        let at = self.at;
+        let Some(len) = self
+            .entry
             .get(at..at + LEN_PREFIX)
-            .and_then(|l| l.try_into().ok())
-            .ok_or(EntryError::Truncated(entry.len()))?;
+            .and_then(|l| <[u8; LEN_PREFIX]>::try_from(l).ok())
+        else {
+            self.left = 0;
+            return Some(Err(truncated));
+        };
         let start = at + LEN_PREFIX;
-        let end = start
+        match start
             .checked_add(u32::from_be_bytes(len) as usize)
-            .filter(|&end| end <= entry.len())
-            .ok_or(EntryError::Truncated(entry.len()))?;
-        out.push(start..end);
-        at = end;
+            .filter(|&end| end <= self.entry.len())
+        {
+            Some(end) => {
+                self.at = end;
+                Some(Ok(start..end))
+            }
+            None => {
+                self.left = 0;
+                Some(Err(truncated))
+            }
+        }
     }
-    Ok(out)
 }
 
 /// The range of record `index` of `entry`, if it holds that many.
@@ -159,7 +218,7 @@ mod tests {
         b.push(record_bytes(7));
         assert_eq!(b.count(), 1);
         let entry = b.finish();
-        assert_eq!(entry, record_bytes(7));
+        assert_eq!(&*entry, &record_bytes(7)[..]);
         assert_eq!(count(&entry)?, 1);
         assert_eq!(
             records(&entry)?,

@@ -511,9 +511,11 @@ impl PartitionLog {
         for guard in self.log.range(offset_key(start)..offset_key(end)) {
             let (key, value) = guard.into_inner().map_err(self.err())?;
             let first = self.decode_key(&self.log, &key)?;
-            let ranges = entry::records(&value).map_err(|e| self.entry_err(e))?;
-            let whole = ranges.len() == 1;
+            // Records share the entry's buffer: one view of it, sliced per record.
+            let shared = byteview::ByteView::from(value.clone());
+            let ranges = entry::ranges(&value).map_err(|e| self.entry_err(e))?;
             for (offset, range) in (first..).zip(ranges) {
+                let range = range.map_err(|e| self.entry_err(e))?;
                 if offset < from {
                     continue;
                 }
@@ -521,10 +523,10 @@ impl PartitionLog {
                     return Ok(out);
                 }
                 bytes += range.len();
-                let record = if whole {
+                let record = if range.len() == value.len() {
                     value.clone()
                 } else {
-                    Slice::from(byteview::ByteView::from(value.clone()).slice(range))
+                    Slice::from(shared.slice(range))
                 };
                 out.push((offset, record));
                 if out.len() >= max_count || bytes >= max_bytes {
