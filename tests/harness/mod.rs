@@ -195,6 +195,14 @@ impl TestHost {
         ensure_status(&resp, 201)
     }
 
+    /// Creates each of `names` with default settings, in order.
+    pub async fn create_topics(&self, names: &[&str]) -> TestResult {
+        for name in names {
+            self.create_topic(name).await?;
+        }
+        Ok(())
+    }
+
     /// Reads a whole partition from `from` to its end offset.
     pub async fn read_all(
         &self,

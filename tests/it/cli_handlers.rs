@@ -111,8 +111,7 @@ fn run_outputs(stdout: &str, output: &str) -> TestResult<Outputs> {
 #[tokio::test]
 async fn handlers_are_deployed_and_managed_from_the_command_line() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("clicks").await?;
-    host.create_topic("counts").await?;
+    host.create_topics(&["clicks", "counts"]).await?;
     let counter = example_path("counter")?;
     let counter = path_str(&counter)?;
 
@@ -392,8 +391,7 @@ async fn run_gives_the_enrich_outputs_a_server_gives_and_reports_failed_events()
 #[tokio::test]
 async fn dead_letters_print_as_ndjson() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let enrich = example_path("enrich")?;
     procd_ok(
         Some(&host),

@@ -638,8 +638,7 @@ fn check_tagged(inputs: &[Vec<Value>], outputs: &[Vec<Value>], phases: &[&str]) 
 async fn hot_swap_and_rollback_process_each_event_exactly_once_and_keep_state() -> TestResult {
     // Small batches: many batch boundaries at which a swap can happen.
     let host = TestHost::start_with(PARTITIONS, 2, &["handler.batch_max_events=16"])?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let counter = test_guest("tagged-counter")?;
 
     // v1 is deployed while events flow.
@@ -722,9 +721,7 @@ fn assert_refused(resp: &Response, status: u16, code: &str, needle: &str) -> Tes
 #[tokio::test]
 async fn refused_deploys_change_nothing() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
-    host.create_topic("other").await?;
+    host.create_topics(&["in", "out", "other"]).await?;
     deploy_ok(
         &host,
         "keep",
@@ -857,8 +854,7 @@ async fn oversized_component_is_413_and_changes_nothing() -> TestResult {
 #[tokio::test]
 async fn every_version_records_the_sha256_of_its_component() -> TestResult {
     let host = TestHost::start_with(2, 1, &[])?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let (first, second) = (example("passthrough")?, example("enrich")?);
     deploy_ok(&host, "h", first.clone(), "in", &["out"], &[], 1).await?;
     deploy_ok(&host, "h", second.clone(), "in", &["out"], &[], 2).await?;
@@ -905,8 +901,7 @@ fn total_lag(v: &Value) -> u64 {
 #[tokio::test]
 async fn paused_handler_lags_and_resumes_to_zero() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     post_all(&host, "in", &varied_events(100, false)).await?;
     wait_processed(&host, "c", "in").await?;
@@ -968,8 +963,7 @@ async fn reset(host: &TestHost, name: &str, body: Value) -> TestResult {
 #[tokio::test]
 async fn reset_replays_with_or_without_state() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     post_all(&host, "in", &varied_events(150, false)).await?;
     wait_processed(&host, "c", "in").await?;
@@ -1026,8 +1020,7 @@ async fn reset_replays_with_or_without_state() -> TestResult {
 #[tokio::test]
 async fn removed_handler_is_gone_and_a_new_one_starts_from_scratch() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 2).await?;
     post_all(&host, "in", &varied_events(100, false)).await?;
@@ -1074,8 +1067,7 @@ async fn removed_handler_is_gone_and_a_new_one_starts_from_scratch() -> TestResu
 #[tokio::test]
 async fn counts_continue_across_a_restart() -> TestResult {
     let mut host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     post_all(&host, "in", &varied_events(150, false)).await?;
     wait_processed(&host, "c", "in").await?;
@@ -1131,8 +1123,7 @@ pub(crate) async fn dead_letters(
 #[tokio::test]
 async fn a_failing_event_is_dead_lettered_and_processing_goes_on() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "e", example("enrich")?, "in", &["out"], &[], 1).await?;
     // One key, one request: the bad events sit in the middle of one partition's batch.
     let values = [
@@ -1230,8 +1221,7 @@ async fn a_failing_event_is_dead_lettered_and_processing_goes_on() -> TestResult
 #[tokio::test]
 async fn a_trapping_event_is_isolated_and_dead_lettered() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(
         &host,
         "t",
@@ -1284,9 +1274,7 @@ async fn a_handler_failing_every_event_trips_its_breaker_and_spares_its_neighbou
             "handler.breaker_cooldown_ms=300",
         ],
     )?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
-    host.create_topic("bad-out").await?;
+    host.create_topics(&["in", "out", "bad-out"]).await?;
     deploy_ok(&host, "good", example("counter")?, "in", &["out"], &[], 1).await?;
     deploy_ok(
         &host,
@@ -1356,8 +1344,7 @@ async fn a_handler_failing_every_event_trips_its_breaker_and_spares_its_neighbou
 #[tokio::test]
 async fn dead_letters_are_bounded_and_can_be_purged() -> TestResult {
     let host = TestHost::start_with(PARTITIONS, 2, &["handler.dlq_max_entries=5"])?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(
         &host,
         "t",
@@ -1410,8 +1397,7 @@ async fn dead_letters_are_bounded_and_can_be_purged() -> TestResult {
 #[tokio::test]
 async fn dead_letters_replay_through_the_fixed_version() -> TestResult {
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let guest = test_guest("tagged-counter")?;
     let v1 = ["config=tag=a", "config=panic_on=666"];
     deploy_ok(&host, "t", guest.clone(), "in", &["out"], &v1, 1).await?;
@@ -1475,8 +1461,7 @@ async fn counter_counts_keyless_events_per_partition() -> TestResult {
     // `counter` counts keyless events under the empty key (its documented behaviour), so it writes
     // state under an empty key. The handler may do that: the WIT puts no rule on state keys.
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     let events = varied_events(200, true);
     let placed = post_all(&host, "in", &events).await?;
@@ -1500,8 +1485,7 @@ async fn a_state_key_the_store_cannot_hold_fails_the_event_not_the_cell() -> Tes
     // `counter` uses the event's key as its state key; ingest puts no bound on key length. A key
     // longer than the storage can index (64 KiB) must cost that event, not the cell.
     let host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
     let huge = "h".repeat(70_000);
     let placed = post_all(&host, "in", &[(Some(huge.clone()), json!(1))]).await?;

@@ -26,9 +26,7 @@ async fn beside_counter(mode: &str, extra: &[&str], settings: &[&str]) -> TestRe
     let mut all = vec![deadline.as_str()];
     all.extend_from_slice(settings);
     let host = TestHost::start_with(PARTITIONS, 2, &all)?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
-    host.create_topic("bad-out").await?;
+    host.create_topics(&["in", "out", "bad-out"]).await?;
     deploy_ok(&host, "good", example("counter")?, "in", &["out"], &[], 1).await?;
     let mode_config = format!("config=mode={mode}");
     let mut config = vec![mode_config.as_str(), "config=on=666"];
@@ -269,8 +267,7 @@ fn counts_within(events: &[Value], limit: usize) -> Vec<Option<u64>> {
 async fn state_bytes_per_partition_are_limited_and_the_count_survives_a_restart() -> TestResult {
     const LIMIT: usize = 55; // five 3-byte keys with their 8-byte counts per partition
     let mut host = TestHost::start()?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let limit = format!("limit.max_state_bytes={LIMIT}");
     deploy_ok(
         &host,
@@ -371,8 +368,7 @@ async fn the_watchdog_reports_a_cell_whose_processing_is_stuck() -> TestResult {
         2,
         &["handler.deadline_ms=60000", "cell.processing_stall_ms=500"],
     )?;
-    host.create_topic("in").await?;
-    host.create_topic("bad-out").await?;
+    host.create_topics(&["in", "bad-out"]).await?;
     let config = ["config=mode=loop", "config=on=666"];
     deploy_ok(
         &host,
@@ -438,8 +434,7 @@ async fn a_lagging_partition_refuses_only_its_own_writes_until_it_catches_up() -
             "admission.lag_low_events=2",
         ],
     )?;
-    host.create_topic("in").await?;
-    host.create_topic("bad-out").await?;
+    host.create_topics(&["in", "bad-out"]).await?;
     let config = ["config=mode=loop", "config=on=666"];
     deploy_ok(
         &host,

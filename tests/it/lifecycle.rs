@@ -179,8 +179,7 @@ async fn a_slow_disk_alone_does_not_shed_a_producer_the_cell_keeps_up_with() -> 
     // of a lone producer waits for the commit in progress, longer than the 100 ms target, but fits in
     // the next group. That is the disk's service time, not a queue, and refusing would not shorten it.
     let host = TestHost::start_with(8, 2, &["debug.fault_injection=true"])?;
-    host.create_topic("t").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["t", "out"]).await?;
     let resp = host
         .deploy(
             "copy",

@@ -199,8 +199,7 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
             "admission.tenant_burst_bytes=4000",
         ],
     )?;
-    host.create_topic("in").await?;
-    host.create_topic("out").await?;
+    host.create_topics(&["in", "out"]).await?;
     let events: Vec<_> = (0..40)
         .map(|i| (Some(format!("k{i}")), json!({ "n": i })))
         .collect();

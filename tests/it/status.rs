@@ -13,8 +13,7 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn status_shows_each_partition_of_each_handler() -> TestResult {
     let host = TestHost::start_with(2, 1, &[])?;
-    host.create_topic("in").await?;
-    host.create_topic("counts").await?;
+    host.create_topics(&["in", "counts"]).await?;
 
     let out = procd(Some(&host), &["status"], b"")?;
     assert!(out.status.success(), "{}", text(&out.stderr));
