@@ -3,7 +3,7 @@
 //! its own processor (a supervisor thread and one thread per handler and partition, see `processor`),
 //! its own bounded queue and its own health.
 //!
-//! The writer ([`writer`]) is the only thread that writes to the cell's Database: it group-commits
+//! The writer (`writer`) is the only thread that writes to the cell's Database: it group-commits
 //! appends (one fsync per group), assigns offsets, stamps log-append time and deduplicates by event id.
 //! Readers read a partition directly, but only up to the offset the writer published *after* the fsync,
 //! so nothing is ever served that a crash could take back.

@@ -1,7 +1,7 @@
 //! The cell processor: runs every handler on every partition the cell owns, one batch at a time.
 //!
-//! Each (handler, partition) task has its own thread, started and stopped by the cell's supervisor
-//! thread, so a task that is slow, loops until its deadline or is halving a poisoned batch never holds
+//! Each (handler, partition) task has its own thread, started and stopped by the cell's
+//! [`supervisor`] thread, so a task that is slow, loops until its deadline or is halving a poisoned batch never holds
 //! up another partition or handler; no code path here waits across partitions.
 //!
 //! A task reads a batch from its committed offset (only durable input), calls the handler's instance
@@ -22,10 +22,9 @@
 //! Processing never blocks ingest: it runs on its own threads and only talks to the writer through the
 //! same bounded queue as ingest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -44,6 +43,10 @@ use crate::runtime::{
     CallError, Compiled, HandleOutcome, Instance, Limits, LogLabel, Runtime, StateChanges,
     StateStore,
 };
+
+mod supervisor;
+
+pub(super) use supervisor::Supervisor;
 
 /// Stored input events: offset and encoded record, as read from the log.
 type Stored = (u64, fjall::Slice);
@@ -183,25 +186,6 @@ pub(super) struct ProcessorContext {
     pub stop: Arc<AtomicBool>,
 }
 
-/// The cell's processor: a supervisor thread that runs one thread per (handler, partition) task, so
-/// a task that is slow, loops until its deadline or halves a poisoned batch never holds up another
-/// partition or handler. It starts threads for new tasks, stops and joins those of removed handlers
-/// (then deletes their storage), and hands dead-letter replays to the task they are for.
-pub(super) struct Supervisor {
-    ctx: ProcessorContext,
-    tasks: BTreeMap<(Arc<str>, u32), TaskHandle>,
-}
-
-/// The supervisor's handle on one task thread.
-struct TaskHandle {
-    incarnation: u64,
-    /// Tells the task's thread to finish.
-    quit: Arc<AtomicBool>,
-    /// Dead-letter replays for this task.
-    replays: Arc<Mutex<Vec<ReplayRequest>>>,
-    thread: JoinHandle<Option<ConsumerLog>>,
-}
-
 /// One task's thread: runs its handler on its partition, batch after batch.
 struct Runner {
     ctx: ProcessorContext,
@@ -221,201 +205,6 @@ enum StepError {
     Cell(#[from] CellError),
     #[error("{0}")]
     Other(String),
-}
-
-impl Supervisor {
-    pub(super) fn new(ctx: ProcessorContext) -> Self {
-        Self {
-            ctx,
-            tasks: BTreeMap::new(),
-        }
-    }
-
-    pub(super) fn run(mut self) {
-        let _span =
-            tracing::info_span!("procd.cell.processor", cell = self.ctx.shared.index).entered();
-        while !self.ctx.stop.load(Ordering::Acquire) {
-            let defs = self.ctx.catalog.handlers();
-            self.sync_tasks(&defs);
-            self.route_replays();
-            self.update_watermarks(&defs);
-            std::thread::park_timeout(IDLE_PARK);
-        }
-        for (_, task) in std::mem::take(&mut self.tasks) {
-            task.quit.store(true, Ordering::Release);
-            task.thread.thread().unpark();
-            let _ = task.thread.join();
-        }
-    }
-
-    /// Sets or clears each of the cell's partitions' lag flag from its handlers' lag (the live end
-    /// offset minus the committed one; paused and tripped handlers do not count: they lag on purpose,
-    /// and producers should not pay for it).
-    fn update_watermarks(&self, defs: &HashMap<String, Arc<HandlerDef>>) {
-        let Some((high, low)) = self.ctx.options.lag_watermarks else {
-            return;
-        };
-        let shared = &self.ctx.shared;
-        let mut lag: HashMap<(&str, u32), u64> = HashMap::new();
-        if let Ok(statuses) = shared.statuses.lock() {
-            for ((handler, partition), status) in statuses.iter() {
-                if matches!(status.status, "paused" | "tripped") {
-                    continue;
-                }
-                let Some(def) = defs.get(handler) else {
-                    continue;
-                };
-                let Some(view) = shared.view(&def.input, *partition) else {
-                    continue;
-                };
-                let behind = view.end_offset().saturating_sub(status.committed_offset);
-                let worst = lag.entry((def.input.as_str(), *partition)).or_insert(0);
-                *worst = (*worst).max(behind);
-            }
-        }
-        for (name, topic) in shared.topics.load().iter() {
-            for (p, view) in &topic.by_partition {
-                let behind = lag.get(&(&**name, *p)).copied().unwrap_or(0);
-                let refusing = view.lagging().is_some();
-                let next = crate::backpressure::lag_watermark(refusing, behind, high, low);
-                view.set_lagging(next.then_some(behind.max(1)));
-            }
-        }
-    }
-
-    /// Hands each waiting dead-letter replay to its task's thread, or answers it if there is none.
-    fn route_replays(&mut self) {
-        let requests = match self.ctx.shared.replays.lock() {
-            Ok(mut replays) => std::mem::take(&mut *replays),
-            Err(_) => return,
-        };
-        for request in requests {
-            let key = (
-                Arc::<str>::from(request.handler.as_str()),
-                request.partition,
-            );
-            match self.tasks.get(&key) {
-                Some(task) => {
-                    if let Ok(mut queue) = task.replays.lock() {
-                        queue.push(request);
-                    }
-                    task.thread.thread().unpark();
-                }
-                None => {
-                    let _ = request.reply.send(Err(CellError::Unavailable {
-                        cell: self.ctx.shared.index,
-                        reason: format!(
-                            "handler {:?} is not running on partition {}",
-                            request.handler, request.partition
-                        ),
-                    }));
-                }
-            }
-        }
-    }
-
-    /// Starts threads for new tasks; stops those of removed handlers and deletes their storage.
-    fn sync_tasks(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
-        let gone: Vec<(Arc<str>, u32)> = self
-            .tasks
-            .iter()
-            .filter(|((name, _), t)| {
-                defs.get(&**name)
-                    .is_none_or(|d| d.incarnation != t.incarnation)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let changed = !gone.is_empty();
-        for key in gone {
-            let Some(task) = self.tasks.remove(&key) else {
-                continue;
-            };
-            task.quit.store(true, Ordering::Release);
-            task.thread.thread().unpark();
-            let consumer = task.thread.join().ok().flatten();
-            if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
-                statuses.remove(&(key.0.to_string(), key.1));
-            }
-            if let Some(consumer) = consumer {
-                let (reply, rx) = oneshot::channel();
-                if self
-                    .ctx
-                    .tx
-                    .send(Command::DropConsumer { consumer, reply })
-                    .is_ok()
-                {
-                    let _ = rx.blocking_recv();
-                }
-            }
-        }
-        let mut started = false;
-        for def in defs.values() {
-            let name: Arc<str> = Arc::from(def.name.as_str());
-            for partition in self.ctx.shared.shape.partitions_of(self.ctx.shared.index) {
-                if self.tasks.contains_key(&(name.clone(), partition)) {
-                    continue;
-                }
-                let consumer = match self.ctx.shared.store.consumer(&def.name, partition) {
-                    Ok(consumer) => consumer,
-                    Err(e) => {
-                        self.ctx
-                            .shared
-                            .health
-                            .fail(self.ctx.shared.index, e.to_string());
-                        return;
-                    }
-                };
-                let task = Task::new(
-                    name.clone(),
-                    def.incarnation,
-                    partition,
-                    consumer,
-                    &self.ctx,
-                );
-                let quit = Arc::new(AtomicBool::new(false));
-                let replays = Arc::new(Mutex::new(Vec::new()));
-                let runner = Runner {
-                    ctx: self.ctx.clone(),
-                    compiled: HashMap::new(),
-                    quit: quit.clone(),
-                    replays: replays.clone(),
-                    scratch: InputBatch::new(partition),
-                };
-                let thread = std::thread::Builder::new()
-                    .name(format!("procd-cell-{}-p{partition}", self.ctx.shared.index))
-                    .spawn(move || runner.run(task));
-                match thread {
-                    Ok(thread) => {
-                        self.tasks.insert(
-                            (name.clone(), partition),
-                            TaskHandle {
-                                incarnation: def.incarnation,
-                                quit,
-                                replays,
-                                thread,
-                            },
-                        );
-                        started = true;
-                    }
-                    Err(e) => {
-                        self.ctx.shared.health.fail(
-                            self.ctx.shared.index,
-                            format!("cannot start a processor thread: {e}"),
-                        );
-                        return;
-                    }
-                }
-            }
-        }
-        if started || changed {
-            let threads: Vec<std::thread::Thread> = self
-                .tasks
-                .values()
-                .map(|t| t.thread.thread().clone())
-                .collect();
-            self.ctx.shared.runners.store(Arc::new(threads));
-        }
-    }
 }
 
 impl Task {
@@ -459,6 +248,21 @@ impl Task {
 }
 
 impl Runner {
+    fn new(
+        ctx: ProcessorContext,
+        quit: Arc<AtomicBool>,
+        replays: Arc<Mutex<Vec<ReplayRequest>>>,
+        partition: u32,
+    ) -> Self {
+        Self {
+            ctx,
+            compiled: HashMap::new(),
+            quit,
+            replays,
+            scratch: InputBatch::new(partition),
+        }
+    }
+
     /// The task's loop, until its handler is removed (or re-created) or the cell stops. Returns the
     /// task's storage for the supervisor to delete when the handler is gone.
     fn run(mut self, mut task: Task) -> Option<ConsumerLog> {
