@@ -1,6 +1,7 @@
 //! What the in-process whole-system benchmarks (`ingest`, `e2e`, `isolation`) share: the flags of the
 //! request stream and of the server it runs against, the server configuration built from them, and
-//! the events themselves (event `i`: key `k<i>`, value a JSON string of `--value-bytes` bytes).
+//! the events themselves (event `i`: key `k<i>`, value a JSON string of `--value-bytes` bytes). The
+//! open-loop benchmarks (`surge`, `fairness`) drive a child server instead and share theirs in `load`.
 
 use std::ops::{Range, RangeInclusive};
 use std::path::PathBuf;
@@ -18,47 +19,47 @@ use crate::config::{Config, Overrides};
 pub struct WorkloadArgs {
     /// Events per HTTP request.
     #[arg(long, default_value_t = 1000)]
-    pub batch: usize,
+    batch: usize,
     /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
     #[arg(long, default_value_t = 256)]
-    pub value_bytes: usize,
+    value_bytes: usize,
     /// Concurrent keep-alive HTTP connections posting the events.
     #[arg(long, default_value_t = 4)]
-    pub connections: usize,
+    connections: usize,
     /// Partitions of the topics.
     #[arg(long, default_value_t = 8)]
-    pub partitions: u32,
+    pub(super) partitions: u32,
     /// Cells of the server (`ingest`: also the raw writer threads of phase (a)).
     #[arg(long, default_value_t = 2)]
-    pub cells: u32,
+    cells: u32,
     /// Where the temporary data directories go (removed afterwards) [default: the system temp dir].
     #[arg(long)]
-    pub dir: Option<PathBuf>,
+    dir: Option<PathBuf>,
     /// Any server config key, as KEY=VALUE, over the benchmark's own settings (`isolation`:
     /// handler.deadline_ms=200); `ingest`'s phase (a) follows the cell keys too. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    set: Vec<String>,
 }
 
 /// Validated [`WorkloadArgs`], with the server configuration they make.
 #[derive(Debug, Clone)]
 pub(super) struct Workload {
-    pub batch: usize,
-    pub value_bytes: usize,
-    pub connections: usize,
+    pub(super) batch: usize,
+    pub(super) value_bytes: usize,
+    pub(super) connections: usize,
     /// Built like `procd serve` builds it, minus procd.toml and PROCD_*: a benchmark must not depend
     /// on the directory it is run from.
-    pub config: Config,
+    pub(super) config: Config,
     /// The `--set` overrides the configuration was built with, for the parameter block.
-    pub set: Vec<String>,
+    pub(super) set: Vec<String>,
     /// Where the scratch directory goes.
-    pub parent: PathBuf,
+    pub(super) parent: PathBuf,
 }
 
 impl Workload {
     /// Validates `args` for a run of `events` events whose values may be `value_bytes` long, and builds
     /// the server configuration: ephemeral ports, the benchmark's own `defaults`, then `--set`.
-    pub fn new(
+    pub(super) fn new(
         args: WorkloadArgs,
         events: usize,
         value_bytes: RangeInclusive<usize>,
@@ -112,12 +113,12 @@ impl Workload {
     }
 
     /// Event `i`'s value.
-    pub fn value(&self, i: usize) -> String {
+    pub(super) fn value(&self, i: usize) -> String {
         event_value(i, self.value_bytes)
     }
 
     /// The event numbers of each of the requests that post `events` events: `--batch` at a time.
-    pub fn requests(&self, events: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+    pub(super) fn requests(&self, events: usize) -> impl Iterator<Item = Range<usize>> + use<> {
         let batch = self.batch;
         (0..events)
             .step_by(batch)
@@ -126,7 +127,7 @@ impl Workload {
 
     /// The NDJSON body of each request, with `value(i)` as event `i`'s value. Built before any clock
     /// starts, so the client's cost is sending and checking only.
-    pub fn bodies(&self, events: usize, value: impl Fn(usize) -> String) -> Arc<Vec<Bytes>> {
+    pub(super) fn bodies(&self, events: usize, value: impl Fn(usize) -> String) -> Arc<Vec<Bytes>> {
         let body = |request: Range<usize>| {
             Bytes::from(
                 request
