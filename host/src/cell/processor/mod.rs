@@ -1,8 +1,8 @@
 //! The cell processor: runs every handler on every partition the cell owns, one batch at a time.
 //!
 //! Each (handler, partition) task has its own thread, started and stopped by the cell's
-//! [`supervisor`] thread, so a task that is slow, loops until its deadline or is halving a poisoned batch never holds
-//! up another partition or handler; no code path here waits across partitions.
+//! [`supervisor`] thread, so a task that is slow, loops until its deadline or is halving a poisoned
+//! batch never holds up another partition or handler; no code path here waits across partitions.
 //!
 //! A task reads a batch from its committed offset (only durable input), calls the handler's instance
 //! under its limits, and sends the cell writer ONE commit holding the output records (appended to the
@@ -415,12 +415,8 @@ impl Runner {
                             self.commit(
                                 task,
                                 PendingCommit {
-                                    outputs,
-                                    state,
-                                    committed,
-                                    dead_letters: vec![],
                                     replayed: vec![seq],
-                                    clear_state: false,
+                                    ..PendingCommit::batch(outputs, state, committed)
                                 },
                             )?;
                             outcome.replayed += 1;
@@ -767,14 +763,7 @@ impl Runner {
                 let state = self.take_writes(task);
                 match to_records(&outputs, batch, version) {
                     Ok(outputs) => {
-                        let commit = PendingCommit {
-                            outputs,
-                            state,
-                            committed: after,
-                            dead_letters: vec![],
-                            replayed: vec![],
-                            clear_state: false,
-                        };
+                        let commit = PendingCommit::batch(outputs, state, after);
                         cover(task, events);
                         if wait {
                             self.commit(task, commit)?;
@@ -834,12 +823,8 @@ impl Runner {
                 self.commit(
                     task,
                     PendingCommit {
-                        outputs,
-                        state,
-                        committed,
                         dead_letters: vec![(seq, entry)],
-                        replayed: vec![],
-                        clear_state: false,
+                        ..PendingCommit::batch(outputs, state, committed)
                     },
                 )?;
                 task.breaker.record(index as u64 + 1, 1);
@@ -874,15 +859,11 @@ impl Runner {
             self.commit(
                 task,
                 PendingCommit {
-                    outputs: vec![],
-                    state: StateChanges::default(),
-                    committed: Committed {
+                    dead_letters: vec![(seq, entry)],
+                    ..PendingCommit::offset_only(Committed {
                         offset: offset + 1,
                         ..after
-                    },
-                    dead_letters: vec![(seq, entry)],
-                    replayed: vec![],
-                    clear_state: false,
+                    })
                 },
             )?;
             task.breaker.record(1, 1);
@@ -1011,6 +992,16 @@ struct PendingCommit {
 }
 
 impl PendingCommit {
+    /// A batch's outputs and state writes, with the offset after it.
+    fn batch(outputs: EncodedOutputs, state: StateChanges, committed: Committed) -> Self {
+        Self {
+            outputs,
+            state,
+            ..Self::offset_only(committed)
+        }
+    }
+
+    /// Only a new committed offset.
     fn offset_only(committed: Committed) -> Self {
         Self {
             outputs: vec![],
