@@ -78,21 +78,17 @@ impl RunBuilder {
         if let [single] = &self.records[..] {
             return ByteView::new(single);
         }
-        let mut entry = ByteView::with_size(self.len());
-        let written = match entry.get_mut() {
-            Some(mut bytes) => {
+        let len = self.len();
+        // `from_reader` fills a buffer it did not zero (a zeroed one cost the writer ~4 % of its time
+        // in `procd bench e2e`); `Fill` writes all of it in the one read it gets.
+        match ByteView::from_reader(&mut Fill(Some(&self)), len) {
+            Ok(entry) => entry,
+            Err(_) => {
+                let mut bytes = vec![0; len];
                 self.write_run(&mut bytes);
-                true
+                ByteView::from(bytes)
             }
-            None => false,
-        };
-        if written {
-            return entry;
         }
-        // A view just made has no other owner; should that ever change, build it the slow way.
-        let mut bytes = vec![0; self.len()];
-        self.write_run(&mut bytes);
-        ByteView::from(bytes)
     }
 
     /// Writes the run into `out`, which is exactly [`Self::len`] bytes long.
@@ -111,6 +107,22 @@ impl RunBuilder {
             put(&(record.len() as u32).to_be_bytes());
             put(record);
         }
+    }
+}
+
+/// A reader that yields a whole run at once, into a buffer at least as long as the run.
+struct Fill<'a>(Option<&'a RunBuilder>);
+
+impl std::io::Read for Fill<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(run) = self.0.take() else {
+            return Ok(0);
+        };
+        let out = buf
+            .get_mut(..run.len())
+            .ok_or(std::io::ErrorKind::InvalidInput)?;
+        run.write_run(out);
+        Ok(out.len())
     }
 }
 
