@@ -92,7 +92,14 @@ impl ApiError {
 
 /// A JSON response.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpResponse {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    json_body(
+        status,
+        serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+/// A response with a JSON body already written.
+pub fn json_body(status: StatusCode, body: Vec<u8>) -> HttpResponse {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -8,6 +8,7 @@
 //! if its id was seen), or its partition and why it was refused with a retry hint. `202` when all were
 //! accepted, `207` when some were, and the refusal status when none were.
 
+mod outcome;
 pub mod parse;
 pub mod partitioner;
 mod read;
@@ -20,12 +21,12 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, StatusCode};
-use serde::Serialize;
 
-use crate::cell::{AppendEvent, Appended, CellError};
-use crate::http::{ApiError, HttpResponse, json, no_route, read_body};
+use crate::cell::{AppendEvent, CellError};
+use crate::http::{ApiError, HttpResponse, json_body, no_route, read_body};
 use crate::metrics::{Listener, Route};
 use crate::server::AppState;
+use outcome::{AppendResponse, Outcome, count_refused, refusal_status};
 
 /// Route templates, the `route` label of the request metrics.
 const APPEND: Route = Route::new("POST", "/v1/topics/{topic}/events");
@@ -77,106 +78,6 @@ fn unknown_topic(topic: &str) -> ApiError {
             "topic {topic:?} does not exist; create it with `procd topics create {topic}` or POST /v1/topics"
         ),
     )
-}
-
-/// One event's outcome in the response.
-#[derive(Serialize)]
-struct Outcome {
-    partition: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    duplicate: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retry_after_ms: Option<u64>,
-    /// Why it was refused, finer than `error` (shed by priority or a full queue): the `reason`
-    /// label of `procd_ingest_refused_events_total`.
-    #[serde(skip)]
-    reason: &'static str,
-}
-
-impl Outcome {
-    fn refused(partition: u32, err: &CellError) -> Self {
-        let (code, retry_after_ms) = refusal(err);
-        Self {
-            partition,
-            offset: None,
-            duplicate: false,
-            error: Some(code),
-            detail: Some(err.to_string()),
-            retry_after_ms: Some(retry_after_ms),
-            reason: reason(err),
-        }
-    }
-}
-
-/// The metrics' reason for a refused event.
-fn reason(err: &CellError) -> &'static str {
-    use crate::backpressure::Priority;
-    match err {
-        CellError::Unavailable { .. } => "cell_unavailable",
-        CellError::Overloaded {
-            shed: Some(Priority::Low),
-            ..
-        } => "shed_low",
-        CellError::Overloaded {
-            shed: Some(Priority::Normal),
-            ..
-        } => "shed_normal",
-        CellError::Overloaded { .. } => "queue_full",
-        CellError::UnknownTopic(_) => "unknown_topic",
-        CellError::ShuttingDown { .. } => "shutting_down",
-        CellError::Lagging { .. } => "partition_lagging",
-    }
-}
-
-/// The status a refusal code is answered with when it refuses a whole request.
-fn refusal_status(code: &str) -> StatusCode {
-    match code {
-        "unknown_topic" => StatusCode::NOT_FOUND,
-        "partition_lagging" => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-/// Counts the refused events of an append, once per reason (not per event).
-fn count_refused(state: &AppState, results: &[Outcome]) {
-    let mut by_reason: Vec<(&'static str, &'static str, u64)> = Vec::new();
-    for o in results {
-        let Some(code) = o.error else { continue };
-        match by_reason.iter_mut().find(|(r, _, _)| *r == o.reason) {
-            Some((_, _, n)) => *n += 1,
-            None => by_reason.push((o.reason, code, 1)),
-        }
-    }
-    for (reason, code, n) in by_reason {
-        let status = refusal_status(code).as_u16();
-        state.metrics.refused_events(reason, status, n);
-    }
-}
-
-/// The code and retry hint a refusal is reported with.
-fn refusal(err: &CellError) -> (&'static str, u64) {
-    match err {
-        CellError::Unavailable { .. } => ("cell_unavailable", 5_000),
-        CellError::Overloaded { .. } => ("cell_overloaded", 100),
-        CellError::UnknownTopic(_) => ("unknown_topic", 1_000),
-        CellError::ShuttingDown { .. } => ("shutting_down", 1_000),
-        CellError::Lagging { .. } => ("partition_lagging", 1_000),
-    }
-}
-
-#[derive(Serialize)]
-struct AppendResponse<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a str>,
-    results: Vec<Outcome>,
 }
 
 fn header_string(req: &Request<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
@@ -257,8 +158,12 @@ async fn append(
     // Route, encode and split by cell. Offsets and timestamps are assigned by each cell's writer.
     let partitions = state.shape.partitions;
     let cells = state.cells.len();
-    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> =
-        (0..cells).map(|_| (Vec::new(), Vec::new())).collect();
+    // Sized for an even split with a quarter to spare: growing them event by event was a tenth of
+    // this function's time (each regrowth copies, and lands on memory never touched before).
+    let share = events.len() / cells.max(1) + events.len() / (4 * cells.max(1)) + 1;
+    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> = (0..cells)
+        .map(|_| (Vec::with_capacity(share), Vec::with_capacity(share)))
+        .collect();
     let mut placed = Vec::with_capacity(events.len());
     // Partitions refusing writes because their handlers lag (looked up once per partition).
     let mut lagging: Vec<Option<Option<u64>>> = vec![None; partitions as usize];
@@ -317,19 +222,7 @@ async fn append(
         match reply {
             Ok(appended) => {
                 for (i, a) in indices.into_iter().zip(appended) {
-                    let (offset, duplicate) = match a {
-                        Appended::New(o) => (o, false),
-                        Appended::Duplicate(o) => (o, true),
-                    };
-                    outcomes[i] = Some(Outcome {
-                        partition: placed[i],
-                        offset: Some(offset),
-                        duplicate,
-                        error: None,
-                        detail: None,
-                        retry_after_ms: None,
-                        reason: "",
-                    });
+                    outcomes[i] = Some(Outcome::accepted(placed[i], a));
                 }
             }
             Err(err) => {
@@ -350,24 +243,20 @@ async fn append(
     count_refused(state, &results);
     let refused: Vec<&Outcome> = results.iter().filter(|o| o.error.is_some()).collect();
     if refused.is_empty() {
-        return Ok(json(
-            StatusCode::ACCEPTED,
-            &AppendResponse {
-                error: None,
-                detail: None,
-                results,
-            },
-        ));
+        let answer = AppendResponse {
+            error: None,
+            detail: None,
+            results,
+        };
+        return Ok(json_body(StatusCode::ACCEPTED, answer.to_json()));
     }
     if refused.len() < results.len() {
-        return Ok(json(
-            StatusCode::MULTI_STATUS,
-            &AppendResponse {
-                error: None,
-                detail: None,
-                results,
-            },
-        ));
+        let answer = AppendResponse {
+            error: None,
+            detail: None,
+            results,
+        };
+        return Ok(json_body(StatusCode::MULTI_STATUS, answer.to_json()));
     }
     // Nothing was accepted: answer with the (first) refusal's status and retry hint.
     let code = refused[0].error.unwrap_or("refused");
@@ -375,55 +264,15 @@ async fn append(
     let status = refusal_status(code);
     state.metrics.refused_request(code, status.as_u16());
     let detail = refused[0].detail.clone().unwrap_or_default();
-    let mut resp = json(
-        status,
-        &AppendResponse {
-            error: Some(code),
-            detail: Some(&detail),
-            results,
-        },
-    );
+    let answer = AppendResponse {
+        error: Some(code),
+        detail: Some(&detail),
+        results,
+    };
+    let mut resp = json_body(status, answer.to_json());
     resp.headers_mut().insert(
         hyper::header::RETRY_AFTER,
         retry_ms.div_ceil(1000).max(1).into(),
     );
     Ok(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backpressure::Priority;
-
-    #[test]
-    fn refused_events_are_counted_by_a_finer_reason_than_their_code() {
-        let shed = |p| CellError::Overloaded {
-            cell: 0,
-            shed: Some(p),
-            queue_delay_ms: None,
-        };
-        let full = CellError::Overloaded {
-            cell: 0,
-            shed: None,
-            queue_delay_ms: None,
-        };
-        assert_eq!(reason(&shed(Priority::Low)), "shed_low");
-        assert_eq!(reason(&shed(Priority::Normal)), "shed_normal");
-        assert_eq!(reason(&full), "queue_full");
-        // Clients still see one code for all three, with the same status.
-        for err in [shed(Priority::Low), shed(Priority::Normal), full] {
-            let (code, _) = refusal(&err);
-            assert_eq!(code, "cell_overloaded");
-            assert_eq!(refusal_status(code), StatusCode::SERVICE_UNAVAILABLE);
-        }
-        let lagging = CellError::Lagging {
-            partition: 1,
-            lag: 9,
-        };
-        assert_eq!(reason(&lagging), "partition_lagging");
-        assert_eq!(
-            refusal_status(refusal(&lagging).0),
-            StatusCode::TOO_MANY_REQUESTS
-        );
-    }
 }
