@@ -36,6 +36,37 @@ struct PartitionState {
     ingested: (u64, u64),
 }
 
+/// The writer's state of one topic's partitions owned by this cell, indexed by partition number: looked
+/// up for every event appended, where hashing the number was ~5 % of the writer's time.
+#[derive(Default)]
+struct Partitions(Vec<Option<PartitionState>>);
+
+impl Partitions {
+    fn insert(&mut self, partition: u32, state: PartitionState) {
+        let i = partition as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(state);
+    }
+
+    fn get_mut(&mut self, partition: u32) -> Option<&mut PartitionState> {
+        self.0.get_mut(partition as usize)?.as_mut()
+    }
+
+    fn contains(&self, partition: u32) -> bool {
+        matches!(self.0.get(partition as usize), Some(Some(_)))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut PartitionState> {
+        self.0.iter_mut().flatten()
+    }
+
+    fn into_values(self) -> impl Iterator<Item = PartitionState> {
+        self.0.into_iter().flatten()
+    }
+}
+
 pub(super) struct Writer {
     index: u32,
     shape: Shape,
@@ -45,7 +76,7 @@ pub(super) struct Writer {
     dedup_max_ids: usize,
     /// Dead letters kept per handler and partition; the oldest go first.
     dlq_max_entries: u64,
-    topics: HashMap<Arc<str>, HashMap<u32, PartitionState>>,
+    topics: HashMap<Arc<str>, Partitions>,
     /// The queue's standing delay, published for admission.
     delay: super::queue_delay::QueueDelay,
 }
@@ -137,7 +168,7 @@ impl Writer {
         &mut self,
         topic: &Arc<Topic>,
     ) -> Result<Arc<TopicPartitions>, StoreError> {
-        let mut states = HashMap::new();
+        let mut states = Partitions::default();
         let mut views = HashMap::new();
         for p in self.shape.partitions_of(self.index) {
             let log = self.store.partition(&topic.name, p)?;
@@ -456,10 +487,7 @@ impl Writer {
             return Answer::Append(reply, Err(CellError::UnknownTopic(topic.to_string())));
         };
         // Validate ownership before touching state, so a bad request changes nothing.
-        if let Some(bad) = events
-            .iter()
-            .find(|e| !partitions.contains_key(&e.partition))
-        {
+        if let Some(bad) = events.iter().find(|e| !partitions.contains(e.partition)) {
             tracing::error!(
                 partition = bad.partition,
                 "append routed to a cell that does not own the partition"
@@ -473,7 +501,7 @@ impl Writer {
             id,
         } in events
         {
-            if let Some(state) = partitions.get_mut(&partition) {
+            if let Some(state) = partitions.get_mut(partition) {
                 let bytes = record.len() as u64;
                 let appended = Self::append_record(batch, state, now, record, id);
                 if matches!(appended, Appended::New(_)) {
@@ -503,7 +531,7 @@ impl Writer {
             !self
                 .topics
                 .get(topic)
-                .is_some_and(|p| p.contains_key(&partition))
+                .is_some_and(|p| p.contains(partition))
         }) {
             return Answer::Process(reply, Err(CellError::UnknownTopic(missing.to_string())));
         }
@@ -524,7 +552,7 @@ impl Writer {
             if let Some(state) = self
                 .topics
                 .get_mut(&topic)
-                .and_then(|p| p.get_mut(&partition))
+                .and_then(|p| p.get_mut(partition))
             {
                 for record in records {
                     Self::append_record(batch, state, now, record, None);
