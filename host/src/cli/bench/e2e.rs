@@ -186,14 +186,7 @@ async fn measure_phase(
 
     let cpu_before = process_cpu();
     let started = Instant::now();
-    post_all(
-        &server.data_url,
-        INPUT,
-        plan.load.connections,
-        bodies,
-        plan.events,
-    )
-    .await?;
+    let posted = post_all(&server.data_url, INPUT, plan.load.connections, bodies).await?;
     let ingest = started.elapsed();
     let mut measured = Measured {
         ingest,
@@ -212,6 +205,7 @@ async fn measure_phase(
     measured.cpu = process_cpu()
         .zip(cpu_before)
         .map(|(now, before)| now.saturating_sub(before));
+    posted.check(plan.events)?;
 
     let stored = server.end_offsets(INPUT).await?;
     if stored != target {

@@ -28,15 +28,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use clap::Args;
-use serde::Deserialize;
 
+use super::server::post_all;
 use crate::client::Client;
 use crate::config::Config;
 use crate::ingest::partitioner;
@@ -318,19 +317,6 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
 // ---------------------------------------------------------------------------------------------------
 // (b) HTTP ingest
 
-/// The part of an append response the benchmark checks.
-#[derive(Deserialize)]
-struct AppendResults {
-    results: Vec<AppendOutcome>,
-}
-
-#[derive(Deserialize)]
-struct AppendOutcome {
-    offset: Option<u64>,
-    #[serde(default)]
-    duplicate: bool,
-}
-
 async fn http_phase(
     plan: &Plan,
     data_dir: PathBuf,
@@ -386,51 +372,16 @@ async fn drive_http(
         .post_json("/v1/topics", &serde_json::json!({ "name": TOPIC }))
         .await?;
     crate::cli::check(created).context("cannot create the benchmark topic")?;
-    let path: Arc<str> = Arc::from(format!("/v1/topics/{TOPIC}/events"));
-    // Connections take the next body from a shared cursor, so they all finish together.
-    let next = Arc::new(AtomicUsize::new(0));
-
     let cpu_before = process_cpu();
     let started = Instant::now();
-    let mut connections = tokio::task::JoinSet::new();
-    for _ in 0..plan.load.connections {
-        let mut client = Client::new(data_url)?;
-        let (bodies, path, next) = (bodies.clone(), path.clone(), next.clone());
-        connections.spawn(async move {
-            let mut accepted = 0usize;
-            let mut latencies = Vec::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(index) else { break };
-                let sent = Instant::now();
-                let resp = client.post_ndjson(&path, body.clone()).await?;
-                latencies.push(sent.elapsed());
-                if resp.status != 202 {
-                    bail!("request {index} was answered {}; a benchmark run needs every event accepted", resp.error_line());
-                }
-                let answer: AppendResults =
-                    serde_json::from_slice(&resp.body).with_context(|| format!("request {index}: unexpected answer"))?;
-                accepted += answer.results.iter().filter(|o| o.offset.is_some() && !o.duplicate).count();
-            }
-            anyhow::Ok((accepted, latencies))
-        });
-    }
-    let mut accepted = 0;
-    let mut latencies = Vec::with_capacity(bodies.len());
-    while let Some(joined) = connections.join_next().await {
-        let (count, lat) = joined.context("a benchmark connection panicked")??;
-        accepted += count;
-        latencies.extend(lat);
-    }
+    let posted = post_all(data_url, TOPIC, plan.load.connections, bodies).await?;
     let (elapsed, cpu) = (started.elapsed(), cpu_since(cpu_before));
-    if accepted != plan.events {
-        bail!("{accepted} of {} events were accepted as new", plan.events);
-    }
+    posted.check(plan.events)?;
     Ok(Measured {
-        events: accepted,
+        events: plan.events,
         elapsed,
         cpu,
-        latencies,
+        latencies: posted.latencies,
     })
 }
 

@@ -269,14 +269,7 @@ async fn measure_phase(
 
     let cpu_before = process_cpu();
     let started = Instant::now();
-    post_all(
-        &server.data_url,
-        INPUT,
-        plan.load.connections,
-        bodies,
-        plan.events,
-    )
-    .await?;
+    let posted = post_all(&server.data_url, INPUT, plan.load.connections, bodies).await?;
     let ingest = started.elapsed();
     // Every input is durable now, so the targets are known.
     let targets: Vec<(u32, u64)> = plan
@@ -288,6 +281,7 @@ async fn measure_phase(
     let cpu = process_cpu()
         .zip(cpu_before)
         .map(|(now, before)| now.saturating_sub(before));
+    posted.check(plan.events)?;
 
     // The bad partition as it stood when the others were done.
     let status = server.handler_status(HANDLER).await?;
