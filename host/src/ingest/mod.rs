@@ -23,10 +23,10 @@ use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, StatusCode};
 
 use crate::cell::{AppendEvent, CellError};
-use crate::http::{ApiError, HttpResponse, json_body, no_route, read_body};
+use crate::http::{ApiError, HttpResponse, no_route, read_body};
 use crate::metrics::{Listener, Route};
 use crate::server::AppState;
-use outcome::{AppendResponse, Outcome, count_refused, refusal_status};
+use outcome::Outcome;
 
 /// Route templates, the `route` label of the request metrics.
 const APPEND: Route = Route::new("POST", "/v1/topics/{topic}/events");
@@ -155,26 +155,45 @@ async fn append(
         ));
     }
 
-    // Route, encode and split by cell. Offsets and timestamps are assigned by each cell's writer.
+    let routed = route(state, topic, events);
+    // The events borrowed from the body: both go before waiting on the cells.
+    drop(body);
+    let results = append_routed(state, topic, routed, priority).await;
+    Ok(outcome::answer(state, results))
+}
+
+/// A request's events routed: each event's partition in request order, and per cell the events it is
+/// to append with their indexes in the request. Events of partitions whose handlers lag are refused
+/// here.
+struct Routed {
+    placed: Vec<u32>,
+    per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)>,
+    refused: Vec<(usize, CellError)>,
+}
+
+/// Routes and encodes each event and splits them by cell. Offsets and timestamps are assigned by each
+/// cell's writer.
+fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>) -> Routed {
     let partitions = state.shape.partitions;
-    let cells = state.cells.len();
-    // Sized for an even split with a quarter to spare: growing them event by event was a tenth of
-    // this function's time (each regrowth copies, and lands on memory never touched before).
-    let share = events.len() / cells.max(1) + events.len() / (4 * cells.max(1)) + 1;
-    let mut per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)> = (0..cells)
-        .map(|_| (Vec::with_capacity(share), Vec::with_capacity(share)))
-        .collect();
-    let mut placed = Vec::with_capacity(events.len());
-    // Partitions refusing writes because their handlers lag (looked up once per partition).
+    let cells = state.cells.len().max(1);
+    // Sized for an even split with a quarter to spare, so that they rarely regrow.
+    let share = events.len() / cells + events.len() / (4 * cells) + 1;
+    let mut routed = Routed {
+        placed: Vec::with_capacity(events.len()),
+        per_cell: (0..cells)
+            .map(|_| (Vec::with_capacity(share), Vec::with_capacity(share)))
+            .collect(),
+        refused: Vec::new(),
+    };
+    // Whether each partition refuses writes because its handlers lag, looked up once per partition.
     let mut lagging: Vec<Option<Option<u64>>> = vec![None; partitions as usize];
-    let mut refused_lagging: Vec<(usize, CellError)> = Vec::new();
     for (index, event) in events.into_iter().enumerate() {
         let partition = partitioner::route(
             event.key.as_deref().map(str::as_bytes),
             event.id.as_deref(),
             partitions,
         );
-        placed.push(partition);
+        routed.placed.push(partition);
         let lag = *lagging[partition as usize].get_or_insert_with(|| {
             state
                 .cell_for(partition)
@@ -182,25 +201,44 @@ async fn append(
                 .and_then(|v| v.lagging())
         });
         if let Some(lag) = lag {
-            refused_lagging.push((index, CellError::Lagging { partition, lag }));
+            routed
+                .refused
+                .push((index, CellError::Lagging { partition, lag }));
             continue;
         }
         let record = event.record(0).encode();
-        let slot = &mut per_cell[state.shape.cell_of(partition) as usize];
-        slot.0.push(index);
-        slot.1.push(AppendEvent {
-            partition,
-            record,
-            id: event.id.map(Cow::into_owned),
-        });
+        if let Some((indices, events)) = routed
+            .per_cell
+            .get_mut(state.shape.cell_of(partition) as usize)
+        {
+            indices.push(index);
+            events.push(AppendEvent {
+                partition,
+                record,
+                id: event.id.map(Cow::into_owned),
+            });
+        }
     }
-    // The events borrowed from the body: both go before waiting on the cells.
-    drop(body);
+    routed
+}
 
+/// Hands each cell its share of `routed` and waits for their answers: each event's outcome, in request
+/// order.
+async fn append_routed(
+    state: &AppState,
+    topic: &str,
+    routed: Routed,
+    priority: crate::backpressure::Priority,
+) -> Vec<Outcome> {
+    let Routed {
+        placed,
+        per_cell,
+        refused,
+    } = routed;
     let topic: Arc<str> = Arc::from(topic);
     let mut pending = Vec::new();
     let mut outcomes: Vec<Option<Outcome>> = placed.iter().map(|_| None).collect();
-    for (i, err) in refused_lagging {
+    for (i, err) in refused {
         outcomes[i] = Some(Outcome::refused(placed[i], &err));
     }
     for (cell, (indices, events)) in per_cell.into_iter().enumerate() {
@@ -232,47 +270,11 @@ async fn append(
             }
         }
     }
-
-    let results: Vec<Outcome> = outcomes
+    outcomes
         .into_iter()
         .zip(&placed)
         .map(|(o, &p)| {
             o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 }))
         })
-        .collect();
-    count_refused(state, &results);
-    let refused: Vec<&Outcome> = results.iter().filter(|o| o.error.is_some()).collect();
-    if refused.is_empty() {
-        let answer = AppendResponse {
-            error: None,
-            detail: None,
-            results,
-        };
-        return Ok(json_body(StatusCode::ACCEPTED, answer.to_json()));
-    }
-    if refused.len() < results.len() {
-        let answer = AppendResponse {
-            error: None,
-            detail: None,
-            results,
-        };
-        return Ok(json_body(StatusCode::MULTI_STATUS, answer.to_json()));
-    }
-    // Nothing was accepted: answer with the (first) refusal's status and retry hint.
-    let code = refused[0].error.unwrap_or("refused");
-    let retry_ms = refused[0].retry_after_ms.unwrap_or(1_000);
-    let status = refusal_status(code);
-    state.metrics.refused_request(code, status.as_u16());
-    let detail = refused[0].detail.clone().unwrap_or_default();
-    let answer = AppendResponse {
-        error: Some(code),
-        detail: Some(&detail),
-        results,
-    };
-    let mut resp = json_body(status, answer.to_json());
-    resp.headers_mut().insert(
-        hyper::header::RETRY_AFTER,
-        retry_ms.div_ceil(1000).max(1).into(),
-    );
-    Ok(resp)
+        .collect()
 }

@@ -5,20 +5,59 @@
 use hyper::StatusCode;
 
 use crate::cell::{Appended, CellError};
+use crate::http::{HttpResponse, json_body};
 use crate::server::AppState;
+
+/// The answer to an append whose events ended as `results` (in request order), with the refusals
+/// counted in the metrics: `202` when every event was accepted, `207` when some were, and when none
+/// was, the first refusal's status, code, detail and `Retry-After`.
+pub(super) fn answer(state: &AppState, results: Vec<Outcome>) -> HttpResponse {
+    count_refused(state, &results);
+    let refused = results.iter().filter(|o| o.error.is_some()).count();
+    if refused < results.len() {
+        let status = if refused == 0 {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::MULTI_STATUS
+        };
+        let answer = AppendResponse {
+            error: None,
+            detail: None,
+            results,
+        };
+        return json_body(status, answer.to_json());
+    }
+    let first = results.first();
+    let code = first.and_then(|o| o.error).unwrap_or("refused");
+    let retry_ms = first.and_then(|o| o.retry_after_ms).unwrap_or(1_000);
+    let detail = first.and_then(|o| o.detail.clone()).unwrap_or_default();
+    let status = refusal_status(code);
+    state.metrics.refused_request(code, status.as_u16());
+    let answer = AppendResponse {
+        error: Some(code),
+        detail: Some(&detail),
+        results,
+    };
+    let mut resp = json_body(status, answer.to_json());
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        retry_ms.div_ceil(1000).max(1).into(),
+    );
+    resp
+}
 
 /// One event's outcome in the answer. Fields left out of the JSON when empty: `offset` (refused),
 /// `duplicate` (false), `error`, `detail` and `retry_after_ms` (accepted).
 pub(super) struct Outcome {
-    pub partition: u32,
-    pub offset: Option<u64>,
-    pub duplicate: bool,
-    pub error: Option<&'static str>,
-    pub detail: Option<String>,
-    pub retry_after_ms: Option<u64>,
+    partition: u32,
+    offset: Option<u64>,
+    duplicate: bool,
+    error: Option<&'static str>,
+    detail: Option<String>,
+    retry_after_ms: Option<u64>,
     /// Why it was refused, finer than `error` (shed by priority or a full queue): the `reason`
     /// label of `procd_ingest_refused_events_total`. Not in the JSON.
-    pub reason: &'static str,
+    reason: &'static str,
 }
 
 impl Outcome {
@@ -55,7 +94,7 @@ impl Outcome {
 }
 
 /// The metrics' reason for a refused event.
-pub(super) fn reason(err: &CellError) -> &'static str {
+fn reason(err: &CellError) -> &'static str {
     use crate::backpressure::Priority;
     match err {
         CellError::Unavailable { .. } => "cell_unavailable",
@@ -75,7 +114,7 @@ pub(super) fn reason(err: &CellError) -> &'static str {
 }
 
 /// The status a refusal code is answered with when it refuses a whole request.
-pub(super) fn refusal_status(code: &str) -> StatusCode {
+fn refusal_status(code: &str) -> StatusCode {
     match code {
         "unknown_topic" => StatusCode::NOT_FOUND,
         "partition_lagging" => StatusCode::TOO_MANY_REQUESTS,
@@ -84,7 +123,7 @@ pub(super) fn refusal_status(code: &str) -> StatusCode {
 }
 
 /// Counts the refused events of an append, once per reason (not per event).
-pub(super) fn count_refused(state: &AppState, results: &[Outcome]) {
+fn count_refused(state: &AppState, results: &[Outcome]) {
     let mut by_reason: Vec<(&'static str, &'static str, u64)> = Vec::new();
     for o in results {
         let Some(code) = o.error else { continue };
@@ -100,7 +139,7 @@ pub(super) fn count_refused(state: &AppState, results: &[Outcome]) {
 }
 
 /// The code and retry hint a refusal is reported with.
-pub(super) fn refusal(err: &CellError) -> (&'static str, u64) {
+fn refusal(err: &CellError) -> (&'static str, u64) {
     match err {
         CellError::Unavailable { .. } => ("cell_unavailable", 5_000),
         CellError::Overloaded { .. } => ("cell_overloaded", 100),
@@ -112,17 +151,17 @@ pub(super) fn refusal(err: &CellError) -> (&'static str, u64) {
 
 /// An append's answer: every event's outcome in request order, after the request's own refusal when
 /// none was accepted.
-pub(super) struct AppendResponse<'a> {
-    pub error: Option<&'static str>,
-    pub detail: Option<&'a str>,
-    pub results: Vec<Outcome>,
+struct AppendResponse<'a> {
+    error: Option<&'static str>,
+    detail: Option<&'a str>,
+    results: Vec<Outcome>,
 }
 
 impl AppendResponse<'_> {
     /// The answer as compact JSON, written by hand: serde_json's derived serializer escapes every field
     /// name of every outcome, and a 1000-event answer has 2000 of them (about 2 % of the server's CPU in
     /// `procd bench ingest`). The bytes are those serde_json wrote (a test holds them to it).
-    pub fn to_json(&self) -> Vec<u8> {
+    fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + 36 * self.results.len());
         out.push(b'{');
         if let Some(error) = self.error {
