@@ -871,6 +871,55 @@ async fn every_version_records_the_sha256_of_its_component() -> TestResult {
     Ok(())
 }
 
+/// A redeploy keeps what it does not give: outputs, config and limits come from the active version,
+/// and config or limits given anew replace the old ones as a whole.
+#[tokio::test]
+async fn a_redeploy_keeps_the_outputs_config_and_limits_it_does_not_give() -> TestResult {
+    let host = TestHost::start_with(2, 1, &[])?;
+    host.create_topics(&["in", "out"]).await?;
+    let filter = example("filter")?;
+    let first = [
+        "config=field=kind",
+        "config=equals=drop",
+        "limit.deadline_ms=500",
+    ];
+    deploy_ok(&host, "f", filter.clone(), "in", &["out"], &first, 1).await?;
+    let resp = host.deploy("f", filter.clone(), "in", &[], &[]).await?;
+    ensure_status(&resp, 201)?;
+    assert_eq!(resp.json()?["outputs"], json!(["out"]));
+    let again = [
+        "config=field=kind",
+        "config=equals=keep",
+        "limit.max_outputs_per_batch=100",
+    ];
+    deploy_ok(&host, "f", filter, "in", &["out"], &again, 3).await?;
+
+    let def = show(&mut host.admin()?, "f").await?;
+    let versions = def["versions"].as_array().cloned().unwrap_or_default();
+    let settings: Vec<(Value, Value, Value)> = versions
+        .iter()
+        .map(|v| {
+            (
+                v["outputs"].clone(),
+                v["config"].clone(),
+                v["limits"].clone(),
+            )
+        })
+        .collect();
+    let kept = (
+        json!(["out"]),
+        json!([["field", "kind"], ["equals", "drop"]]),
+        json!({"deadline_ms": 500}),
+    );
+    let replaced = (
+        json!(["out"]),
+        json!([["field", "kind"], ["equals", "keep"]]),
+        json!({"max_outputs_per_batch": 100}),
+    );
+    assert_eq!(settings, [kept.clone(), kept, replaced], "{def}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_chain_of_handlers_feeds_one_into_the_next() -> TestResult {
     let host = TestHost::start()?;

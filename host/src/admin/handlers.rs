@@ -1,27 +1,16 @@
-//! Handler administration: deploy, list, show, rollback, pause/resume, reset, remove, dead letters.
-//!
-//! A deploy validates everything before anything changes: the size, the component (wasm, a component,
-//! procd's world), the topics it names, and its `init` with the given config. Only then is the version
-//! recorded; each partition's processor swaps to it at its next batch boundary.
+//! Handler administration: list, show, rollback, pause/resume, reset, remove, dead letters (deploying
+//! is [`deploy`](super::deploy)), and the query and time helpers they share.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::catalog::{
-    CatalogError, HandlerDef, HandlerLimits, HandlerVersion, Reset, ResetTo, StartPosition,
-};
+use crate::catalog::{CatalogError, HandlerDef, Reset, ResetTo};
 use crate::http::{ApiError, HttpResponse, json, read_body};
-use crate::runtime::{CompileError, LogLabel, StateStore};
 use crate::server::AppState;
-
-/// How long compiling a component may take before the deploy is refused.
-const COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Decodes `%XX` and `+` in a query component.
 fn percent_decode(s: &str) -> Result<String, ApiError> {
@@ -55,7 +44,7 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
 }
 
 /// Query parameters as decoded (name, value) pairs, in order.
-fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     let mut out = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -64,14 +53,14 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn now_nanos() -> u64 {
+pub(super) fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -79,7 +68,7 @@ fn now_nanos() -> u64 {
 }
 
 /// The durable end offset of every partition of `topic`, indexed by partition.
-fn end_offsets(state: &AppState, topic: &str) -> Vec<u64> {
+pub(super) fn end_offsets(state: &AppState, topic: &str) -> Vec<u64> {
     (0..state.shape.partitions)
         .map(|p| {
             state
@@ -97,254 +86,12 @@ fn not_found(name: &str) -> ApiError {
     )
 }
 
-fn storage(e: CatalogError) -> ApiError {
+pub(super) fn storage(e: CatalogError) -> ApiError {
     match e {
         CatalogError::InvalidName(_) => ApiError::bad_request("invalid_handler", e.to_string()),
         CatalogError::HandlerNotFound(name) => not_found(&name),
         other => ApiError::internal("control database failed", &other),
     }
-}
-
-/// No committed state: what a deploy-time `init` check reads.
-struct EmptyState;
-
-impl StateStore for EmptyState {
-    fn get(&self, _key: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        Ok(None)
-    }
-}
-
-/// `PUT /v1/handlers/{name}?input=T&output=O&config=k=v&from=earliest` with the component as the body.
-pub(super) async fn deploy(
-    state: &AppState,
-    name: &str,
-    req: Request<Incoming>,
-) -> Result<HttpResponse, ApiError> {
-    crate::catalog::validate_topic_name(name).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_handler",
-            format!("invalid handler name {name:?}: use 1 to 128 characters from [a-zA-Z0-9._-]"),
-        )
-    })?;
-    let params = query_pairs(req.uri().query())?;
-    let max = state.config.handler.max_component_bytes;
-    let body = read_body(req, max, state.config.body_timeouts()).await.map_err(|mut e| {
-        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-            e.code = "component_too_large";
-            e.detail = format!("the component is larger than the {max}-byte limit (handler.max_component_bytes)");
-        }
-        e
-    })?;
-
-    let mut input = None;
-    let mut outputs = Vec::new();
-    let mut config = Vec::new();
-    let mut start = None;
-    let mut config_given = false;
-    let mut limits = HandlerLimits::default();
-    let mut limits_given = false;
-    let server_limits = state.config.handler_limits();
-    for (key, value) in params {
-        if let Some(limit) = key.strip_prefix("limit.") {
-            limits_given = true;
-            limits
-                .set(limit, &value, &server_limits)
-                .map_err(|e| ApiError::bad_request("invalid_limit", e))?;
-            continue;
-        }
-        match key.as_str() {
-            "input" => input = Some(value),
-            "output" => outputs.push(value),
-            "config" => {
-                config_given = true;
-                let (k, v) = value.split_once('=').ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_query",
-                        format!("config {value:?} must be KEY=VALUE"),
-                    )
-                })?;
-                config.push((k.to_string(), v.to_string()));
-            }
-            "from" => {
-                start =
-                    Some(value.parse::<StartPosition>().map_err(|e| {
-                        ApiError::bad_request("invalid_query", format!("from: {e}"))
-                    })?);
-            }
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!(
-                        "unknown parameter {other:?}; use input, output (repeatable), config=KEY=VALUE (repeatable), from, limit.NAME"
-                    ),
-                ));
-            }
-        }
-    }
-
-    let _guard = state.admin_lock.lock().await;
-    let existing = state.catalog.handler(name);
-    let input = match (&existing, input) {
-        (None, None) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "a new handler needs input=TOPIC",
-            ));
-        }
-        (Some(def), Some(i)) if i != def.input => {
-            return Err(ApiError::bad_request(
-                "input_changed",
-                format!(
-                    "handler {name:?} reads {:?}; its input cannot change (deploy under another name)",
-                    def.input
-                ),
-            ));
-        }
-        (Some(def), _) => def.input.clone(),
-        (None, Some(i)) => i,
-    };
-    let previous = existing.as_ref().and_then(|d| d.active_version().cloned());
-    if outputs.is_empty() {
-        outputs = previous
-            .as_ref()
-            .map(|v| v.outputs.clone())
-            .unwrap_or_default();
-    }
-    if !config_given {
-        config = previous
-            .as_ref()
-            .map(|v| v.config.clone())
-            .unwrap_or_default();
-    }
-    if !limits_given {
-        limits = previous
-            .as_ref()
-            .map(|v| v.limits.clone())
-            .unwrap_or_default();
-    }
-    for topic in std::iter::once(&input).chain(&outputs) {
-        if state.catalog.get(topic).is_none() {
-            return Err(ApiError::not_found(
-                "unknown_topic",
-                format!("topic {topic:?} does not exist; create it first"),
-            ));
-        }
-    }
-    if outputs.len() > usize::from(u16::MAX) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "too many output topics",
-        ));
-    }
-
-    // Compile and check `init` off the async threads, one deploy at a time: a big component takes a
-    // while, and the cells' threads must keep their cores. A deploy waits for the compiler at most
-    // as long as a compile may take.
-    let slot =
-        match tokio::time::timeout(COMPILE_TIMEOUT, state.compiler.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "compiler_busy",
-                    "other deploys are compiling; retry later",
-                )
-                .retry_after(COMPILE_TIMEOUT.as_secs()));
-            }
-        };
-    let runtime = state.runtime.clone();
-    let check_limits = limits.apply(&server_limits);
-    let check_config = config.clone();
-    let label = LogLabel {
-        handler: Arc::from(name),
-        version: 0,
-        partition: 0,
-    };
-    let component = body.clone();
-    let checked = tokio::time::timeout(
-        COMPILE_TIMEOUT,
-        tokio::task::spawn_blocking(move || {
-            // Held until the compile really ends, even after the deploy gave up waiting for it.
-            let _slot = slot;
-            let compiled = runtime
-                .compile(&component)
-                .map_err(|e| (e.to_string(), matches!(e, CompileError::Invalid(_))))?;
-            runtime
-                .instantiate(
-                    &compiled,
-                    &check_limits,
-                    Box::new(EmptyState),
-                    &check_config,
-                    label,
-                )
-                .map(|_| ())
-                .map_err(|e| (e.to_string(), false))
-        }),
-    )
-    .await;
-    match checked {
-        Err(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_component",
-                format!("compiling took longer than {} s", COMPILE_TIMEOUT.as_secs()),
-            ));
-        }
-        Ok(Err(e)) => return Err(ApiError::internal("compile task failed", &e)),
-        Ok(Ok(Err((message, _)))) => {
-            return Err(ApiError::bad_request("invalid_component", message));
-        }
-        Ok(Ok(Ok(()))) => {}
-    }
-
-    let version_no = existing
-        .as_ref()
-        .and_then(|d| d.versions.iter().map(|v| v.version).max())
-        .unwrap_or(0)
-        + 1;
-    let sha256 = crate::catalog::component_digest(&body);
-    let version = HandlerVersion {
-        version: version_no,
-        outputs: outputs.clone(),
-        config,
-        size_bytes: body.len() as u64,
-        sha256: sha256.clone(),
-        created_ms: now_ms(),
-        limits,
-    };
-    let def = match existing {
-        Some(def) => {
-            let mut def = HandlerDef::clone(&def);
-            def.versions.push(version);
-            def.active = version_no;
-            def
-        }
-        None => HandlerDef {
-            name: name.to_string(),
-            input: input.clone(),
-            start: start.unwrap_or(StartPosition::Earliest),
-            versions: vec![version],
-            active: version_no,
-            paused: false,
-            reset: None,
-            created_ms: now_ms(),
-            incarnation: now_nanos(),
-            // Fixed now, so that events appended after this deploy answers are processed.
-            start_offsets: if start == Some(StartPosition::Latest) {
-                end_offsets(state, &input)
-            } else {
-                Vec::new()
-            },
-        },
-    };
-    state
-        .catalog
-        .put_handler(def, Some((version_no, &body)))
-        .map_err(storage)?;
-    tracing::info!(handler = name, version = version_no, "handler deployed");
-    Ok(json(
-        StatusCode::CREATED,
-        &json!({"name": name, "version": version_no, "input": input, "outputs": outputs, "sha256": sha256}),
-    ))
 }
 
 fn describe(state: &AppState, def: &HandlerDef) -> serde_json::Value {

@@ -2,6 +2,7 @@
 //! `/metrics`. It runs on its own listener so admin traffic and data traffic cannot starve each
 //! other. Every request's latency is recorded by route template (never the raw path).
 
+mod deploy;
 mod handlers;
 mod metrics;
 mod topics;
@@ -54,7 +55,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
             }
             (&Method::PUT, ["v1", "handlers", name]) => {
                 let name = name.to_string();
-                let result = handlers::deploy(&state, &name, req).await;
+                let result = deploy::deploy(&state, &name, req).await;
                 (r("PUT", "/v1/handlers/{name}"), result)
             }
             (&Method::GET, ["v1", "handlers"]) => {
