@@ -186,10 +186,17 @@ fn num(n: impl std::fmt::Display) -> String {
 
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        use MetricType::{Counter, Gauge, Histogram};
-        let e = &mut enc;
+        self.encode_partitions(&mut enc)?;
+        self.encode_tasks(&mut enc)?;
+        self.encode_cells(&mut enc)?;
+        self.encode_server(&mut enc)
+    }
+}
 
-        // Topics and partitions.
+impl Snapshot {
+    /// Per topic partition: end offset, refusing writes, ingest events and bytes.
+    fn encode_partitions(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge};
         let part_labels: Vec<String> = self.partitions.iter().map(|p| num(p.partition)).collect();
         let parts: Vec<([(&str, &str); 2], &PartitionRow)> = self
             .partitions
@@ -245,8 +252,13 @@ impl Collector for Snapshot {
                     .try_for_each(|(l, r)| counter(m, l, r.ingested_bytes))
             },
         )?;
+        Ok(())
+    }
 
-        // Handlers, per partition.
+    /// Per handler and partition: committed offset, lag, status, breaker state, events processed, dead
+    /// letters, errors, batch duration and size, event latency.
+    fn encode_tasks(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge, Histogram};
         let task_parts: Vec<String> = self.tasks.iter().map(|t| num(t.partition)).collect();
         let tasks: Vec<([(&str, &str); 2], &TaskRow)> = self
             .tasks
@@ -394,8 +406,12 @@ impl Collector for Snapshot {
                     .try_for_each(|(l, t)| histogram(m, l, &t.latency_seconds))
             },
         )?;
+        Ok(())
+    }
 
-        // Cells.
+    /// Per cell: queue depth, capacity, saturation and delay, health, group-commit size, fsync latency.
+    fn encode_cells(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Gauge, Histogram};
         let cell_names: Vec<String> = self.cells.iter().map(|c| num(c.cell)).collect();
         let cells: Vec<([(&str, &str); 1], &CellRow)> = self
             .cells
@@ -489,8 +505,12 @@ impl Collector for Snapshot {
                     .try_for_each(|(l, c)| histogram(m, l, &c.fsync_seconds))
             },
         )?;
+        Ok(())
+    }
 
-        // Server-wide.
+    /// Server-wide: HTTP requests and refusals.
+    fn encode_server(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Histogram};
         family(
             e,
             "http_request_duration",
