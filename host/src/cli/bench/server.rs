@@ -1,6 +1,7 @@
 //! The in-process server the whole-system benchmarks (`e2e`, `isolation`) drive: started on a fresh
 //! data directory with the benchmark's configuration, used through its real HTTP APIs (plus an
 //! in-process look at durable end offsets), stopped so its Databases close before the directory goes.
+//! Also [`post_all`], the closed-loop posting of pre-built bodies that `ingest`'s (b) uses too.
 
 use std::path::Path;
 use std::sync::Arc;
