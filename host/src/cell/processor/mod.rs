@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 use super::batch::{EncodedOutputs, InputBatch, to_records};
 use super::breaker::{Admit, Breaker, BreakerOptions};
 use super::{
-    CellError, Command, MAX_REPLAY, ProcessCommit, ReplayFailure, ReplayOutcome, ReplayRequest,
-    Shared, now_ms, panic_message,
+    CellError, Command, MAX_REPLAY, PartitionView, ProcessCommit, ReplayFailure, ReplayOutcome,
+    ReplayRequest, Shared, now_ms, panic_message,
 };
 use crate::catalog::{Catalog, HandlerDef, HandlerVersion, ResetTo, StartPosition};
 use crate::log::{Committed, ConsumerLog, DlqEntry, StoreError};
@@ -603,16 +603,15 @@ impl Runner {
         Ok(())
     }
 
-    /// One batch of one task. Returns whether it did any work.
-    fn step(&mut self, task: &mut Task, def: &HandlerDef) -> Result<bool, StepError> {
-        if !self.settle_in_flight(task)? {
-            return Ok(false);
-        }
+    /// The task's input and its durable end, unless the task is to wait this round: its input topic
+    /// is gone, it is paused, it is backing off after a failure, or its circuit breaker is open (each
+    /// shown in its status).
+    fn ready(&self, task: &mut Task, def: &HandlerDef) -> Option<(Arc<PartitionView>, u64)> {
         let Some(view) = self.ctx.shared.view(&def.input, task.partition) else {
             task.status.status = "waiting";
             task.status.last_progress_ms = now_ms();
             task.status.detail = Some(format!("input topic {:?} does not exist", def.input));
-            return Ok(false);
+            return None;
         };
         let end = view.end_offset();
         task.status.end_offset = end;
@@ -621,10 +620,10 @@ impl Runner {
             task.status.last_progress_ms = now_ms();
             task.status.detail = None;
             task.instance = None;
-            return Ok(false);
+            return None;
         }
         if task.retry_at.is_some_and(|t| Instant::now() < t) {
-            return Ok(false);
+            return None;
         }
         if let Admit::Wait { reason, retry_in } = task.breaker.admit() {
             task.status.status = "tripped";
@@ -633,9 +632,22 @@ impl Runner {
                 "circuit breaker open: {reason}; one trial batch in {} s",
                 retry_in.as_secs().max(1)
             ));
-            return Ok(false);
+            return None;
         }
         task.retry_at = None;
+        Some((view, end))
+    }
+
+    /// Where the task reads next: its committed position, once it has one and any reset asked since has
+    /// been applied. `None` when this call committed a new position instead (the first run on the
+    /// partition, from the handler's start position, or a reset), which is this step's work.
+    fn position(
+        &mut self,
+        task: &mut Task,
+        def: &HandlerDef,
+        view: &PartitionView,
+        end: u64,
+    ) -> Result<Option<Committed>, StepError> {
         let generation = def.reset.as_ref().map_or(0, |r| r.generation);
         let at = |offsets: &[u64]| offsets.get(task.partition as usize).copied();
 
@@ -658,7 +670,7 @@ impl Runner {
                     reset_generation: generation,
                 };
                 self.commit(task, PendingCommit::offset_only(committed))?;
-                return Ok(true);
+                return Ok(None);
             }
         };
         if let Some(reset) = def
@@ -672,7 +684,7 @@ impl Runner {
                 ResetTo::Offset(n) => n,
                 ResetTo::Timestamp(ts) => {
                     let first = view.log().first_offset()?.unwrap_or(end);
-                    super::retention::first_at_or_after(&view, first, end, ts)?
+                    super::retention::first_at_or_after(view, first, end, ts)?
                 }
             };
             let committed = Committed {
@@ -685,8 +697,22 @@ impl Runner {
             task.instance = None;
             self.commit(task, commit)?;
             tracing::info!(handler = %task.handler, partition = task.partition, offset, "handler reset");
-            return Ok(true);
+            return Ok(None);
         }
+        Ok(Some(committed))
+    }
+
+    /// One batch of one task. Returns whether it did any work.
+    fn step(&mut self, task: &mut Task, def: &HandlerDef) -> Result<bool, StepError> {
+        if !self.settle_in_flight(task)? {
+            return Ok(false);
+        }
+        let Some((view, end)) = self.ready(task, def) else {
+            return Ok(false);
+        };
+        let Some(committed) = self.position(task, def, &view, end)? else {
+            return Ok(true);
+        };
 
         let version = def.active_version().ok_or_else(|| {
             StepError::Other(format!("active version v{} is missing", def.active))
