@@ -83,6 +83,7 @@ impl RunBuilder {
         // in `procd bench e2e`); `Fill` writes all of it in the one read it gets.
         match ByteView::from_reader(&mut Fill(Some(&self)), len) {
             Ok(entry) => entry,
+            // Only if byteview ever handed `read` a shorter buffer: build the entry the slow way.
             Err(_) => {
                 let mut bytes = vec![0; len];
                 self.write_run(&mut bytes);
