@@ -52,23 +52,31 @@ pub struct FairnessArgs {
     burst_ms: u64,
 }
 
+impl FairnessArgs {
+    /// Refuses flags out of their ranges.
+    fn check(&self) -> anyhow::Result<()> {
+        if !(2..=64).contains(&self.tenants) {
+            bail!("--tenants must be in 2..=64; got {}", self.tenants);
+        }
+        for (flag, value) in [
+            ("--hot-factor", self.hot_factor),
+            ("--others-share", self.others_share),
+            ("--quota-share", self.quota_share),
+        ] {
+            if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
+                bail!("{flag} must be in (0, 1000]; got {value}");
+            }
+        }
+        if self.secs == 0 {
+            bail!("--secs must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 pub(super) async fn run(args: FairnessArgs) -> anyhow::Result<()> {
     let bodies = args.load.bodies()?;
-    if !(2..=64).contains(&args.tenants) {
-        bail!("--tenants must be in 2..=64; got {}", args.tenants);
-    }
-    for (flag, value) in [
-        ("--hot-factor", args.hot_factor),
-        ("--others-share", args.others_share),
-        ("--quota-share", args.quota_share),
-    ] {
-        if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
-            bail!("{flag} must be in (0, 1000]; got {value}");
-        }
-    }
-    if args.secs == 0 {
-        bail!("--secs must be at least 1");
-    }
+    args.check()?;
 
     println!("procd bench fairness");
     args.load.print_common(&bodies);
@@ -149,101 +157,13 @@ pub(super) async fn run(args: FairnessArgs) -> anyhow::Result<()> {
     .await?;
     drop(server);
 
-    let mut tallies = vec![Tally::default(); streams.len()];
-    for r in &rec.records {
-        if let Some(t) = tallies.get_mut(r.stream) {
-            t.add(r, bodies.batch());
-        }
-    }
-    tallies.iter_mut().for_each(Tally::finish);
-    let secs = args.secs as f64;
-    println!(
-        "{:<7} {:>10} {:>10} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6}  {:<24} {:<24}",
-        "tenant",
-        "offered/s",
-        "accepted/s",
-        "goodput",
-        "429",
-        "503",
-        "other",
-        "failed",
-        "unsent",
-        "accepted ms p50/99/999/max",
-        "refused ms p50/99/999/max"
-    );
-    let mut worst_other = f64::INFINITY;
-    for (name, t) in names.iter().zip(&tallies) {
-        let goodput = t.events_accepted as f64 / (t.events_offered as f64).max(1.0);
-        if name != HOT {
-            worst_other = worst_other.min(goodput);
-        }
-        println!(
-            "{:<7} {:>10.0} {:>10.0} {:>7.2}% {:>8} {:>6} {:>6} {:>6} {:>6}  {:<24} {:<24}",
-            name,
-            t.events_offered as f64 / secs,
-            t.events_accepted as f64 / secs,
-            goodput * 100.0,
-            t.refused_429,
-            t.refused_503,
-            t.refused_other,
-            t.failed,
-            t.not_sent,
-            Latencies::of(&t.accepted_us).cell(),
-            Latencies::of(&t.refused_us).cell()
-        );
-    }
-    println!(
-        "(rates in events per second; goodput = accepted / offered events; latency from intended send time)"
-    );
-    let connects: u64 = rec.connects.iter().sum();
-    let cpu = rec.client_cpu.map_or("-".into(), |cpu| {
-        format!(
-            "{:.2} cores",
-            cpu.as_secs_f64() / rec.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
-        )
-    });
-    let max_rss = rec
-        .samples
-        .iter()
-        .filter_map(|s| s.server_rss_kib)
-        .max()
-        .unwrap_or(0);
-    println!(
-        "client: {} requests in {:.1} s, {connects} TCP connections opened, CPU {cpu}; server RSS max {:.0} MiB; \
-         load average {} (1 min) at the end",
-        rec.records.len(),
-        rec.elapsed.as_secs_f64(),
-        max_rss as f64 / 1024.0,
-        super::util::load_average().unwrap_or_else(|| "-".into())
-    );
-    for e in &rec.errors {
-        println!("  error: {e}");
-    }
-    let check_line = check.as_ref().map_or_else(
-        || "exactly once: not checked (the server is gone)".to_string(),
-        exactly_once::Check::line,
-    );
-    println!("{check_line}");
-    println!();
-    let hot = tallies.first().cloned().unwrap_or_default();
-    println!("targets (issue 6)");
-    println!(
-        "  {:<52} {:<22} {}",
-        format!(
-            "every other tenant's goodput >= {:.0} %",
-            TARGET_OTHERS_GOODPUT * 100.0
-        ),
-        format!("worst {:.2} %", worst_other * 100.0),
-        verdict(worst_other >= TARGET_OTHERS_GOODPUT)
-    );
-    println!(
-        "  {:<52} {:<22}",
-        format!("({HOT} got, of its quota)"),
-        format!(
-            "{:.1} %",
-            100.0 * hot.events_accepted as f64 / secs / (quota * bodies.batch() as f64)
-        )
-    );
+    let report = Report {
+        names: &names,
+        secs: args.secs as f64,
+        quota_events_per_sec: quota * bodies.batch() as f64,
+        batch: bodies.batch(),
+    };
+    let check_line = report.print(&rec, check.as_ref());
     if !alive {
         bail!("the server died during the run");
     }
@@ -251,4 +171,118 @@ pub(super) async fn run(args: FairnessArgs) -> anyhow::Result<()> {
         bail!("the exactly-once check failed: {check_line}");
     }
     Ok(())
+}
+
+/// What the report needs besides the run's records.
+struct Report<'a> {
+    /// Tenant names, the flooding one first, in stream order.
+    names: &'a [String],
+    secs: f64,
+    /// One tenant's quota in events per second.
+    quota_events_per_sec: f64,
+    /// Events per request.
+    batch: usize,
+}
+
+impl Report<'_> {
+    /// Prints the per-tenant table, the client's figures, the exactly-once check and the targets;
+    /// returns the check's line.
+    fn print(&self, rec: &open_loop::Recording, check: Option<&exactly_once::Check>) -> String {
+        let mut tallies = vec![Tally::default(); self.names.len()];
+        for r in &rec.records {
+            if let Some(t) = tallies.get_mut(r.stream) {
+                t.add(r, self.batch);
+            }
+        }
+        tallies.iter_mut().for_each(Tally::finish);
+        let secs = self.secs;
+        println!(
+            "{:<7} {:>10} {:>10} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6}  {:<24} {:<24}",
+            "tenant",
+            "offered/s",
+            "accepted/s",
+            "goodput",
+            "429",
+            "503",
+            "other",
+            "failed",
+            "unsent",
+            "accepted ms p50/99/999/max",
+            "refused ms p50/99/999/max"
+        );
+        let mut worst_other = f64::INFINITY;
+        for (name, t) in self.names.iter().zip(&tallies) {
+            let goodput = t.events_accepted as f64 / (t.events_offered as f64).max(1.0);
+            if name != HOT {
+                worst_other = worst_other.min(goodput);
+            }
+            println!(
+                "{:<7} {:>10.0} {:>10.0} {:>7.2}% {:>8} {:>6} {:>6} {:>6} {:>6}  {:<24} {:<24}",
+                name,
+                t.events_offered as f64 / secs,
+                t.events_accepted as f64 / secs,
+                goodput * 100.0,
+                t.refused_429,
+                t.refused_503,
+                t.refused_other,
+                t.failed,
+                t.not_sent,
+                Latencies::of(&t.accepted_us).cell(),
+                Latencies::of(&t.refused_us).cell()
+            );
+        }
+        println!(
+            "(rates in events per second; goodput = accepted / offered events; latency from intended send time)"
+        );
+        let connects: u64 = rec.connects.iter().sum();
+        let cpu = rec.client_cpu.map_or("-".into(), |cpu| {
+            format!(
+                "{:.2} cores",
+                cpu.as_secs_f64() / rec.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+            )
+        });
+        let max_rss = rec
+            .samples
+            .iter()
+            .filter_map(|s| s.server_rss_kib)
+            .max()
+            .unwrap_or(0);
+        println!(
+            "client: {} requests in {:.1} s, {connects} TCP connections opened, CPU {cpu}; server RSS max {:.0} MiB; \
+             load average {} (1 min) at the end",
+            rec.records.len(),
+            rec.elapsed.as_secs_f64(),
+            max_rss as f64 / 1024.0,
+            super::util::load_average().unwrap_or_else(|| "-".into())
+        );
+        for e in &rec.errors {
+            println!("  error: {e}");
+        }
+        let check_line = check.map_or_else(
+            || "exactly once: not checked (the server is gone)".to_string(),
+            exactly_once::Check::line,
+        );
+        println!("{check_line}");
+        println!();
+        let hot = tallies.first().cloned().unwrap_or_default();
+        println!("targets (issue 6)");
+        println!(
+            "  {:<52} {:<22} {}",
+            format!(
+                "every other tenant's goodput >= {:.0} %",
+                TARGET_OTHERS_GOODPUT * 100.0
+            ),
+            format!("worst {:.2} %", worst_other * 100.0),
+            verdict(worst_other >= TARGET_OTHERS_GOODPUT)
+        );
+        println!(
+            "  {:<52} {:<22}",
+            format!("({HOT} got, of its quota)"),
+            format!(
+                "{:.1} %",
+                100.0 * hot.events_accepted as f64 / secs / self.quota_events_per_sec
+            )
+        );
+        check_line
+    }
 }
