@@ -23,9 +23,10 @@ pub struct WorkloadArgs {
     /// Size of each event's value as JSON text: a string of this many bytes, quotes included.
     #[arg(long, default_value_t = 256)]
     value_bytes: usize,
-    /// Concurrent keep-alive HTTP connections posting the events.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
+    /// Concurrent keep-alive HTTP connections posting the events [default: 4; `ingest`: 16, so that
+    /// the server's group commits are as full as phase (a)'s].
+    #[arg(long)]
+    connections: Option<usize>,
     /// Partitions of the topics.
     #[arg(long, default_value_t = 8)]
     pub(super) partitions: u32,
@@ -39,6 +40,17 @@ pub struct WorkloadArgs {
     /// handler.deadline_ms=200); `ingest`'s phase (a) follows the cell keys too. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+/// Connections when neither `--connections` nor the benchmark says otherwise.
+const DEFAULT_CONNECTIONS: usize = 4;
+
+impl WorkloadArgs {
+    /// Uses `connections` unless `--connections` was given.
+    pub(super) fn with_default_connections(mut self, connections: usize) -> Self {
+        self.connections.get_or_insert(connections);
+        self
+    }
 }
 
 /// Validated [`WorkloadArgs`], with the server configuration they make.
@@ -72,7 +84,8 @@ impl Workload {
             *value_bytes.start(),
             *value_bytes.end(),
         )?;
-        check_range("--connections", args.connections, 1, 1024)?;
+        let connections = args.connections.unwrap_or(DEFAULT_CONNECTIONS);
+        check_range("--connections", connections, 1, 1024)?;
         let mut flags = Overrides::default();
         flags.set("partitions", args.partitions.to_string(), "--partitions");
         flags.set("cells", args.cells.to_string(), "--cells");
@@ -105,7 +118,7 @@ impl Workload {
         Ok(Self {
             batch: args.batch,
             value_bytes: args.value_bytes,
-            connections: args.connections,
+            connections,
             config,
             set: args.set,
             parent: args.dir.unwrap_or_else(std::env::temp_dir),
@@ -157,7 +170,7 @@ mod tests {
         WorkloadArgs {
             batch,
             value_bytes,
-            connections: 4,
+            connections: None,
             partitions: 4,
             cells: 2,
             dir: None,
