@@ -58,15 +58,11 @@ impl FairnessArgs {
         if !(2..=64).contains(&self.tenants) {
             bail!("--tenants must be in 2..=64; got {}", self.tenants);
         }
-        for (flag, value) in [
+        super::util::check_factors(&[
             ("--hot-factor", self.hot_factor),
             ("--others-share", self.others_share),
             ("--quota-share", self.quota_share),
-        ] {
-            if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
-                bail!("{flag} must be in (0, 1000]; got {value}");
-            }
-        }
+        ])?;
         if self.secs == 0 {
             bail!("--secs must be at least 1");
         }

@@ -68,15 +68,11 @@ pub struct SurgeArgs {
 
 pub(super) async fn run(args: SurgeArgs) -> anyhow::Result<()> {
     let bodies = args.load.bodies()?;
-    for (flag, value) in [
+    super::util::check_factors(&[
         ("--baseline-share", args.baseline_share),
         ("--factor", args.factor),
         ("--rated-share", args.rated_share),
-    ] {
-        if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
-            bail!("{flag} must be in (0, 1000]; got {value}");
-        }
-    }
+    ])?;
     if args.baseline_secs == 0 || args.surge_secs == 0 || args.after_secs == 0 {
         bail!("--baseline-secs, --surge-secs and --after-secs must each be at least 1");
     }

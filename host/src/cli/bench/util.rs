@@ -26,6 +26,16 @@ pub(super) fn check_range(flag: &str, value: usize, lo: usize, hi: usize) -> any
     Ok(())
 }
 
+/// Fails unless every flag's value (a rate multiple or share) is a number in (0, 1000].
+pub(super) fn check_factors(flags: &[(&str, f64)]) -> anyhow::Result<()> {
+    for &(flag, value) in flags {
+        if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
+            bail!("{flag} must be in (0, 1000]; got {value}");
+        }
+    }
+    Ok(())
+}
+
 /// splitmix64: a reproducible pseudo-random sequence from a seed.
 pub(super) fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
