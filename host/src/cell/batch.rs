@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use crate::catalog::HandlerVersion;
 use crate::log::record::DecodeError;
-use crate::log::{PayloadRef, RecordRef};
+use crate::log::{PayloadRef, RecordRef, Records};
 use crate::runtime::{Batch, OutputBatch};
 
-/// Encoded output records grouped by the output topic they go to, in emission order within each (the
-/// writer then looks each topic up once per batch, not once per record).
-pub(crate) type EncodedOutputs = Vec<(Arc<str>, Vec<Vec<u8>>)>;
+/// Encoded output records grouped by the output topic they go to, in emission order within each, in
+/// one buffer per topic (the writer then looks each topic up once per batch, not once per record).
+pub(crate) type EncodedOutputs = Vec<(Arc<str>, Records)>;
 
 /// A stored record at `offset` did not decode.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,7 @@ pub(crate) fn to_records(
     input: &InputBatch,
     version: &HandlerVersion,
 ) -> Result<EncodedOutputs, String> {
-    let mut by_topic: Vec<Vec<Vec<u8>>> = vec![Vec::new(); version.outputs.len()];
+    let mut by_topic: Vec<Records> = vec![Records::default(); version.outputs.len()];
     encode_outputs(outputs, input, version, |topic, record| {
         if let Some(records) = by_topic.get_mut(topic) {
             records.push(record);
@@ -182,7 +182,7 @@ pub(crate) fn encode_outputs(
     outputs: &OutputBatch,
     input: &InputBatch,
     version: &HandlerVersion,
-    mut sink: impl FnMut(usize, Vec<u8>),
+    mut sink: impl FnMut(usize, &RecordRef<'_>),
 ) -> Result<(), String> {
     let n = outputs.topics.len();
     let (sources, key_sources) = (&outputs.value_sources, &outputs.key_sources);
@@ -243,7 +243,7 @@ pub(crate) fn encode_outputs(
             headers: vec![],
             id: None,
         };
-        sink(topic, record.encode());
+        sink(topic, &record);
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! Readers read a partition directly, but only up to the offset the writer published *after* the fsync,
 //! so nothing is ever served that a crash could take back.
 
+mod append;
 mod batch;
 mod breaker;
 mod dedup;
@@ -31,6 +32,7 @@ use crate::log::{Committed, ConsumerLog, DlqEntry};
 use crate::log::{PartitionLog, Store, StoreError, StoreOptions};
 use crate::runtime::Runtime;
 
+pub use append::AppendEvents;
 pub(crate) use batch::{InputBatch, encode_outputs, to_records};
 pub use breaker::BreakerOptions;
 pub use dedup::DedupIndex;
@@ -124,17 +126,6 @@ pub enum CellError {
     Lagging { partition: u32, lag: u64 },
 }
 
-/// One event to append: its partition, its encoded record (the writer stamps the time) and its id.
-#[derive(Debug)]
-pub struct AppendEvent {
-    /// Target partition; must be owned by the cell.
-    pub partition: u32,
-    /// The record encoded by [`crate::log::Record::encode`].
-    pub record: Vec<u8>,
-    /// Producer id for deduplication.
-    pub id: Option<String>,
-}
-
 /// Where an appended event landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -151,7 +142,7 @@ pub type AppendReply = Result<Vec<Appended>, CellError>;
 enum Command {
     Append {
         topic: Arc<str>,
-        events: Vec<AppendEvent>,
+        events: AppendEvents,
         reply: oneshot::Sender<AppendReply>,
         /// When it joined the queue: the writer measures the queue's delay from it.
         queued_at: Instant,
@@ -555,7 +546,7 @@ impl Cell {
     pub fn append(
         &self,
         topic: Arc<str>,
-        events: Vec<AppendEvent>,
+        events: AppendEvents,
         priority: crate::backpressure::Priority,
     ) -> Result<oneshot::Receiver<AppendReply>, CellError> {
         let cell = self.shared.index;
@@ -780,7 +771,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in Unix milliseconds: what the writer stamps as log-append time.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -15,15 +15,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    AppendEvent, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex, PartitionView,
-    ProcessCommit, Shared, TopicPartitions, now_ms,
+    AppendEvents, AppendReply, Appended, CellError, CellOptions, Command, DedupIndex,
+    PartitionView, ProcessCommit, Shared, TopicPartitions, now_ms,
 };
 use crate::catalog::Topic;
 use crate::log::layout::Shape;
-use crate::log::record::set_timestamp;
 use crate::log::{Batch, DedupEntry, Store, StoreError};
 
 struct PartitionState {
@@ -83,7 +83,7 @@ pub(super) struct Writer {
 
 struct PendingAppend {
     topic: Arc<str>,
-    events: Vec<AppendEvent>,
+    events: AppendEvents,
     reply: oneshot::Sender<AppendReply>,
 }
 
@@ -377,7 +377,7 @@ impl Writer {
         batch: &mut Batch,
         state: &mut PartitionState,
         now: u64,
-        mut record: Vec<u8>,
+        record: Bytes,
         id: Option<String>,
     ) -> Appended {
         if !state.touched {
@@ -395,8 +395,7 @@ impl Writer {
         // retention can binary-search by time.
         let timestamp_ms = now.max(state.last_timestamp_ms);
         state.last_timestamp_ms = timestamp_ms;
-        set_timestamp(&mut record, timestamp_ms);
-        batch.append(state.view.log(), offset, record);
+        batch.append(state.view.log(), offset, record, timestamp_ms);
         if let Some(id) = id {
             let entry = DedupEntry { id, timestamp_ms };
             batch.remember_id(state.view.log(), offset, &entry);
@@ -487,20 +486,19 @@ impl Writer {
             return Answer::Append(reply, Err(CellError::UnknownTopic(topic.to_string())));
         };
         // Validate ownership before touching state, so a bad request changes nothing.
-        if let Some(bad) = events.iter().find(|e| !partitions.contains(e.partition)) {
+        if let Some(&bad) = events
+            .partitions()
+            .iter()
+            .find(|&&p| !partitions.contains(p))
+        {
             tracing::error!(
-                partition = bad.partition,
+                partition = bad,
                 "append routed to a cell that does not own the partition"
             );
             return Answer::Append(reply, Err(CellError::UnknownTopic(topic.to_string())));
         }
         let mut results = Vec::with_capacity(events.len());
-        for AppendEvent {
-            partition,
-            record,
-            id,
-        } in events
-        {
+        for (partition, record, id) in events.into_events() {
             if let Some(state) = partitions.get_mut(partition) {
                 let bytes = record.len() as u64;
                 let appended = Self::append_record(batch, state, now, record, id);
@@ -554,7 +552,7 @@ impl Writer {
                 .get_mut(&topic)
                 .and_then(|p| p.get_mut(partition))
             {
-                for record in records {
+                for record in records.into_shared() {
                     Self::append_record(batch, state, now, record, None);
                 }
             }

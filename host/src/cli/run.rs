@@ -635,7 +635,7 @@ impl<W: Write> Ctx<'_, W> {
         let mut records = Records::new();
         encode_outputs(outputs, input, &version, |topic, record| {
             if let Some(name) = names.get(topic) {
-                records.push((name.clone(), record));
+                records.push((name.clone(), record.encode()));
             }
         })?;
         Ok(records)

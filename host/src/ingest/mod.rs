@@ -13,7 +13,6 @@ pub mod parse;
 pub mod partitioner;
 mod read;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, StatusCode};
 
-use crate::cell::{AppendEvent, CellError};
+use crate::cell::{AppendEvents, CellError};
 use crate::http::{ApiError, HttpResponse, no_route, read_body};
 use crate::metrics::{Listener, Route};
 use crate::server::AppState;
@@ -155,7 +154,7 @@ async fn append(
         ));
     }
 
-    let routed = route(state, topic, events);
+    let routed = route(state, topic, events, body.len());
     // The events borrowed from the body: both go before waiting on the cells.
     drop(body);
     let results = append_routed(state, topic, routed, priority).await;
@@ -167,21 +166,28 @@ async fn append(
 /// here.
 struct Routed {
     placed: Vec<u32>,
-    per_cell: Vec<(Vec<usize>, Vec<AppendEvent>)>,
+    per_cell: Vec<(Vec<usize>, AppendEvents)>,
     refused: Vec<(usize, CellError)>,
 }
 
 /// Routes and encodes each event and splits them by cell. Offsets and timestamps are assigned by each
 /// cell's writer.
-fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>) -> Routed {
+fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len: usize) -> Routed {
     let partitions = state.shape.partitions;
     let cells = state.cells.len().max(1);
-    // Sized for an even split with a quarter to spare, so that they rarely regrow.
+    // Sized for an even split with a quarter to spare, so that they rarely regrow (a record is about
+    // as long as its line, plus a header that matters only for tiny events).
     let share = events.len() / cells + events.len() / (4 * cells) + 1;
+    let share_bytes = body_len / cells + body_len / (4 * cells) + 64 * share;
     let mut routed = Routed {
         placed: Vec::with_capacity(events.len()),
         per_cell: (0..cells)
-            .map(|_| (Vec::with_capacity(share), Vec::with_capacity(share)))
+            .map(|_| {
+                (
+                    Vec::with_capacity(share),
+                    AppendEvents::with_capacity(share, share_bytes),
+                )
+            })
             .collect(),
         refused: Vec::new(),
     };
@@ -206,17 +212,16 @@ fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>) -> Routed
                 .push((index, CellError::Lagging { partition, lag }));
             continue;
         }
-        let record = event.record(0).encode();
         if let Some((indices, events)) = routed
             .per_cell
             .get_mut(state.shape.cell_of(partition) as usize)
         {
             indices.push(index);
-            events.push(AppendEvent {
+            events.push(
                 partition,
-                record,
-                id: event.id.map(Cow::into_owned),
-            });
+                &event.record(0),
+                event.id.as_deref().map(str::to_owned),
+            );
         }
     }
     routed

@@ -13,9 +13,10 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use byteview::ByteView;
 
-use super::record::FORMAT_V1;
+use super::record::{FORMAT_V1, set_timestamp};
 
 /// Format byte of a run.
 pub const FORMAT_RUN: u8 = 2;
@@ -35,22 +36,24 @@ pub enum EntryError {
     UnknownFormat(u8),
 }
 
-/// Builds one entry from records appended in offset order.
+/// Builds one entry from records appended in offset order, each stamped with its log-append time.
 ///
-/// The records are kept as they come and copied once, when the entry is finished, into a buffer of
-/// the entry's exact size, which fjall then keeps as it is: no growing buffer, no second copy.
+/// The records are kept as they come (slices of the buffers they arrived in) and copied once, when the
+/// entry is finished, into a buffer of the entry's exact size, which fjall then keeps as it is: no
+/// growing buffer, no second copy. The timestamp is written over each record's own as it is copied,
+/// so the buffers a record arrived in are only read.
 #[derive(Debug, Default)]
 pub struct RunBuilder {
-    records: Vec<Vec<u8>>,
+    records: Vec<(Bytes, u64)>,
     /// Bytes of the framed records (length prefixes included).
     framed: usize,
 }
 
 impl RunBuilder {
-    /// Appends the next record.
-    pub fn push(&mut self, record: Vec<u8>) {
+    /// Appends the next record, to be stored with `timestamp_ms` as its timestamp.
+    pub fn push(&mut self, record: Bytes, timestamp_ms: u64) {
         self.framed += LEN_PREFIX + record.len();
-        self.records.push(record);
+        self.records.push((record, timestamp_ms));
     }
 
     /// Records in the entry so far.
@@ -63,7 +66,7 @@ impl RunBuilder {
     pub fn len(&self) -> usize {
         match &self.records[..] {
             [] => 0,
-            [single] => single.len(),
+            [(single, _)] => single.len(),
             _ => RUN_HEADER + self.framed,
         }
     }
@@ -75,9 +78,6 @@ impl RunBuilder {
 
     /// The entry's bytes.
     pub fn finish(self) -> ByteView {
-        if let [single] = &self.records[..] {
-            return ByteView::new(single);
-        }
         let len = self.len();
         // `from_reader` fills a buffer it did not zero (a zeroed one cost the writer ~4 % of its time
         // in `procd bench e2e`); `Fill` writes all of it in the one read it gets.
@@ -86,27 +86,35 @@ impl RunBuilder {
             // Only if byteview ever handed `read` a shorter buffer: build the entry the slow way.
             Err(_) => {
                 let mut bytes = vec![0; len];
-                self.write_run(&mut bytes);
+                self.write_entry(&mut bytes);
                 ByteView::from(bytes)
             }
         }
     }
 
-    /// Writes the run into `out`, which is exactly [`Self::len`] bytes long.
-    fn write_run(&self, out: &mut [u8]) {
+    /// Writes the entry into `out`, which is exactly [`Self::len`] bytes long: a single record as
+    /// itself, more as a run.
+    fn write_entry(&self, out: &mut [u8]) {
         let mut at = 0;
-        let mut put = |bytes: &[u8]| {
+        let mut put = |bytes: &[u8], stamp: Option<u64>| {
             if let Some(dst) = out.get_mut(at..at + bytes.len()) {
                 dst.copy_from_slice(bytes);
+                if let Some(timestamp_ms) = stamp {
+                    set_timestamp(dst, timestamp_ms);
+                }
             }
             at += bytes.len();
         };
-        put(&[FORMAT_RUN]);
-        put(&self.count().to_be_bytes());
-        for record in &self.records {
+        if let [(single, timestamp_ms)] = &self.records[..] {
+            put(single, Some(*timestamp_ms));
+            return;
+        }
+        put(&[FORMAT_RUN], None);
+        put(&self.count().to_be_bytes(), None);
+        for (record, timestamp_ms) in &self.records {
             // A record is far below 4 GiB: request bodies are limited to a few MiB.
-            put(&(record.len() as u32).to_be_bytes());
-            put(record);
+            put(&(record.len() as u32).to_be_bytes(), None);
+            put(record, Some(*timestamp_ms));
         }
     }
 }
@@ -122,7 +130,7 @@ impl std::io::Read for Fill<'_> {
         let out = buf
             .get_mut(..run.len())
             .ok_or(std::io::ErrorKind::InvalidInput)?;
-        run.write_run(out);
+        run.write_entry(out);
         Ok(out.len())
     }
 }
@@ -225,10 +233,15 @@ mod tests {
         test_record(u64::from(n), n)
     }
 
+    /// Record `n`, pushed with timestamp `n` over the 0 it was encoded with.
+    fn push(b: &mut RunBuilder, n: u32) {
+        b.push(Bytes::from(test_record(0, n)), u64::from(n));
+    }
+
     #[test]
     fn a_single_record_is_stored_as_itself() -> Result<(), EntryError> {
         let mut b = RunBuilder::default();
-        b.push(record_bytes(7));
+        push(&mut b, 7);
         assert_eq!(b.count(), 1);
         let entry = b.finish();
         assert_eq!(&*entry, &record_bytes(7)[..]);
@@ -244,7 +257,7 @@ mod tests {
     fn a_run_holds_its_records_in_order() -> Result<(), EntryError> {
         let mut b = RunBuilder::default();
         for n in 0..5 {
-            b.push(record_bytes(n));
+            push(&mut b, n);
         }
         let entry = b.finish();
         assert_eq!(entry[0], FORMAT_RUN);
@@ -270,8 +283,8 @@ mod tests {
     #[test]
     fn corrupt_and_unknown_entries_are_errors() {
         let mut b = RunBuilder::default();
-        b.push(record_bytes(1));
-        b.push(record_bytes(2));
+        push(&mut b, 1);
+        push(&mut b, 2);
         let entry = b.finish();
         assert!(matches!(
             records(&entry[..entry.len() - 1]),

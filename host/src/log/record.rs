@@ -118,13 +118,16 @@ pub enum DecodeError {
 impl Record {
     /// Encodes the record in the current format.
     pub fn encode(&self) -> Vec<u8> {
-        encode(
+        let mut out = Vec::new();
+        encode_into(
+            &mut out,
             self.timestamp_ms,
             self.key.as_deref(),
             self.value.as_ref(),
             self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
             self.id.as_deref(),
-        )
+        );
+        out
     }
 
     /// Decodes a record of any supported version.
@@ -156,7 +159,15 @@ impl<'a> RecordRef<'a> {
     /// Encodes the record in the current format, byte for byte what [`Record::encode`] writes for the
     /// same event.
     pub fn encode(&self) -> Vec<u8> {
-        encode(
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded record to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        encode_into(
+            out,
             self.timestamp_ms,
             self.key,
             self.value,
@@ -192,13 +203,14 @@ impl<'a> RecordRef<'a> {
 /// postcard's format for the body: an `Option` is a byte 0 or 1 followed by the value; a byte string,
 /// a string and a sequence start with their length as a varint (LEB128: 7 bits a byte, low first); an
 /// enum variant is its index as a varint.
-fn encode<'h>(
+fn encode_into<'h>(
+    out: &mut Vec<u8>,
     timestamp_ms: u64,
     key: Option<&[u8]>,
     value: PayloadRef<'_>,
     headers: impl ExactSizeIterator<Item = (&'h str, &'h str)> + Clone,
     id: Option<&str>,
-) -> Vec<u8> {
+) {
     const VARINT_MAX: usize = 10;
     let headers_len: usize = headers
         .clone()
@@ -210,23 +222,22 @@ fn encode<'h>(
         + value.as_bytes().len()
         + headers_len
         + id.map_or(0, str::len);
-    let mut out = Vec::with_capacity(capacity);
+    out.reserve(capacity);
     out.push(FORMAT_V1);
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
-    put_option(&mut out, key);
+    put_option(out, key);
     let (variant, bytes) = match value {
         PayloadRef::Json(b) => (0, b),
         PayloadRef::Bytes(b) => (1, b),
     };
-    put_varint(&mut out, variant);
-    put_bytes(&mut out, bytes);
-    put_varint(&mut out, headers.len() as u64);
+    put_varint(out, variant);
+    put_bytes(out, bytes);
+    put_varint(out, headers.len() as u64);
     for (name, value) in headers {
-        put_bytes(&mut out, name.as_bytes());
-        put_bytes(&mut out, value.as_bytes());
+        put_bytes(out, name.as_bytes());
+        put_bytes(out, value.as_bytes());
     }
-    put_option(&mut out, id.map(str::as_bytes));
-    out
+    put_option(out, id.map(str::as_bytes));
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bytes::Bytes;
 use fjall::config::FilterPolicy;
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 use serde::{Deserialize, Serialize};
@@ -344,23 +345,29 @@ struct Run {
 }
 
 impl Batch {
-    /// Appends an encoded record at `offset`. Records appended to a partition at consecutive offsets
-    /// are stored as runs ([`entry`]).
-    pub fn append(&mut self, partition: &PartitionLog, offset: u64, record: Vec<u8>) {
+    /// Appends an encoded record at `offset`, stored with `timestamp_ms` as its timestamp (its log-append
+    /// time). Records appended to a partition at consecutive offsets are stored as runs ([`entry`]).
+    pub fn append(
+        &mut self,
+        partition: &PartitionLog,
+        offset: u64,
+        record: Bytes,
+        timestamp_ms: u64,
+    ) {
         let open = self.runs.iter().rposition(|r| r.log_id == partition.id);
         if let Some(i) = open {
             let run = &mut self.runs[i];
             if run.first + u64::from(run.records.count()) == offset
                 && run.records.len() + record.len() <= MAX_RUN_BYTES
             {
-                run.records.push(record);
+                run.records.push(record, timestamp_ms);
                 return;
             }
             let run = self.runs.swap_remove(i);
             self.close(run);
         }
         let mut records = RunBuilder::default();
-        records.push(record);
+        records.push(record, timestamp_ms);
         self.runs.push(Run {
             log: partition.log.clone(),
             log_id: partition.id,
@@ -648,14 +655,14 @@ mod tests {
         let (quiet, busy) = (store.partition("t", 0)?, store.partition("t", 1)?);
         assert_eq!(quiet.memtable_since()?, None);
         let mut batch = store.batch();
-        batch.append(&quiet, 0, record(1_000, 0));
-        batch.append(&quiet, 1, record(1_500, 1));
+        batch.append(&quiet, 0, record(1_000, 0).into(), 1_000);
+        batch.append(&quiet, 1, record(1_500, 1).into(), 1_500);
         let id = DedupEntry {
             id: "a".into(),
             timestamp_ms: 1_000,
         };
         batch.remember_id(&quiet, 0, &id);
-        batch.append(&busy, 0, record(9_000, 0));
+        batch.append(&busy, 0, record(9_000, 0).into(), 9_000);
         store.commit(batch, true)?;
         assert_eq!(quiet.memtable_since()?, Some(1_000));
         assert_eq!(quiet.dedup_memtable_since()?, Some(1_000));
@@ -691,7 +698,12 @@ mod tests {
             assert_eq!(p.next_offset()?, 0);
             let mut batch = store.batch();
             for o in 0..300u32 {
-                batch.append(&p, u64::from(o), record(u64::from(o), o));
+                batch.append(
+                    &p,
+                    u64::from(o),
+                    record(u64::from(o), o).into(),
+                    u64::from(o),
+                );
             }
             batch.remember_id(
                 &p,
@@ -736,13 +748,23 @@ mod tests {
         // Two partitions interleaved in one batch, and a single record in an entry of its own.
         let mut batch = store.batch();
         for o in 0..10u32 {
-            batch.append(&a, u64::from(o), record(u64::from(o), o));
-            batch.append(&b, u64::from(o), record(100 + u64::from(o), 100 + o));
+            batch.append(
+                &a,
+                u64::from(o),
+                record(u64::from(o), o).into(),
+                u64::from(o),
+            );
+            batch.append(
+                &b,
+                u64::from(o),
+                record(100 + u64::from(o), 100 + o).into(),
+                100 + u64::from(o),
+            );
         }
-        batch.append(&a, 10, record(10, 10));
+        batch.append(&a, 10, record(10, 10).into(), 10);
         store.commit(batch, true)?;
         let mut batch = store.batch();
-        batch.append(&a, 11, record(11, 11));
+        batch.append(&a, 11, record(11, 11).into(), 11);
         store.commit(batch, true)?;
         // Entries: a run 0..=10 and a single record at 11.
         assert_eq!(a.log.len()?, 2);
@@ -793,7 +815,7 @@ mod tests {
         .encode();
         let mut batch = store.batch();
         for o in 0..7 {
-            batch.append(&p, o, big.clone());
+            batch.append(&p, o, Bytes::from(big.clone()), 1);
         }
         store.commit(batch, true)?;
         // 64 KiB per run: three records each, then the seventh alone.
@@ -826,7 +848,12 @@ mod tests {
         store.commit(batch, true)?;
         let mut batch = store.batch();
         for o in 3..6u32 {
-            batch.append(&p, u64::from(o), record(u64::from(o), o));
+            batch.append(
+                &p,
+                u64::from(o),
+                record(u64::from(o), o).into(),
+                u64::from(o),
+            );
         }
         store.commit(batch, true)?;
         assert_eq!(p.next_offset()?, 6);

@@ -5,9 +5,10 @@
 //! values compress no better than real ones would.
 //!
 //! - **(a) raw**: the events are routed by the server's partitioner over the same partitions, encoded as
-//!   [`Record`]s *before* the clock starts, and appended straight to fjall by one writer thread per cell,
-//!   each with its own [`Store`] (the cells' own options) owning the partitions `p % C == k`. Each writer
-//!   commits one atomic batch and one fsync (`SyncData`) per group, and forms its groups as a cell writer
+//!   records (one buffer per group) *before* the clock starts, and appended straight to fjall by one
+//!   writer thread per cell, each with its own [`Store`] (the cells' own options) owning the partitions
+//!   `p % C == k`. Each writer stamps its group's time, commits one atomic batch and one fsync
+//!   (`SyncData`) per group, and forms its groups as a cell writer
 //!   does when its queue never runs dry: each request's share for the cell is added whole until the group
 //!   holds at least `cell.group_commit_max_events` events. That is the best the server's writers can do
 //!   with none of the work in front of them: the ceiling.
@@ -30,7 +31,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
@@ -41,7 +42,7 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::ingest::partitioner;
 use crate::log::layout::Shape;
-use crate::log::{PartitionLog, Payload, Record, Store};
+use crate::log::{PartitionLog, PayloadRef, RecordRef, Records, Store};
 use crate::server::{AppState, Server};
 
 use super::util::{Scratch, check_range, load_average, percentile, process_cpu};
@@ -191,23 +192,37 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
 struct RawWriter {
     store: Store,
     logs: HashMap<u32, PartitionLog>,
-    groups: Vec<Vec<(u32, Vec<u8>)>>,
+    groups: Vec<RawGroup>,
+}
+
+/// The events of one group commit: each one's partition, and the records (in one buffer, as a cell
+/// writer gets a request's share).
+#[derive(Default)]
+struct RawGroup {
+    partitions: Vec<u32>,
+    records: Records,
 }
 
 impl RawWriter {
-    /// Commits every group, one fsync each, like a cell writer; returns each commit's duration.
+    /// Commits every group, one fsync each, like a cell writer (which also stamps each group's
+    /// records with the time); returns each commit's duration.
     fn run(&mut self) -> anyhow::Result<Vec<Duration>> {
         let mut next_offsets: HashMap<u32, u64> = HashMap::new();
         let mut commits = Vec::with_capacity(self.groups.len());
         for group in std::mem::take(&mut self.groups) {
             let started = Instant::now();
+            let now = crate::cell::now_ms();
             let mut batch = self.store.batch();
-            for (partition, record) in group {
+            for (partition, record) in group
+                .partitions
+                .into_iter()
+                .zip(group.records.into_shared())
+            {
                 let log = self.logs.get(&partition).ok_or_else(|| {
                     anyhow!("event routed to partition {partition}, which this writer does not own")
                 })?;
                 let offset = next_offsets.entry(partition).or_insert(0);
-                batch.append(log, *offset, record);
+                batch.append(log, *offset, record, now);
                 *offset += 1;
             }
             self.store.commit(batch, true)?;
@@ -238,22 +253,19 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
     // Route and encode everything up front: (a) times storage alone. Groups are formed the way a cell
     // writer forms them when its queue is never empty: each request's share for the cell is added whole,
     // until the group holds at least `cell.group_commit_max_events` events.
-    let timestamp_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut filling: Vec<Vec<(u32, Vec<u8>)>> = writers.iter().map(|_| Vec::new()).collect();
+    let mut filling: Vec<RawGroup> = writers.iter().map(|_| RawGroup::default()).collect();
     for request in plan.requests() {
         for i in request {
             let key = event_key(i);
             let partition = partitioner::route(Some(key.as_bytes()), None, shape.partitions);
-            let record = Record {
-                timestamp_ms,
-                key: Some(key.into_bytes()),
-                value: Payload::Json(plan.load.value(i)),
+            let value = plan.load.value(i);
+            let record = RecordRef {
+                timestamp_ms: 0,
+                key: Some(key.as_bytes()),
+                value: PayloadRef::Json(value.as_bytes()),
                 headers: Vec::new(),
                 id: None,
-            }
-            .encode();
+            };
             let cell = shape.cell_of(partition) as usize;
             let Some(group) = filling.get_mut(cell) else {
                 bail!(
@@ -261,17 +273,18 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
                     shape.cells
                 );
             };
-            group.push((partition, record));
+            group.partitions.push(partition);
+            group.records.push(&record);
         }
         // The request's shares are in; close every group that reached the cap.
         for (writer, group) in writers.iter_mut().zip(filling.iter_mut()) {
-            if group.len() >= group_events {
+            if group.partitions.len() >= group_events {
                 writer.groups.push(std::mem::take(group));
             }
         }
     }
     for (writer, rest) in writers.iter_mut().zip(filling) {
-        if !rest.is_empty() {
+        if !rest.partitions.is_empty() {
             writer.groups.push(rest);
         }
     }
