@@ -21,11 +21,11 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, StatusCode};
 
-use crate::cell::{AppendEvents, CellError};
+use crate::cell::{AppendEvents, Appended, CellError};
 use crate::http::{ApiError, HttpResponse, no_route, read_body};
 use crate::metrics::{Listener, Route};
 use crate::server::AppState;
-use outcome::Outcome;
+use outcome::{Outcome, Refusal};
 
 /// Route templates, the `route` label of the request metrics.
 const APPEND: Route = Route::new("POST", "/v1/topics/{topic}/events");
@@ -162,12 +162,12 @@ async fn append(
 }
 
 /// A request's events routed: each event's partition in request order, and per cell the events it is
-/// to append with their indexes in the request. Events of partitions whose handlers lag are refused
-/// here.
+/// to append (in request order). Events of partitions whose handlers lag are refused here.
 struct Routed {
     placed: Vec<u32>,
-    per_cell: Vec<(Vec<usize>, AppendEvents)>,
-    refused: Vec<(usize, CellError)>,
+    per_cell: Vec<AppendEvents>,
+    /// Indexes of the events refused here, ascending, and why.
+    refused: Vec<(usize, Arc<Refusal>)>,
 }
 
 /// Routes and encodes each event and splits them by cell. Offsets and timestamps are assigned by each
@@ -182,17 +182,13 @@ fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len:
     let mut routed = Routed {
         placed: Vec::with_capacity(events.len()),
         per_cell: (0..cells)
-            .map(|_| {
-                (
-                    Vec::with_capacity(share),
-                    AppendEvents::with_capacity(share, share_bytes),
-                )
-            })
+            .map(|_| AppendEvents::with_capacity(share, share_bytes))
             .collect(),
         refused: Vec::new(),
     };
-    // Whether each partition refuses writes because its handlers lag, looked up once per partition.
-    let mut lagging: Vec<Option<Option<u64>>> = vec![None; partitions as usize];
+    // Whether each partition refuses writes because its handlers lag (and the refusal), looked up
+    // once per partition.
+    let mut lagging: Vec<Option<Option<Arc<Refusal>>>> = vec![None; partitions as usize];
     for (index, event) in events.into_iter().enumerate() {
         let partition = partitioner::route(
             event.key.as_deref().map(str::as_bytes),
@@ -200,23 +196,21 @@ fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len:
             partitions,
         );
         routed.placed.push(partition);
-        let lag = *lagging[partition as usize].get_or_insert_with(|| {
-            state
+        let refusal = lagging[partition as usize].get_or_insert_with(|| {
+            let lag = state
                 .cell_for(partition)
                 .partition(topic, partition)
-                .and_then(|v| v.lagging())
+                .and_then(|v| v.lagging())?;
+            Some(Refusal::of(&CellError::Lagging { partition, lag }))
         });
-        if let Some(lag) = lag {
-            routed
-                .refused
-                .push((index, CellError::Lagging { partition, lag }));
+        if let Some(refusal) = refusal {
+            routed.refused.push((index, refusal.clone()));
             continue;
         }
-        if let Some((indices, events)) = routed
+        if let Some(events) = routed
             .per_cell
             .get_mut(state.shape.cell_of(partition) as usize)
         {
-            indices.push(index);
             events.push(
                 partition,
                 &event.record(0),
@@ -225,6 +219,12 @@ fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len:
         }
     }
     routed
+}
+
+/// What one cell did with its share of a request.
+enum CellAnswer {
+    Appended(std::vec::IntoIter<Appended>),
+    Refused(Arc<Refusal>),
 }
 
 /// Hands each cell its share of `routed` and waits for their answers: each event's outcome, in request
@@ -241,45 +241,54 @@ async fn append_routed(
         refused,
     } = routed;
     let topic: Arc<str> = Arc::from(topic);
-    let mut pending = Vec::new();
-    let mut outcomes: Vec<Option<Outcome>> = placed.iter().map(|_| None).collect();
-    for (i, err) in refused {
-        outcomes[i] = Some(Outcome::refused(placed[i], &err));
-    }
-    for (cell, (indices, events)) in per_cell.into_iter().enumerate() {
+    let mut pending = Vec::with_capacity(per_cell.len());
+    for (cell, events) in per_cell.into_iter().enumerate() {
         if events.is_empty() {
+            pending.push(None);
             continue;
         }
-        match state.cells[cell].append(topic.clone(), events, priority) {
-            Ok(rx) => pending.push((indices, rx)),
-            Err(err) => {
-                for i in indices {
-                    outcomes[i] = Some(Outcome::refused(placed[i], &err));
-                }
-            }
-        }
+        pending.push(Some(
+            state.cells[cell]
+                .append(topic.clone(), events, priority)
+                .map_err(|err| Refusal::of(&err)),
+        ));
     }
-    for (indices, rx) in pending {
-        // A dropped reply means the writer is gone: the server is shutting down.
-        let reply = rx.await.unwrap_or(Err(CellError::ShuttingDown { cell: 0 }));
-        match reply {
-            Ok(appended) => {
-                for (i, a) in indices.into_iter().zip(appended) {
-                    outcomes[i] = Some(Outcome::accepted(placed[i], a));
-                }
-            }
-            Err(err) => {
-                for i in indices {
-                    outcomes[i] = Some(Outcome::refused(placed[i], &err));
-                }
-            }
+    let mut answers = Vec::with_capacity(pending.len());
+    for appending in pending {
+        answers.push(match appending {
+            None => CellAnswer::Appended(Vec::new().into_iter()),
+            Some(Err(refusal)) => CellAnswer::Refused(refusal),
+            // A dropped reply means the writer is gone: the server is shutting down.
+            Some(Ok(rx)) => match rx.await.unwrap_or(Err(CellError::ShuttingDown { cell: 0 })) {
+                Ok(appended) => CellAnswer::Appended(appended.into_iter()),
+                Err(err) => CellAnswer::Refused(Refusal::of(&err)),
+            },
+        });
+    }
+    // Each cell answered for its events in request order: take them back in that order.
+    let mut refused = refused.into_iter().peekable();
+    let mut missing = None;
+    let mut outcomes = Vec::with_capacity(placed.len());
+    for (index, &partition) in placed.iter().enumerate() {
+        if let Some((_, refusal)) = refused.next_if(|(i, _)| *i == index) {
+            outcomes.push(Outcome::refused(partition, &refusal));
+            continue;
         }
+        let answered = match answers.get_mut(state.shape.cell_of(partition) as usize) {
+            Some(CellAnswer::Appended(appended)) => {
+                appended.next().map(|a| Outcome::accepted(partition, a))
+            }
+            Some(CellAnswer::Refused(refusal)) => Some(Outcome::refused(partition, refusal)),
+            None => None,
+        };
+        // Not answered for: only if a writer stopped part way.
+        outcomes.push(answered.unwrap_or_else(|| {
+            let shutting_down = CellError::ShuttingDown { cell: 0 };
+            Outcome::refused(
+                partition,
+                missing.get_or_insert_with(|| Refusal::of(&shutting_down)),
+            )
+        }));
     }
     outcomes
-        .into_iter()
-        .zip(&placed)
-        .map(|(o, &p)| {
-            o.unwrap_or_else(|| Outcome::refused(p, &CellError::ShuttingDown { cell: 0 }))
-        })
-        .collect()
 }

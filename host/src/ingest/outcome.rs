@@ -2,6 +2,8 @@
 //! was refused and when to retry), the codes, statuses and metric reasons of refusals, and the answer's
 //! JSON.
 
+use std::sync::Arc;
+
 use hyper::StatusCode;
 
 use crate::cell::{Appended, CellError};
@@ -13,7 +15,7 @@ use crate::server::AppState;
 /// was, the first refusal's status, code, detail and `Retry-After`.
 pub(super) fn answer(state: &AppState, results: Vec<Outcome>) -> HttpResponse {
     count_refused(state, &results);
-    let refused = results.iter().filter(|o| o.error.is_some()).count();
+    let refused = results.iter().filter(|o| o.refusal().is_some()).count();
     if refused < results.len() {
         let status = if refused == 0 {
             StatusCode::ACCEPTED
@@ -27,10 +29,10 @@ pub(super) fn answer(state: &AppState, results: Vec<Outcome>) -> HttpResponse {
         };
         return json_body(status, answer.to_json());
     }
-    let first = results.first();
-    let code = first.and_then(|o| o.error).unwrap_or("refused");
-    let retry_ms = first.and_then(|o| o.retry_after_ms).unwrap_or(1_000);
-    let detail = first.and_then(|o| o.detail.clone()).unwrap_or_default();
+    let first = results.first().and_then(Outcome::refusal);
+    let code = first.map_or("refused", |r| r.code);
+    let retry_ms = first.map_or(1_000, |r| r.retry_after_ms);
+    let detail = first.map(|r| r.detail.clone()).unwrap_or_default();
     let status = refusal_status(code);
     state.metrics.refused_request(code, status.as_u16());
     let answer = AppendResponse {
@@ -46,49 +48,65 @@ pub(super) fn answer(state: &AppState, results: Vec<Outcome>) -> HttpResponse {
     resp
 }
 
-/// One event's outcome in the answer. Fields left out of the JSON when empty: `offset` (refused),
-/// `duplicate` (false), `error`, `detail` and `retry_after_ms` (accepted).
-pub(super) struct Outcome {
-    partition: u32,
-    offset: Option<u64>,
-    duplicate: bool,
-    error: Option<&'static str>,
-    detail: Option<String>,
-    retry_after_ms: Option<u64>,
-    /// Why it was refused, finer than `error` (shed by priority or a full queue): the `reason`
-    /// label of `procd_ingest_refused_events_total`. Not in the JSON.
+/// Why events were refused: made once per error and shared by every event it refused (a request
+/// refused whole used to format the same detail once per event).
+#[derive(Debug)]
+pub(super) struct Refusal {
+    code: &'static str,
+    detail: String,
+    retry_after_ms: u64,
+    /// Finer than `code` (shed by priority or a full queue): the `reason` label of
+    /// `procd_ingest_refused_events_total`. Not in the JSON.
     reason: &'static str,
+}
+
+impl Refusal {
+    /// The refusal of events for `err`.
+    pub fn of(err: &CellError) -> Arc<Self> {
+        let (code, retry_after_ms) = code_and_retry(err);
+        Arc::new(Self {
+            code,
+            detail: err.to_string(),
+            retry_after_ms,
+            reason: reason(err),
+        })
+    }
+}
+
+/// One event's outcome in the answer: its partition and offset (`duplicate` when its id was appended
+/// before), or why it was refused and when to retry.
+pub(super) enum Outcome {
+    Accepted {
+        partition: u32,
+        appended: Appended,
+    },
+    Refused {
+        partition: u32,
+        refusal: Arc<Refusal>,
+    },
 }
 
 impl Outcome {
     /// An event the cell appended (or had appended before: a duplicate id).
     pub fn accepted(partition: u32, appended: Appended) -> Self {
-        let (offset, duplicate) = match appended {
-            Appended::New(o) => (o, false),
-            Appended::Duplicate(o) => (o, true),
-        };
-        Self {
+        Self::Accepted {
             partition,
-            offset: Some(offset),
-            duplicate,
-            error: None,
-            detail: None,
-            retry_after_ms: None,
-            reason: "",
+            appended,
         }
     }
 
-    /// An event refused for `err`.
-    pub fn refused(partition: u32, err: &CellError) -> Self {
-        let (code, retry_after_ms) = refusal(err);
-        Self {
+    /// An event refused as `refusal` says.
+    pub fn refused(partition: u32, refusal: &Arc<Refusal>) -> Self {
+        Self::Refused {
             partition,
-            offset: None,
-            duplicate: false,
-            error: Some(code),
-            detail: Some(err.to_string()),
-            retry_after_ms: Some(retry_after_ms),
-            reason: reason(err),
+            refusal: refusal.clone(),
+        }
+    }
+
+    fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Self::Accepted { .. } => None,
+            Self::Refused { refusal, .. } => Some(refusal),
         }
     }
 }
@@ -125,11 +143,10 @@ fn refusal_status(code: &str) -> StatusCode {
 /// Counts the refused events of an append, once per reason (not per event).
 fn count_refused(state: &AppState, results: &[Outcome]) {
     let mut by_reason: Vec<(&'static str, &'static str, u64)> = Vec::new();
-    for o in results {
-        let Some(code) = o.error else { continue };
-        match by_reason.iter_mut().find(|(r, _, _)| *r == o.reason) {
+    for refusal in results.iter().filter_map(Outcome::refusal) {
+        match by_reason.iter_mut().find(|(r, _, _)| *r == refusal.reason) {
             Some((_, _, n)) => *n += 1,
-            None => by_reason.push((o.reason, code, 1)),
+            None => by_reason.push((refusal.reason, refusal.code, 1)),
         }
     }
     for (reason, code, n) in by_reason {
@@ -139,7 +156,7 @@ fn count_refused(state: &AppState, results: &[Outcome]) {
 }
 
 /// The code and retry hint a refusal is reported with.
-fn refusal(err: &CellError) -> (&'static str, u64) {
+fn code_and_retry(err: &CellError) -> (&'static str, u64) {
     match err {
         CellError::Unavailable { .. } => ("cell_unavailable", 5_000),
         CellError::Overloaded { .. } => ("cell_overloaded", 100),
@@ -187,28 +204,36 @@ impl AppendResponse<'_> {
 }
 
 impl Outcome {
+    /// The outcome as JSON: `offset` and `duplicate` (when true) if accepted, else `error`, `detail`
+    /// and `retry_after_ms`.
     fn put_json(&self, out: &mut Vec<u8>) {
         let mut digits = itoa::Buffer::new();
         out.extend_from_slice(b"{\"partition\":");
-        out.extend_from_slice(digits.format(self.partition).as_bytes());
-        if let Some(offset) = self.offset {
-            out.extend_from_slice(b",\"offset\":");
-            out.extend_from_slice(digits.format(offset).as_bytes());
-        }
-        if self.duplicate {
-            out.extend_from_slice(b",\"duplicate\":true");
-        }
-        if let Some(error) = self.error {
-            out.extend_from_slice(b",\"error\":");
-            put_str(out, error);
-        }
-        if let Some(detail) = &self.detail {
-            out.extend_from_slice(b",\"detail\":");
-            put_str(out, detail);
-        }
-        if let Some(ms) = self.retry_after_ms {
-            out.extend_from_slice(b",\"retry_after_ms\":");
-            out.extend_from_slice(digits.format(ms).as_bytes());
+        match self {
+            Self::Accepted {
+                partition,
+                appended,
+            } => {
+                out.extend_from_slice(digits.format(*partition).as_bytes());
+                let (offset, duplicate) = match *appended {
+                    Appended::New(o) => (o, false),
+                    Appended::Duplicate(o) => (o, true),
+                };
+                out.extend_from_slice(b",\"offset\":");
+                out.extend_from_slice(digits.format(offset).as_bytes());
+                if duplicate {
+                    out.extend_from_slice(b",\"duplicate\":true");
+                }
+            }
+            Self::Refused { partition, refusal } => {
+                out.extend_from_slice(digits.format(*partition).as_bytes());
+                out.extend_from_slice(b",\"error\":");
+                put_str(out, refusal.code);
+                out.extend_from_slice(b",\"detail\":");
+                put_str(out, &refusal.detail);
+                out.extend_from_slice(b",\"retry_after_ms\":");
+                out.extend_from_slice(digits.format(refusal.retry_after_ms).as_bytes());
+            }
         }
         out.push(b'}');
     }
@@ -236,7 +261,7 @@ mod tests {
         let results = vec![
             Outcome::accepted(5, Appended::New(0)),
             Outcome::accepted(6, Appended::Duplicate(18_446_744_073_709_551_615)),
-            Outcome::refused(7, &overloaded),
+            Outcome::refused(7, &Refusal::of(&overloaded)),
         ];
         let detail = overloaded.to_string();
         let answer = AppendResponse {
@@ -284,7 +309,7 @@ mod tests {
         assert_eq!(reason(&full), "queue_full");
         // Clients still see one code for all three, with the same status.
         for err in [shed(Priority::Low), shed(Priority::Normal), full] {
-            let (code, _) = refusal(&err);
+            let (code, _) = code_and_retry(&err);
             assert_eq!(code, "cell_overloaded");
             assert_eq!(refusal_status(code), StatusCode::SERVICE_UNAVAILABLE);
         }
@@ -294,7 +319,7 @@ mod tests {
         };
         assert_eq!(reason(&lagging), "partition_lagging");
         assert_eq!(
-            refusal_status(refusal(&lagging).0),
+            refusal_status(code_and_retry(&lagging).0),
             StatusCode::TOO_MANY_REQUESTS
         );
     }
