@@ -48,8 +48,8 @@ pub(super) fn answer(state: &AppState, results: Vec<Outcome>) -> HttpResponse {
     resp
 }
 
-/// Why events were refused: made once per error and shared by every event it refused (a request
-/// refused whole used to format the same detail once per event).
+/// Why events were refused: made once per error and shared by the events it refuses, so that a
+/// refused 1000-event request formats its detail once, not 1000 times.
 #[derive(Debug)]
 pub(super) struct Refusal {
     code: &'static str,
