@@ -16,13 +16,10 @@ pub struct AppendEvents {
 }
 
 impl AppendEvents {
-    /// Room for `events` events of `bytes` encoded bytes in all.
-    pub fn with_capacity(events: usize, bytes: usize) -> Self {
-        Self {
-            partitions: Vec::with_capacity(events),
-            records: Records::with_capacity(events, bytes),
-            ids: Vec::new(),
-        }
+    /// Room for `events` more events of `bytes` encoded bytes in all.
+    pub fn reserve(&mut self, events: usize, bytes: usize) {
+        self.partitions.reserve(events);
+        self.records.reserve(events, bytes);
     }
 
     /// Adds an event for `partition` (which must be the cell's), with its producer id if it has one.
@@ -80,7 +77,8 @@ mod tests {
 
     #[test]
     fn events_come_back_in_order_with_their_partitions_and_ids() {
-        let mut events = AppendEvents::with_capacity(2, 16);
+        let mut events = AppendEvents::default();
+        events.reserve(2, 16);
         events.push(3, &record("1"), None);
         events.push(1, &record("2"), Some("b".into()));
         events.push(3, &record("3"), None);

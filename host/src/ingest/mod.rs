@@ -175,15 +175,17 @@ struct Routed {
 fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len: usize) -> Routed {
     let partitions = state.shape.partitions;
     let cells = state.cells.len().max(1);
-    // Sized for an even split with a quarter to spare, so that they rarely regrow (a record is about
-    // as long as its line, plus a header that matters only for tiny events).
+    // A cell's share is sized when it gets its first event, for an even split with a quarter to spare,
+    // so that it rarely regrows (a record is about as long as its line, plus a header that matters only
+    // for tiny events); a lone event is all of the body.
     let share = events.len() / cells + events.len() / (4 * cells) + 1;
-    let share_bytes = body_len / cells + body_len / (4 * cells) + 64 * share;
+    let share_bytes = match events.len() {
+        1 => body_len + 64,
+        _ => body_len / cells + body_len / (4 * cells) + 64 * share,
+    };
     let mut routed = Routed {
         placed: Vec::with_capacity(events.len()),
-        per_cell: (0..cells)
-            .map(|_| AppendEvents::with_capacity(share, share_bytes))
-            .collect(),
+        per_cell: (0..cells).map(|_| AppendEvents::default()).collect(),
         refused: Vec::new(),
     };
     // Whether each partition refuses writes because its handlers lag (and the refusal), looked up
@@ -211,6 +213,9 @@ fn route(state: &AppState, topic: &str, events: Vec<parse::Event<'_>>, body_len:
             .per_cell
             .get_mut(state.shape.cell_of(partition) as usize)
         {
+            if events.is_empty() {
+                events.reserve(share, share_bytes);
+            }
             events.push(
                 partition,
                 &event.record(0),

@@ -19,12 +19,10 @@ pub struct Records {
 }
 
 impl Records {
-    /// Room for `records` records of `bytes` bytes in all, so that pushing them does not regrow.
-    pub fn with_capacity(records: usize, bytes: usize) -> Self {
-        Self {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(records),
-        }
+    /// Room for `records` more records of `bytes` more bytes, so that pushing them does not regrow.
+    pub fn reserve(&mut self, records: usize, bytes: usize) {
+        self.bytes.reserve(bytes);
+        self.ends.reserve(records);
     }
 
     /// Encodes `record` after the others.
@@ -94,7 +92,8 @@ mod tests {
     #[test]
     fn records_come_back_as_encoded_in_order() {
         let events = [event("a", "1"), event("bb", "\"two\""), event("", "[]")];
-        let mut records = Records::with_capacity(1, 4);
+        let mut records = Records::default();
+        records.reserve(1, 4);
         for e in &events {
             records.push(e);
         }
