@@ -8,10 +8,10 @@
 //!   records (one buffer per group) *before* the clock starts, and appended straight to fjall by one
 //!   writer thread per cell, each with its own [`Store`] (the cells' own options) owning the partitions
 //!   `p % C == k`. Each writer stamps its group's time, commits one atomic batch and one fsync
-//!   (`SyncData`) per group, and forms its groups as a cell writer
-//!   does when its queue never runs dry: each request's share for the cell is added whole until the group
-//!   holds at least `cell.group_commit_max_events` events. That is the best the server's writers can do
-//!   with none of the work in front of them: the ceiling.
+//!   (`SyncData`) per group, and forms its groups as a cell writer does when its queue never runs dry:
+//!   each request's share for the cell is added whole until the group holds at least
+//!   `cell.group_commit_max_events` events. That is the best the server's writers can do with none of
+//!   the work in front of them: the ceiling.
 //! - **(b) http**: an in-process [`Server`] (defaults plus `--set`) on a fresh data directory, and
 //!   `--connections` keep-alive clients (default 16: enough requests in flight that the writers' groups
 //!   are about as full as (a)'s) posting NDJSON bodies of `--batch` events, built before the clock
