@@ -138,15 +138,25 @@ fn serde_event(raw: &str) -> Result<Event<'_>, String> {
 /// Parses an NDJSON body. Blank lines are skipped; errors name the 1-based line.
 pub fn ndjson(body: &[u8]) -> Result<Vec<Event<'_>>, String> {
     let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
-    let mut events = Vec::new();
-    for (i, line) in text.split('\n').enumerate() {
+    // The fast path takes the usual body whole; from a line it cannot take, the rest goes line by line.
+    let (mut events, stopped) = fast::ndjson(text);
+    if let Some(fast::Stopped { at, line }) = stopped {
+        by_line(text.get(at..).unwrap_or_default(), line, &mut events)?;
+    }
+    Ok(events)
+}
+
+/// Parses NDJSON `lines` one line at a time onto `events`; the first is line `first + 1` of the body.
+fn by_line<'a>(lines: &'a str, first: usize, events: &mut Vec<Event<'a>>) -> Result<(), String> {
+    for (i, line) in lines.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
-        events.push(event_from(line).map_err(|e| format!("line {}: {e}", i + 1))?);
+        let number = first + i + 1;
+        events.push(event_from(line).map_err(|e| format!("line {number}: {e}"))?);
     }
-    Ok(events)
+    Ok(())
 }
 
 /// Parses a JSON body: one event object or an array of them. Errors name the 1-based array element.
