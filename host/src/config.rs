@@ -157,7 +157,8 @@ pub struct DedupConfig {
 pub struct CellConfig {
     /// Append requests queued per cell before `503`.
     pub queue_len: usize,
-    /// Events per group commit (one fsync) at most.
+    /// A group commit (one fsync) stops collecting requests at this many appended events (a handler's
+    /// processing commit counts as one).
     pub group_commit_max_events: usize,
     /// How often retention and journal upkeep run.
     pub maintenance_interval_ms: u64,

@@ -46,7 +46,8 @@ pub struct CellOptions {
     /// Append requests waiting for the writer, per cell. A full queue refuses with `503` instead of
     /// buffering without bound.
     pub queue_len: usize,
-    /// A group commit stops collecting requests once it holds this many events.
+    /// A group commit stops collecting requests once it holds this many appended events (a handler's
+    /// processing commit counts as one, whatever its outputs).
     pub group_commit_max_events: usize,
     /// How long event ids are remembered for deduplication.
     pub dedup_window_ms: u64,

@@ -1,9 +1,10 @@
 //! The cell writer: the one thread that writes to a cell's Database.
 //!
-//! It takes append requests from the cell's bounded queue and group-commits them: it keeps collecting
-//! requests that are already waiting until the group holds `group_commit_max_events` events (or the queue
-//! is empty), writes them in ONE atomic fjall batch, fsyncs once (`SyncData`), and only then publishes the
-//! new durable end offsets and answers the requests. While it fsyncs, new requests queue up and form the
+//! It takes append requests and handlers' processing commits from the cell's bounded queue and
+//! group-commits them: it keeps collecting requests that are already waiting until the group holds
+//! `group_commit_max_events` appended events (a processing commit counts once) or the queue is empty,
+//! writes them in ONE atomic fjall batch, fsyncs once (`SyncData`), and only then publishes the new
+//! durable end offsets and answers the requests. While it fsyncs, new requests queue up and form the
 //! next group, so the fsync rate adapts to load without a timer.
 //!
 //! It is the single owner of each partition's next offset, last timestamp and dedup window, so none of
@@ -94,11 +95,23 @@ enum Pending {
 }
 
 impl Pending {
-    /// How much a request counts toward the group's event budget.
+    /// How much a request counts toward the group's event budget: an append its events, a processing
+    /// commit once, whatever its outputs. Handlers' commits are bounded by the tasks (a task sends its
+    /// next commit only once the last is answered), and sharing the appends' fsync is what group commit
+    /// is for; counted by their outputs, they split the appends waiting with them over more fsyncs
+    /// (`procd bench e2e`: README, End to end).
     fn weight(&self) -> usize {
         match self {
             Pending::Append(a) => a.events.len(),
-            Pending::Process(p) => p.outputs.iter().map(|(_, r)| r.len()).sum::<usize>().max(1),
+            Pending::Process(_) => 1,
+        }
+    }
+
+    /// Records the request appends (events, or outputs), for the group-size metric.
+    fn records(&self) -> usize {
+        match self {
+            Pending::Append(a) => a.events.len(),
+            Pending::Process(p) => p.outputs.iter().map(|(_, r)| r.len()).sum(),
         }
     }
 
@@ -414,7 +427,7 @@ impl Writer {
             return;
         }
         let now = now_ms();
-        let events: usize = group.iter().map(Pending::weight).sum();
+        let events: usize = group.iter().map(Pending::records).sum();
         let mut batch = self.store.batch();
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         for pending in group {
