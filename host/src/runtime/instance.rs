@@ -19,7 +19,8 @@ use wasmtime::{Engine, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder, 
 
 use super::bindings::procd::handler::{log, state, types};
 use super::bindings::{Batch, Handler, Level, OutputBatch, StateValues};
-use super::{Compiled, EPOCH_TICK, Limits, Runtime};
+use super::throttle::CallClock;
+use super::{Compiled, Limits, Runtime};
 
 /// Longest state key a handler may use. Well under the storage engine's own key limit (64 KiB).
 pub const MAX_STATE_KEY_BYTES: usize = 16 * 1024;
@@ -112,6 +113,16 @@ pub struct HostState {
     /// The values of the batch being handled, shared with the caller (`input.values` lowers them
     /// straight from here into guest memory); `None` outside a `handle` call.
     input_values: Option<Arc<Vec<u8>>>,
+    /// When the call in progress started and its deadline: the epoch callback throttles a call that
+    /// runs long and ends it at its deadline.
+    clock: CallClock,
+}
+
+/// Starts the clock of a call with `deadline` on `store`.
+fn start_call(store: &mut Store<HostState>, deadline: Duration) {
+    let (clock, unthrottled) = CallClock::start(deadline);
+    store.data_mut().clock = clock;
+    store.set_epoch_deadline(unthrottled);
 }
 
 /// What an overlay write replaced: the key's previous overlay entry, if it had one.
@@ -492,11 +503,12 @@ impl Runtime {
             state_refused: false,
             panic: None,
             input_values: None,
+            clock: CallClock::start(limits.deadline).0,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(ticks(limits.deadline));
+        store.epoch_deadline_callback(|store| Ok(store.data().clock.on_epoch()));
+        start_call(&mut store, limits.deadline);
         let bindings = compiled
             .pre
             .instantiate(&mut store)
@@ -511,7 +523,7 @@ impl Runtime {
             max_wasm_stack: self.max_wasm_stack,
             poisoned: false,
         };
-        instance.store.set_epoch_deadline(ticks(limits.deadline));
+        start_call(&mut instance.store, limits.deadline);
         match instance.bindings.call_init(&mut instance.store, config) {
             Ok(Ok(())) => Ok(instance),
             Ok(Err(message)) => Err(InstanceError::Init(message)),
@@ -533,10 +545,6 @@ fn shadow_stack_overflow(trap: &str) -> Option<String> {
              wasm address {address:#x}"
         )
     })
-}
-
-fn ticks(deadline: Duration) -> u64 {
-    (deadline.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
 }
 
 impl Instance {
@@ -582,7 +590,7 @@ impl Instance {
                 "instance was poisoned by an earlier trap".into(),
             ));
         }
-        self.store.set_epoch_deadline(ticks(self.deadline));
+        start_call(&mut self.store, self.deadline);
         self.store.data_mut().panic = None;
         self.store.data_mut().state_refused = false;
         self.store.data_mut().input_values = Some(Arc::clone(values));

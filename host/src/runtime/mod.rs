@@ -7,11 +7,13 @@
 //! Sandbox: guests get no WASI. Only procd's `input`, `state` and `log` imports are linked; every other
 //! import (std's WASI imports included) is defined as a trap, so a guest can never reach files, network,
 //! environment, clocks or randomness. Every store has memory, table and instance limits
-//! (`trap_on_grow_failure`) and a per-call wall-clock deadline by epoch interruption (a 1 ms ticker).
+//! (`trap_on_grow_failure`) and a per-call wall-clock deadline by epoch interruption (a 1 ms ticker); a
+//! call still running after a quarter of its deadline is throttled to a fifth of a core (`throttle`).
 
 mod bindings;
 mod compile;
 mod instance;
+mod throttle;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
