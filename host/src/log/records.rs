@@ -31,12 +31,6 @@ impl Records {
         self.ends.push(self.bytes.len());
     }
 
-    /// Adds a record already encoded.
-    pub fn push_encoded(&mut self, encoded: &[u8]) {
-        self.bytes.extend_from_slice(encoded);
-        self.ends.push(self.bytes.len());
-    }
-
     /// How many records there are.
     pub fn len(&self) -> usize {
         self.ends.len()
@@ -97,13 +91,8 @@ mod tests {
         for e in &events {
             records.push(e);
         }
-        records.push_encoded(b"raw");
-        let expected: Vec<Vec<u8>> = events
-            .iter()
-            .map(RecordRef::encode)
-            .chain([b"raw".to_vec()])
-            .collect();
-        assert_eq!(records.len(), 4);
+        let expected: Vec<Vec<u8>> = events.iter().map(RecordRef::encode).collect();
+        assert_eq!(records.len(), 3);
         assert_eq!(records.iter().collect::<Vec<_>>(), expected);
         let shared: Vec<Bytes> = records.into_shared().collect();
         assert_eq!(shared, expected);

@@ -38,11 +38,12 @@ use bytes::Bytes;
 use clap::Args;
 
 use super::server::post_all;
+use crate::cell::AppendEvents;
 use crate::client::Client;
 use crate::config::Config;
 use crate::ingest::partitioner;
 use crate::log::layout::Shape;
-use crate::log::{PartitionLog, PayloadRef, RecordRef, Records, Store};
+use crate::log::{PartitionLog, PayloadRef, RecordRef, Store};
 use crate::server::{AppState, Server};
 
 use super::util::{Scratch, check_range, load_average, percentile, process_cpu};
@@ -192,15 +193,8 @@ pub(super) async fn run(args: IngestArgs) -> anyhow::Result<()> {
 struct RawWriter {
     store: Store,
     logs: HashMap<u32, PartitionLog>,
-    groups: Vec<RawGroup>,
-}
-
-/// The events of one group commit: each one's partition, and the records (in one buffer, as a cell
-/// writer gets a request's share).
-#[derive(Default)]
-struct RawGroup {
-    partitions: Vec<u32>,
-    records: Records,
+    /// Each group commit's events, in one buffer as a cell writer gets a request's share.
+    groups: Vec<AppendEvents>,
 }
 
 impl RawWriter {
@@ -213,11 +207,7 @@ impl RawWriter {
             let started = Instant::now();
             let now = crate::cell::now_ms();
             let mut batch = self.store.batch();
-            for (partition, record) in group
-                .partitions
-                .into_iter()
-                .zip(group.records.into_shared())
-            {
+            for (partition, record, _) in group.into_events() {
                 let log = self.logs.get(&partition).ok_or_else(|| {
                     anyhow!("event routed to partition {partition}, which this writer does not own")
                 })?;
@@ -253,7 +243,7 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
     // Route and encode everything up front: (a) times storage alone. Groups are formed the way a cell
     // writer forms them when its queue is never empty: each request's share for the cell is added whole,
     // until the group holds at least `cell.group_commit_max_events` events.
-    let mut filling: Vec<RawGroup> = writers.iter().map(|_| RawGroup::default()).collect();
+    let mut filling: Vec<AppendEvents> = writers.iter().map(|_| AppendEvents::default()).collect();
     for request in plan.requests() {
         for i in request {
             let key = event_key(i);
@@ -273,18 +263,17 @@ fn raw_phase(plan: &Plan, root: &Path) -> anyhow::Result<Measured> {
                     shape.cells
                 );
             };
-            group.partitions.push(partition);
-            group.records.push(&record);
+            group.push(partition, &record, None);
         }
         // The request's shares are in; close every group that reached the cap.
         for (writer, group) in writers.iter_mut().zip(filling.iter_mut()) {
-            if group.partitions.len() >= group_events {
+            if group.len() >= group_events {
                 writer.groups.push(std::mem::take(group));
             }
         }
     }
     for (writer, rest) in writers.iter_mut().zip(filling) {
-        if !rest.partitions.is_empty() {
+        if !rest.is_empty() {
             writer.groups.push(rest);
         }
     }
