@@ -8,7 +8,8 @@
 //! import (std's WASI imports included) is defined as a trap, so a guest can never reach files, network,
 //! environment, clocks or randomness. Every store has memory, table and instance limits
 //! (`trap_on_grow_failure`) and a per-call wall-clock deadline by epoch interruption (a 1 ms ticker); a
-//! call still running after a quarter of its deadline is throttled to a fifth of a core (`throttle`).
+//! call still running after 10 ms (or a quarter of its deadline) yields the CPU to threads waiting for one
+//! (`throttle`).
 
 mod bindings;
 mod compile;
