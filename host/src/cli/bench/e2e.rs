@@ -19,6 +19,11 @@
 //! back, wasm call, output encoding, second durable write) delivers. Everything shares this machine's
 //! CPUs, as it would in production.
 //!
+//! Where the data directory is on a block device, the bytes written to it while each clock ran
+//! (`/proc/diskstats`) are printed per event and per second: on a disk, (ii) writes every event twice
+//! (input and output, each to a journal and later a table), and how close that comes to what the disk
+//! can write bounds the ratio (README, End to end).
+//!
 //! Latency of an event's output: input and output records both carry their log-append time, and the
 //! passthrough's output for input offset `o` of partition `p` is offset `o` of `out`'s partition `p`, so
 //! `out.timestamp_ms - in.timestamp_ms` is the delay from the input's append to its output's append
@@ -36,8 +41,8 @@ use clap::Args;
 
 use super::server::{AppendResults, Running, post_all};
 use super::util::{
-    Component, Scratch, check_range, components_dir, machine_line, percentile, process_cpu,
-    read_component,
+    Component, DiskWrites, Scratch, check_range, components_dir, machine_line, percentile,
+    process_cpu, read_component,
 };
 use super::workload::{Workload, WorkloadArgs, ndjson_line};
 
@@ -111,6 +116,8 @@ struct Measured {
     output_at_ingest: u64,
     /// CPU time of the whole process while the clock ran.
     cpu: Option<Duration>,
+    /// Bytes written to the data directory's disk while the clock ran (by anything on the machine).
+    disk: Option<u64>,
     /// Event→output delays in ms, sampled under load and with single probes ((ii) only).
     loaded_ms: Vec<u64>,
     probe_ms: Vec<u64>,
@@ -148,7 +155,8 @@ pub(super) async fn run(args: E2eArgs) -> anyhow::Result<()> {
         drop(dir);
         pipeline.push(measured);
     }
-    print_results(&plan, &ingest, &pipeline);
+    let disk = DiskWrites::of(scratch.path()).map(|d| d.name);
+    print_results(&plan, &ingest, &pipeline, disk.as_deref());
     Ok(())
 }
 
@@ -160,7 +168,8 @@ async fn phase(
     component: Option<Bytes>,
 ) -> anyhow::Result<Measured> {
     let mut server = Running::start(&plan.load.config, data_dir).await?;
-    let measured = measure_phase(plan, &mut server, bodies, component).await;
+    let disk = DiskWrites::of(data_dir);
+    let measured = measure_phase(plan, &mut server, disk.as_ref(), bodies, component).await;
     server.stop().await?;
     measured
 }
@@ -168,6 +177,7 @@ async fn phase(
 async fn measure_phase(
     plan: &Plan,
     server: &mut Running,
+    disk: Option<&DiskWrites>,
     bodies: Arc<Vec<Bytes>>,
     component: Option<Bytes>,
 ) -> anyhow::Result<Measured> {
@@ -184,6 +194,7 @@ async fn measure_phase(
             .await?;
     }
 
+    let disk_before = disk.and_then(DiskWrites::written);
     let cpu_before = process_cpu();
     let started = Instant::now();
     let posted = post_all(&server.data_url, INPUT, plan.load.connections, bodies).await?;
@@ -193,6 +204,7 @@ async fn measure_phase(
         output: None,
         output_at_ingest: 0,
         cpu: None,
+        disk: None,
         loaded_ms: Vec::new(),
         probe_ms: Vec::new(),
     };
@@ -204,6 +216,10 @@ async fn measure_phase(
     }
     measured.cpu = process_cpu()
         .zip(cpu_before)
+        .map(|(now, before)| now.saturating_sub(before));
+    measured.disk = disk
+        .and_then(DiskWrites::written)
+        .zip(disk_before)
         .map(|(now, before)| now.saturating_sub(before));
     posted.check(plan.events)?;
 
@@ -352,7 +368,7 @@ fn print_parameters(plan: &Plan, component: &Component, dir: &Path) {
     println!();
 }
 
-fn print_results(plan: &Plan, ingest: &[Measured], pipeline: &[Measured]) {
+fn print_results(plan: &Plan, ingest: &[Measured], pipeline: &[Measured], disk: Option<&str>) {
     let total = |phases: &[Measured]| -> Duration { phases.iter().map(Measured::elapsed).sum() };
     let events = (plan.events * plan.rounds) as f64;
     let rate = |d: Duration| events / d.as_secs_f64().max(f64::MIN_POSITIVE);
@@ -397,6 +413,21 @@ fn print_results(plan: &Plan, ingest: &[Measured], pipeline: &[Measured]) {
         backlog as f64 * 100.0 / events.max(1.0)
     );
     println!("(CPU busy: CPU time of the whole process while the clock ran, in cores)");
+    let disk_line = |phases: &[Measured]| -> Option<String> {
+        let bytes: u64 = phases.iter().map(|m| m.disk).sum::<Option<u64>>()?;
+        let seconds = total(phases).as_secs_f64().max(f64::MIN_POSITIVE);
+        Some(format!(
+            "{:.0} B/event, {:.0} MB/s",
+            bytes as f64 / events.max(1.0),
+            bytes as f64 / seconds / 1e6
+        ))
+    };
+    if let (Some(i), Some(p)) = (disk_line(ingest), disk_line(pipeline)) {
+        println!(
+            "(disk: bytes written to {} while the clock ran, by anything: (i) {i}; (ii) {p})",
+            disk.unwrap_or("the data directory's device")
+        );
+    }
     println!();
     let ratio = rate(tp) / rate(ti).max(f64::MIN_POSITIVE);
     let verdict = if ratio >= TARGET_RATIO {

@@ -117,6 +117,51 @@ pub(super) fn stat_cpu(path: &str) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
+/// The block device holding a directory, whose writes `/proc/diskstats` counts: what the disk did while a
+/// benchmark's clock ran. `None` off Linux and for file systems on no block device (tmpfs).
+pub(super) struct DiskWrites {
+    major: u64,
+    minor: u64,
+    /// The kernel's name of the device (`vda`, `nvme0n1p2`).
+    pub name: String,
+}
+
+impl DiskWrites {
+    pub fn of(dir: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dev = std::fs::metadata(dir).ok()?.dev();
+        // glibc's encoding of dev_t.
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+        let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+        let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+        let name = diskstats_line(&stats, major, minor)?.0.to_string();
+        Some(Self { major, minor, name })
+    }
+
+    /// Bytes written to the device since boot.
+    pub fn written(&self) -> Option<u64> {
+        let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+        diskstats_line(&stats, self.major, self.minor).map(|(_, bytes)| bytes)
+    }
+}
+
+/// The device name and bytes written of the `/proc/diskstats` line of `major:minor` (its tenth field
+/// counts 512-byte sectors written, whatever the device's sector size).
+fn diskstats_line(stats: &str, major: u64, minor: u64) -> Option<(&str, u64)> {
+    stats.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(ma), Some(mi), Some(name), Some(sectors)) =
+            (fields.first(), fields.get(1), fields.get(2), fields.get(9))
+        else {
+            return None;
+        };
+        if ma.parse::<u64>().ok()? != major || mi.parse::<u64>().ok()? != minor {
+            return None;
+        }
+        Some((*name, sectors.parse::<u64>().ok()? * 512))
+    })
+}
+
 /// Whether [`thread_cpu`] is exact (schedstat) rather than in 10 ms ticks.
 pub(super) fn thread_cpu_is_exact() -> bool {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -194,6 +239,16 @@ mod tests {
             assert!(matches!(serde_json::from_str::<String>(&value), Ok(s) if s.len() == size - 2));
         }
         assert_ne!(event_value(1, 64), event_value(2, 64));
+    }
+
+    #[test]
+    fn disk_writes_are_read_from_the_devices_diskstats_line() {
+        let stats = "   8       0 sda 10 0 80 5 7 0 1000 9 0 3 14 0 0 0 0\n \
+                     252       1 vda1 1 0 8 0 4 0 56 2 0 1 2 0 0 0 0\n";
+        assert_eq!(diskstats_line(stats, 252, 1), Some(("vda1", 56 * 512)));
+        assert_eq!(diskstats_line(stats, 8, 0), Some(("sda", 1000 * 512)));
+        assert_eq!(diskstats_line(stats, 8, 1), None);
+        assert_eq!(diskstats_line("8 0 sda 1 2", 8, 0), None, "a short line");
     }
 
     #[test]
