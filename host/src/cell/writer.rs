@@ -375,6 +375,14 @@ impl Writer {
         deferred
     }
 
+    /// A storage read or write of one request failed; the request is refused, the cell goes on.
+    fn storage_error(&self, e: &StoreError) -> CellError {
+        CellError::Unavailable {
+            cell: self.index,
+            reason: e.to_string(),
+        }
+    }
+
     fn unavailable(&self, shared: &Shared) -> Option<CellError> {
         shared
             .health
@@ -546,17 +554,21 @@ impl Writer {
         }) {
             return Answer::Process(reply, Err(CellError::UnknownTopic(missing.to_string())));
         }
+        // What fails must fail before anything of this commit is in the group's batch, which commits
+        // with the other requests whatever happens here: half a commit (outputs without their offset)
+        // would be applied again when the task retries.
+        let mut evictions = Vec::with_capacity(dead_letters.len());
+        for (seq, _) in &dead_letters {
+            match consumer.dlq_evictions(*seq, self.dlq_max_entries) {
+                Ok(evicted) => evictions.push(evicted),
+                Err(e) => return Answer::Process(reply, Err(self.storage_error(&e))),
+            }
+        }
         if clear_state {
             // Not part of the atomic batch (fjall clears a keyspace on its own); the offset commit that
             // follows makes the reset effective, and a crash in between only re-applies the reset.
             if let Err(e) = consumer.clear_state() {
-                return Answer::Process(
-                    reply,
-                    Err(CellError::Unavailable {
-                        cell: self.index,
-                        reason: e.to_string(),
-                    }),
-                );
+                return Answer::Process(reply, Err(self.storage_error(&e)));
             }
         }
         for (topic, records) in outputs {
@@ -573,16 +585,8 @@ impl Writer {
         for (key, value) in state {
             batch.set_state(&consumer, key, value);
         }
-        for (seq, entry) in dead_letters {
-            if let Err(e) = batch.dead_letter(&consumer, seq, &entry, self.dlq_max_entries) {
-                return Answer::Process(
-                    reply,
-                    Err(CellError::Unavailable {
-                        cell: self.index,
-                        reason: e.to_string(),
-                    }),
-                );
-            }
+        for ((seq, entry), evicted) in dead_letters.iter().zip(&evictions) {
+            batch.dead_letter(&consumer, *seq, entry, evicted);
         }
         for seq in replayed {
             batch.forget_dead_letter(&consumer, seq);

@@ -231,6 +231,17 @@ impl ConsumerLog {
         Ok(out)
     }
 
+    /// The dead letters to delete when one is added under sequence number `seq` so that at most `keep`
+    /// remain (sequence numbers are contiguous: those below `seq + 1 - keep`). It reads the store, so a
+    /// writer asks before it adds anything of a commit to its batch: a failed read then leaves none of
+    /// that commit behind.
+    pub fn dlq_evictions(&self, seq: u64, keep: u64) -> Result<Vec<u64>, StoreError> {
+        match (seq.saturating_add(1)).checked_sub(keep.max(1)) {
+            Some(below) if below > 0 => self.dlq_seqs_below(below),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Deletes the dead letters up to and including sequence `through` (all of them with `None`),
     /// durably. Returns how many were deleted. Only the cell writer calls this.
     pub fn dlq_purge(&self, through: Option<u64>) -> Result<u64, StoreError> {
@@ -272,22 +283,19 @@ impl Batch {
         self.remove_raw(&consumer.dlq, offset_key(seq).to_vec());
     }
 
-    /// Appends a dead letter under sequence number `seq`, then deletes the oldest ones so that at most
-    /// `keep` remain (sequence numbers are contiguous, so those below `seq + 1 - keep`).
+    /// Appends a dead letter under sequence number `seq` and deletes `evicted`, the old ones
+    /// [`ConsumerLog::dlq_evictions`] named.
     pub fn dead_letter(
         &mut self,
         consumer: &ConsumerLog,
         seq: u64,
         entry: &DlqEntry,
-        keep: u64,
-    ) -> Result<(), StoreError> {
+        evicted: &[u64],
+    ) {
         self.insert_raw(&consumer.dlq, offset_key(seq).to_vec(), encode(entry));
-        if let Some(below) = (seq + 1).checked_sub(keep.max(1)) {
-            for old in consumer.dlq_seqs_below(below)? {
-                self.remove_raw(&consumer.dlq, offset_key(old).to_vec());
-            }
+        for old in evicted {
+            self.remove_raw(&consumer.dlq, offset_key(*old).to_vec());
         }
-        Ok(())
     }
 }
 
@@ -322,7 +330,8 @@ mod tests {
                 time_ms: 1,
                 record: vec![1],
             };
-            batch.dead_letter(&c, c.dlq_next_seq()?, &entry, 10)?;
+            let seq = c.dlq_next_seq()?;
+            batch.dead_letter(&c, seq, &entry, &c.dlq_evictions(seq, 10)?);
             store.commit(batch, true)?;
         }
         let store = Store::open(dir.path(), StoreOptions::default())?;
@@ -343,6 +352,33 @@ mod tests {
             store.consumer("h", 4)?.committed()?.is_none(),
             "partitions are separate"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_oldest_dead_letters_go_once_more_than_keep_are_stored()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path(), StoreOptions::default())?;
+        let c = store.consumer("h", 0)?;
+        let entry = |offset| DlqEntry {
+            offset,
+            version: 1,
+            error: "bad".into(),
+            time_ms: 1,
+            record: vec![],
+        };
+        for offset in 0..5 {
+            let seq = c.dlq_next_seq()?;
+            let evicted = c.dlq_evictions(seq, 3)?;
+            let mut batch = store.batch();
+            batch.dead_letter(&c, seq, &entry(offset), &evicted);
+            store.commit(batch, false)?;
+        }
+        let kept: Vec<u64> = c.dlq_list(0, 10)?.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(kept, vec![2, 3, 4]);
+        assert_eq!(c.dlq_evictions(5, 3)?, vec![2], "the next one evicts one");
+        assert_eq!(c.dlq_evictions(0, 3)?, Vec::<u64>::new());
         Ok(())
     }
 }
