@@ -1114,6 +1114,52 @@ async fn removed_handler_is_gone_and_a_new_one_starts_from_scratch() -> TestResu
 }
 
 #[tokio::test]
+async fn storage_left_by_a_former_incarnation_is_not_taken_over() -> TestResult {
+    let mut host = TestHost::start()?;
+    host.create_topics(&["in", "out"]).await?;
+    deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
+    post_all(&host, "in", &varied_events(100, false)).await?;
+    wait_processed(&host, "c", "in").await?;
+    assert_eq!(host.stop()?, 0, "SIGINT exits cleanly");
+
+    // What a server stopped between removing `c`, deploying it again and deleting the old one's
+    // storage leaves: position and state recorded by another incarnation of `c`.
+    for cell in 0..2 {
+        let dir = host.data_dir().join("data").join("cells").join(cell.to_string());
+        let store = procd::log::Store::open(&dir, procd::log::StoreOptions::default())?;
+        for partition in (cell..PARTITIONS).step_by(2) {
+            let old = store.consumer("c", partition)?.for_incarnation(1);
+            let Some(committed) = old.committed()? else {
+                continue;
+            };
+            let mut batch = store.batch();
+            batch.commit_offset(&old, &committed);
+            store.commit(batch, true)?;
+        }
+    }
+
+    // Restarted, `c` (its own incarnation) starts from its start position with empty state.
+    host.restart()?;
+    wait_for_events(&host, "out", 200).await?;
+    wait_processed(&host, "c", "in").await?;
+    let inputs = read_topic(&host, "in").await?;
+    let outputs = read_topic(&host, "out").await?;
+    for (p, (inp, out)) in inputs.iter().zip(&outputs).enumerate() {
+        let once: Vec<_> = running_counts(inp)
+            .into_iter()
+            .map(|(k, n)| (k, Some(n)))
+            .collect();
+        let twice: Vec<_> = once.iter().chain(&once).cloned().collect();
+        assert_eq!(
+            counter_outputs(out),
+            twice,
+            "partition {p}: counted again from 1, from the earliest input"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn counts_continue_across_a_restart() -> TestResult {
     let mut host = TestHost::start()?;
     host.create_topics(&["in", "out"]).await?;

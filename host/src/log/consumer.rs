@@ -4,8 +4,11 @@
 //!
 //! Keyspaces: `state-<handler>-<p>` (`0x01` + user key → value; the prefix lets a handler use the empty
 //! key, which fjall does not accept), `dlq-<handler>-<p>` (sequence number as
-//! big-endian u64 → [`DlqEntry`]), and one `offsets` keyspace per cell (`<handler>/<p>` → [`Committed`]).
-//! Values are postcard behind a format-version byte. This is an on-disk contract.
+//! big-endian u64 → [`DlqEntry`]), and one `offsets` keyspace per cell (`<handler>/<p>` → [`Committed`],
+//! and beside it `<handler>/<p>/incarnation` → the handler's incarnation, written with every offset
+//! commit: a handler removed and deployed again under its name must not find the old one's position,
+//! state or dead letters, even if the server stopped before they were deleted). Values are postcard
+//! behind a format-version byte. This is an on-disk contract.
 
 use fjall::{Keyspace, KeyspaceCreateOptions};
 use serde::{Deserialize, Serialize};
@@ -77,6 +80,8 @@ pub struct ConsumerLog {
     dlq: Keyspace,
     offsets: Keyspace,
     offset_key: Vec<u8>,
+    /// The handler incarnation whose commits this log records ([`ConsumerLog::for_incarnation`]).
+    incarnation: Option<u64>,
     store: Store,
 }
 
@@ -93,21 +98,51 @@ impl Store {
             dlq,
             offsets,
             offset_key: format!("{handler}/{partition}").into_bytes(),
+            incarnation: None,
             store: self.clone(),
         })
     }
 
-    /// Deletes a handler's storage on a partition: state, dead letters and committed offset.
+    /// Deletes a handler's storage on a partition: state, dead letters, then the committed offset and
+    /// incarnation (last, so that a crash in between leaves the marker that says the rest is stale).
     pub fn delete_consumer(&self, consumer: ConsumerLog) -> Result<(), StoreError> {
+        self.delete_keyspace(consumer.state.clone())?;
+        self.delete_keyspace(consumer.dlq.clone())?;
         let mut batch = self.batch();
         batch.remove_raw(&consumer.offsets, consumer.offset_key.clone());
-        self.commit(batch, true)?;
-        self.delete_keyspace(consumer.state)?;
-        self.delete_keyspace(consumer.dlq)
+        batch.remove_raw(&consumer.offsets, consumer.incarnation_key());
+        self.commit(batch, true)
     }
 }
 
 impl ConsumerLog {
+    /// This log as written by incarnation `incarnation` of its handler: its offset commits record it.
+    pub fn for_incarnation(mut self, incarnation: u64) -> Self {
+        self.incarnation = Some(incarnation);
+        self
+    }
+
+    fn incarnation_key(&self) -> Vec<u8> {
+        let mut key = self.offset_key.clone();
+        key.extend_from_slice(b"/incarnation");
+        key
+    }
+
+    /// The incarnation of the handler that last committed here; `None` if none did, or if it committed
+    /// before procd recorded incarnations.
+    pub fn stored_incarnation(&self) -> Result<Option<u64>, StoreError> {
+        match self
+            .offsets
+            .get(self.incarnation_key())
+            .map_err(|e| self.store.fjall_err(e))?
+        {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|d| self.store.corrupt(&self.offsets, d)),
+        }
+    }
+
     /// The committed position, if the handler ever committed on this partition.
     pub fn committed(&self) -> Result<Option<Committed>, StoreError> {
         match self
@@ -276,6 +311,13 @@ impl Batch {
             consumer.offset_key.clone(),
             encode(committed),
         );
+        if let Some(incarnation) = consumer.incarnation {
+            self.insert_raw(
+                &consumer.offsets,
+                consumer.incarnation_key(),
+                encode(&incarnation),
+            );
+        }
     }
 
     /// Deletes dead letter `seq` (it was replayed successfully).

@@ -125,6 +125,40 @@ impl Supervisor {
         }
     }
 
+    /// Opens the storage of `def` on `partition` for a new task. Storage a former incarnation of the
+    /// handler left (it was removed and deployed again before its storage was deleted, or the server
+    /// stopped in between) is deleted first: the new one starts from its own start position, with
+    /// empty state.
+    fn open_consumer(&self, def: &HandlerDef, partition: u32) -> Result<ConsumerLog, String> {
+        let store = &self.ctx.shared.store;
+        let consumer = store
+            .consumer(&def.name, partition)
+            .map_err(|e| e.to_string())?;
+        let stored = consumer.stored_incarnation().map_err(|e| e.to_string())?;
+        if stored.is_some_and(|stored| stored != def.incarnation) {
+            tracing::info!(handler = %def.name, partition, "deleting the storage of the handler's former incarnation");
+            self.drop_consumer(consumer)?;
+            return store
+                .consumer(&def.name, partition)
+                .map(|c| c.for_incarnation(def.incarnation))
+                .map_err(|e| e.to_string());
+        }
+        Ok(consumer.for_incarnation(def.incarnation))
+    }
+
+    /// Deletes a consumer's storage through the cell writer (which owns every write) and waits for it.
+    fn drop_consumer(&self, consumer: ConsumerLog) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.ctx
+            .tx
+            .send(Command::DropConsumer { consumer, reply })
+            .map_err(|_| "the cell writer is gone".to_string())?;
+        match rx.blocking_recv() {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("the cell writer is gone".to_string()),
+        }
+    }
+
     /// Starts threads for new tasks; stops those of removed handlers and deletes their storage.
     fn sync_tasks(&mut self, defs: &HashMap<String, Arc<HandlerDef>>) {
         let gone: Vec<(Arc<str>, u32)> = self
@@ -147,16 +181,11 @@ impl Supervisor {
             if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
                 statuses.remove(&(key.0.to_string(), key.1));
             }
-            if let Some(consumer) = consumer {
-                let (reply, rx) = oneshot::channel();
-                if self
-                    .ctx
-                    .tx
-                    .send(Command::DropConsumer { consumer, reply })
-                    .is_ok()
-                {
-                    let _ = rx.blocking_recv();
-                }
+            if let Some(consumer) = consumer
+                && let Err(e) = self.drop_consumer(consumer)
+            {
+                // Not lost: a later incarnation of the handler finds and deletes it.
+                tracing::warn!(handler = %key.0, partition = key.1, error = %e, "cannot delete a removed handler's storage");
             }
         }
         let mut started = false;
@@ -166,7 +195,7 @@ impl Supervisor {
                 if self.tasks.contains_key(&(name.clone(), partition)) {
                     continue;
                 }
-                let consumer = match self.ctx.shared.store.consumer(&def.name, partition) {
+                let consumer = match self.open_consumer(def, partition) {
                     Ok(consumer) => consumer,
                     Err(e) => {
                         self.ctx
