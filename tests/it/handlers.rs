@@ -1125,7 +1125,11 @@ async fn storage_left_by_a_former_incarnation_is_not_taken_over() -> TestResult 
     // What a server stopped between removing `c`, deploying it again and deleting the old one's
     // storage leaves: position and state recorded by another incarnation of `c`.
     for cell in 0..2 {
-        let dir = host.data_dir().join("data").join("cells").join(cell.to_string());
+        let dir = host
+            .data_dir()
+            .join("data")
+            .join("cells")
+            .join(cell.to_string());
         let store = procd::log::Store::open(&dir, procd::log::StoreOptions::default())?;
         for partition in (cell..PARTITIONS).step_by(2) {
             let old = store.consumer("c", partition)?.for_incarnation(1);
@@ -1156,6 +1160,23 @@ async fn storage_left_by_a_former_incarnation_is_not_taken_over() -> TestResult 
             "partition {p}: counted again from 1, from the earliest input"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_topic_a_handler_uses_cannot_be_deleted_under_it() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topics(&["in", "out", "spare"]).await?;
+    deploy_ok(&host, "c", example("counter")?, "in", &["out"], &[], 1).await?;
+    let mut admin = host.admin()?;
+    for topic in ["in", "out"] {
+        let resp = admin.delete(&format!("/v1/topics/{topic}")).await?;
+        assert_refused(&resp, 409, "topic_in_use", "\"c\"")?;
+        ensure_status(&admin.get(&format!("/v1/topics/{topic}")).await?, 200)?;
+    }
+    ensure_status(&admin.delete("/v1/topics/spare").await?, 200)?;
+    ensure_status(&admin.delete("/v1/handlers/c").await?, 200)?;
+    ensure_status(&admin.delete("/v1/topics/in").await?, 200)?;
     Ok(())
 }
 

@@ -135,6 +135,38 @@ pub(super) fn show(state: &AppState, name: &str) -> Result<HttpResponse, ApiErro
 
 pub(super) async fn delete(state: &AppState, name: &str) -> Result<HttpResponse, ApiError> {
     let _guard = state.admin_lock.lock().await;
+    // A handler's position and outputs are offsets of the topic: deleting it under the handler would
+    // make a topic created again under the name skip (or repeat) those offsets.
+    let users: Vec<String> = state
+        .catalog
+        .handlers()
+        .values()
+        .filter(|def| {
+            def.input == name
+                || def
+                    .version(def.active)
+                    .is_some_and(|v| v.outputs.iter().any(|o| o == name))
+        })
+        .map(|def| format!("{:?}", def.name))
+        .collect();
+    if !users.is_empty() {
+        let mut users = users;
+        users.sort();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "topic_in_use",
+            format!(
+                "topic {name:?} is read or written by {} {}; remove {} first",
+                if users.len() == 1 {
+                    "handler"
+                } else {
+                    "handlers"
+                },
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" }
+            ),
+        ));
+    }
     state.catalog.remove(name).map_err(catalog_error)?;
     for cell in &state.cells {
         // A cell that cannot delete now deletes the orphaned partitions when it is next opened.
