@@ -12,6 +12,7 @@ mod hostile;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod readiness;
 mod readme;
 mod status;
 mod topics;

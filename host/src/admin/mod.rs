@@ -190,9 +190,13 @@ fn inject_fault(state: &AppState, cell: &str) -> Result<HttpResponse, ApiError> 
     ))
 }
 
-/// Ready when every cell is healthy; otherwise `503` naming the failed cells and why. A cell whose
-/// processing stalled (the watchdog) is listed under `stalled` without making the server unready:
-/// it still takes writes, and refusing them would not help its handlers.
+/// How long an unready server tells its prober to wait: a failed cell stays failed until the server
+/// restarts, so asking sooner only adds load; the data plane's `cell_unavailable` says the same 5 s.
+const UNREADY_RETRY_AFTER_SECS: u64 = 5;
+
+/// Ready when every cell is healthy; otherwise `503` naming the failed cells and why, with
+/// `Retry-After`. A cell whose processing stalled (the watchdog) is listed under `stalled` without
+/// making the server unready: it still takes writes, and refusing them would not help its handlers.
 fn readyz(state: &AppState) -> HttpResponse {
     let stalled: Vec<_> = state
         .cells
@@ -217,9 +221,12 @@ fn readyz(state: &AppState) -> HttpResponse {
             &json!({"status": "ready", "cells": state.cells.len(), "stalled": stalled}),
         )
     } else {
-        json(
+        let mut resp = json(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"error": "cells_failed", "detail": format!("{} of {} cells failed", failed.len(), state.cells.len()), "failed": failed, "stalled": stalled}),
-        )
+        );
+        resp.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, UNREADY_RETRY_AFTER_SECS.into());
+        resp
     }
 }
