@@ -46,7 +46,7 @@ pub(super) async fn deploy(
         e
     })?;
 
-    let _guard = state.admin_lock.lock().await;
+    let _guard = lock_within(&state.admin_lock, COMPILE_TIMEOUT).await?;
     let existing = state.catalog.handler(name);
     let settings = params.settle(state, name, existing.as_deref())?;
     check_component(state, name, &body, &settings, &server_limits).await?;
@@ -233,6 +233,26 @@ impl Params {
     }
 }
 
+/// Takes the control plane's lock, waiting at most `wait`: its holder may be another deploy, compiling
+/// for up to [`COMPILE_TIMEOUT`], with more queued behind it. Past `wait`, `503 admin_busy` with a
+/// `Retry-After` of as long again, as for the compiler's slot.
+async fn lock_within(
+    lock: &tokio::sync::Mutex<()>,
+    wait: Duration,
+) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+    tokio::time::timeout(wait, lock.lock()).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admin_busy",
+            format!(
+                "other deploys or topic and handler changes held the control plane for {} s; retry later",
+                wait.as_secs()
+            ),
+        )
+        .retry_after(wait.as_secs().max(1))
+    })
+}
+
 /// No committed state: what a deploy-time `init` check reads.
 struct EmptyState;
 
@@ -297,5 +317,24 @@ async fn check_component(
         Ok(Err(e)) => Err(ApiError::internal("compile task failed", &e)),
         Ok(Ok(Err((message, _)))) => Err(ApiError::bad_request("invalid_component", message)),
         Ok(Ok(Ok(()))) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deploy_waits_for_the_admin_lock_a_bounded_time_then_gets_503() {
+        let lock = tokio::sync::Mutex::new(());
+        let held = lock.lock().await;
+        // A short wait stands in for COMPILE_TIMEOUT (tokio's paused clock is not enabled here).
+        let refused = lock_within(&lock, Duration::from_millis(50)).await.err();
+        assert_eq!(
+            refused.map(|e| (e.status, e.code, e.retry_after_secs)),
+            Some((StatusCode::SERVICE_UNAVAILABLE, "admin_busy", Some(1)))
+        );
+        drop(held);
+        assert!(lock_within(&lock, Duration::from_millis(50)).await.is_ok());
     }
 }
