@@ -586,6 +586,68 @@ async fn requests_over_the_in_flight_budget_get_503_until_it_frees_up() -> TestR
 }
 
 #[tokio::test]
+async fn a_request_larger_than_a_burst_gets_413_not_a_retry_that_cannot_succeed() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.tenant_bytes_per_sec=1000",
+            "admission.tenant_burst_bytes=2000",
+            "admission.tenant_overrides=wide=100000/100000",
+            "admission.global_bytes_per_sec=100000",
+            "admission.global_burst_bytes=3500",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let body = hundred_events(); // about 2.9 KB
+    assert!(body.len() > 2000 && body.len() < 3500);
+    let mut data = host.data()?;
+    // Larger than the tenant's burst, and larger than the server's: 413 naming the setting.
+    let big = body.repeat(2);
+    for (tenant, body, setting) in [
+        ("plain", &body, "admission.tenant_burst_bytes"),
+        ("wide", &big, "admission.global_burst_bytes"),
+    ] {
+        let resp = post_as(&mut data, tenant, body).await?;
+        ensure_status(&resp, 413)?;
+        assert_eq!(resp.json()?["error"], "larger_than_burst");
+        let detail = resp.json()?["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(detail.contains(setting), "{detail}");
+        assert_eq!(
+            resp.header("retry-after"),
+            None,
+            "{tenant}: waiting cannot help"
+        );
+    }
+    // What fits is served.
+    ensure_status(&post_as(&mut data, "wide", &body).await?, 202)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tenant_name_over_128_bytes_is_refused_with_400() -> TestResult {
+    let host = TestHost::start()?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let longest = "t".repeat(128);
+    ensure_status(&post_as(&mut data, &longest, "{\"value\":1}").await?, 202)?;
+    let resp = post_as(&mut data, &format!("{longest}x"), "{\"value\":1}").await?;
+    ensure_status(&resp, 400)?;
+    let v = resp.json()?;
+    assert_eq!(v["error"], "invalid_header");
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Procd-Tenant")),
+        "{v}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn priorities_are_read_and_a_bad_one_is_refused() -> TestResult {
     let host = TestHost::start()?;
     host.create_topic("t").await?;

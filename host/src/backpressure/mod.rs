@@ -18,9 +18,15 @@
 //!    it to it), so accepted requests do not wait long even when the server runs at its capacity.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
-//! body read, no parsing and no write; a body sent without a length is charged once read. The cells'
-//! bounded queues (full → `503`) stay the last line behind both. Both buckets are off (rate 0) by
-//! default.
+//! body read, no parsing and no write; a body sent without a length is charged once read. A request
+//! larger than a bucket's burst could never be admitted: it gets `413
+//! larger_than_burst`, not a `Retry-After` that would never come true. The cells' bounded queues (full
+//! → `503`) stay the last line behind both. Both buckets are off (rate 0) by default.
+//!
+//! Tenant names are the client's to choose, so their buckets are bounded: at most [`MAX_TENANTS`]
+//! (besides the tenants with overrides), with idle (full again) buckets forgotten when more are needed.
+//! While all are in use, further tenants share the *overflow bucket*, with the default quota: inventing
+//! names buys no more than one tenant's quota and resets no one's bucket.
 
 mod bucket;
 
@@ -35,8 +41,17 @@ pub use bucket::TokenBucket;
 
 use crate::http::ApiError;
 
-/// Tenants whose buckets are kept at most; beyond it, full (idle) buckets are forgotten first.
-const MAX_TENANTS: usize = 10_000;
+/// Tenant buckets kept at most (besides those of tenants with overrides): a bucket and its name take
+/// about 200 bytes, so 10 000 bound them at about 2 MB. Beyond it, tenants share the overflow bucket.
+pub const MAX_TENANTS: usize = 10_000;
+
+/// The longest tenant name (`Procd-Tenant`, `admission.tenant_overrides`), in bytes: names are kept as
+/// map keys, and no real tenant needs more.
+pub const MAX_TENANT_BYTES: usize = 128;
+
+/// How often, at most, a full map of tenant buckets is swept for idle ones: a sweep walks all of them,
+/// and a flood of fresh tenant names must not pay for one per request.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A tenant's quota: body bytes per second (0: unlimited) and burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,6 +104,11 @@ pub fn parse_tenant_overrides(
         if tenant.is_empty() {
             return Err(format!("{item:?} names no tenant"));
         }
+        if tenant.len() > MAX_TENANT_BYTES {
+            return Err(format!(
+                "tenant {tenant:?} is longer than {MAX_TENANT_BYTES} bytes, the longest Procd-Tenant"
+            ));
+        }
         let (rate, burst) = match quota.split_once('/') {
             Some((rate, burst)) => (rate, Some(burst)),
             None => (quota, None),
@@ -116,9 +136,65 @@ pub fn parse_tenant_overrides(
 #[derive(Debug)]
 pub struct Admission {
     options: AdmissionOptions,
-    tenants: Mutex<HashMap<String, TokenBucket>>,
+    tenants: Mutex<Tenants>,
     global: Mutex<Option<TokenBucket>>,
     in_flight: AtomicU64,
+}
+
+/// The tenants' token buckets.
+#[derive(Debug, Default)]
+struct Tenants {
+    /// One per tenant seen lately: at most [`MAX_TENANTS`], plus the tenants with overrides.
+    own: HashMap<String, TokenBucket>,
+    /// The overflow bucket, with the default quota: shared by the tenants that arrive while
+    /// [`MAX_TENANTS`] buckets are kept and none is idle.
+    overflow: Option<TokenBucket>,
+    /// When `own` was last swept for idle buckets.
+    swept: Option<Instant>,
+}
+
+impl Tenants {
+    /// The bucket `tenant` (of `quota`) is charged to, made full on first use: its own, or the
+    /// overflow bucket while [`MAX_TENANTS`] are kept and none is idle. A tenant with an override
+    /// always gets its own (there are only as many as the configuration names).
+    fn bucket(
+        &mut self,
+        tenant: &str,
+        quota: Quota,
+        overridden: bool,
+        now: Instant,
+    ) -> &mut TokenBucket {
+        let fresh = || TokenBucket::new(quota.bytes_per_sec, quota.burst_bytes, now);
+        if !overridden && self.own.len() >= MAX_TENANTS && !self.own.contains_key(tenant) {
+            self.forget_idle(now);
+            if self.own.len() >= MAX_TENANTS {
+                // Only tenants without an override get here: theirs is the default quota.
+                return self.overflow.get_or_insert_with(fresh);
+            }
+        }
+        self.own.entry(tenant.to_string()).or_insert_with(fresh)
+    }
+
+    /// Gives `bytes` back to the bucket `tenant` was charged to.
+    fn give_back(&mut self, tenant: &str, bytes: u64) {
+        if let Some(bucket) = self.own.get_mut(tenant).or(self.overflow.as_mut()) {
+            bucket.give_back(bytes);
+        }
+    }
+
+    /// Forgets the buckets that are full again (their tenants have been idle, so a new bucket would be
+    /// the same), at most once per [`SWEEP_INTERVAL`]. Never the others: that would reset the quota
+    /// of every tenant over it.
+    fn forget_idle(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.own.retain(|_, b| !b.is_full(now));
+    }
 }
 
 /// Bytes of one admitted request, counted in the server's in-flight budget until it is dropped (when
@@ -148,7 +224,7 @@ impl Admission {
         });
         Self {
             options,
-            tenants: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(Tenants::default()),
             global: Mutex::new(global),
             in_flight: AtomicU64::new(0),
         }
@@ -159,9 +235,9 @@ impl Admission {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Charges `bytes` to `tenant` and to the server, or refuses with `429` (the tenant's quota) or
-    /// `503` (the server's rate or in-flight budget) and a `Retry-After` from what refused. The bytes
-    /// stay in flight until the returned guard is dropped.
+    /// Charges `bytes` to `tenant` and to the server, or refuses with `413` (larger than a burst: it
+    /// never fits), `429` (the tenant's quota) or `503` (the server's rate or in-flight budget) and a
+    /// `Retry-After` from what refused. The bytes stay in flight until the returned guard is dropped.
     pub fn admit(&self, tenant: &str, bytes: u64) -> Result<Admitted<'_>, ApiError> {
         self.admit_at(tenant, bytes, Instant::now())
     }
@@ -169,26 +245,12 @@ impl Admission {
     fn admit_at(&self, tenant: &str, bytes: u64, now: Instant) -> Result<Admitted<'_>, ApiError> {
         let o = &self.options;
         let quota = o.quota(tenant);
-        let tenant_charged = if quota.bytes_per_sec > 0 {
-            if bytes > quota.burst_bytes.max(1) {
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "over_quota",
-                    format!(
-                        "a {bytes}-byte request is larger than tenant {tenant:?}'s burst of {} bytes \
-                         (admission.tenant_burst_bytes); send smaller requests",
-                        quota.burst_bytes
-                    ),
-                )
-                .retry_after(1));
-            }
+        let overridden = o.tenant_overrides.contains_key(tenant);
+        self.check_bursts(tenant, quota, overridden, bytes)?;
+        let tenant_charged = quota.bytes_per_sec > 0;
+        if tenant_charged {
             let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
-            if tenants.len() >= MAX_TENANTS && !tenants.contains_key(tenant) {
-                forget_idle(&mut tenants, now);
-            }
-            let bucket = tenants
-                .entry(tenant.to_string())
-                .or_insert_with(|| TokenBucket::new(quota.bytes_per_sec, quota.burst_bytes, now));
+            let bucket = tenants.bucket(tenant, quota, overridden, now);
             bucket.try_take(bytes, now).map_err(|wait| {
                 ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -202,20 +264,14 @@ impl Admission {
                 )
                 .retry_after(secs(wait))
             })?;
-            true
-        } else {
-            false
-        };
+        }
         // The server refuses, not the tenant: the tenant's quota is not used.
         let give_back_tenant = || {
-            if tenant_charged
-                && let Some(b) = self
-                    .tenants
+            if tenant_charged {
+                self.tenants
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .get_mut(tenant)
-            {
-                b.give_back(bytes);
+                    .give_back(tenant, bytes);
             }
         };
         let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,6 +317,45 @@ impl Admission {
             .retry_after(1));
         }
         Ok(admitted)
+    }
+
+    /// Refuses with `413` a request that no wait would admit: larger than its tenant's burst or the
+    /// server's (a bucket never holds more than its burst).
+    fn check_bursts(
+        &self,
+        tenant: &str,
+        quota: Quota,
+        overridden: bool,
+        bytes: u64,
+    ) -> Result<(), ApiError> {
+        let o = &self.options;
+        // As `TokenBucket::new`: a burst of 0 holds 1.
+        let burst = if quota.bytes_per_sec > 0 && bytes > quota.burst_bytes.max(1) {
+            let key = if overridden {
+                "its entry in admission.tenant_overrides"
+            } else {
+                "admission.tenant_burst_bytes"
+            };
+            format!(
+                "tenant {tenant:?}'s burst of {} bytes ({key})",
+                quota.burst_bytes
+            )
+        } else if o.global_bytes_per_sec > 0 && bytes > o.global_burst_bytes.max(1) {
+            format!(
+                "the server's burst of {} bytes (admission.global_burst_bytes)",
+                o.global_burst_bytes
+            )
+        } else {
+            return Ok(());
+        };
+        Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger_than_burst",
+            format!(
+                "a {bytes}-byte request is larger than {burst}, so it can never be admitted; \
+                 send smaller requests"
+            ),
+        ))
     }
 }
 
@@ -360,15 +455,6 @@ pub fn lag_watermark(refusing: bool, lag: u64, high: u64, low: u64) -> bool {
     if refusing { lag >= low } else { lag > high }
 }
 
-/// Forgets the buckets that are full again (their tenants have been idle), or all if none is.
-fn forget_idle(tenants: &mut HashMap<String, TokenBucket>, now: Instant) {
-    let before = tenants.len();
-    tenants.retain(|_, b| !b.is_full(now));
-    if tenants.len() == before {
-        tenants.clear();
-    }
-}
-
 /// `Retry-After` is in whole seconds: round up, at least 1.
 fn secs(wait: Duration) -> u64 {
     wait.as_millis().div_ceil(1000).max(1) as u64
@@ -440,7 +526,8 @@ mod tests {
                 ),
             ])
         );
-        for bad in ["a", "=5", "a=x", "a=1/0", "a=1,a=2", "a=1/2/3"] {
+        let long = format!("{}=5", "x".repeat(MAX_TENANT_BYTES + 1));
+        for bad in ["a", "=5", "a=x", "a=1/0", "a=1,a=2", "a=1/2/3", &long] {
             assert!(parse_tenant_overrides(bad, 99).is_err(), "{bad}");
         }
     }
@@ -497,10 +584,67 @@ mod tests {
     }
 
     #[test]
-    fn a_request_larger_than_the_burst_is_told_to_shrink() {
+    fn a_request_larger_than_a_burst_gets_413_without_retry_after() {
         let a = admission();
-        let err = a.admit_at("a", 5000, Instant::now()).err();
-        assert!(err.is_some_and(|e| e.detail.contains("send smaller requests")));
+        let t0 = Instant::now();
+        let refusal = |tenant: &str, bytes: u64| {
+            a.admit_at(tenant, bytes, t0)
+                .err()
+                .map(|e| (e.status, e.code, e.retry_after_secs, e.detail))
+        };
+        // Larger than the tenant's burst (1000): no wait would let it in.
+        let tenant = refusal("a", 1001);
+        assert!(
+            matches!(&tenant, Some((StatusCode::PAYLOAD_TOO_LARGE, "larger_than_burst", None, d))
+                if d.contains("admission.tenant_burst_bytes")),
+            "{tenant:?}"
+        );
+        // Larger than the server's burst (1500), for a tenant without a quota.
+        let b = Admission::new(AdmissionOptions {
+            global_bytes_per_sec: 1500,
+            global_burst_bytes: 1500,
+            ..AdmissionOptions::default()
+        });
+        let global = b
+            .admit_at("a", 1501, t0)
+            .err()
+            .map(|e| (e.status, e.code, e.retry_after_secs, e.detail));
+        assert!(
+            matches!(&global, Some((StatusCode::PAYLOAD_TOO_LARGE, "larger_than_burst", None, d))
+                if d.contains("admission.global_burst_bytes")),
+            "{global:?}"
+        );
+        // Nothing was charged: a request of exactly the burst still fits.
+        assert!(a.admit_at("a", 1000, t0).is_ok());
+        assert!(b.admit_at("a", 1500, t0).is_ok());
+    }
+
+    #[test]
+    fn fresh_tenant_names_share_one_overflow_bucket_and_reset_no_one() {
+        let a = Admission::new(AdmissionOptions {
+            tenant_bytes_per_sec: 100,
+            tenant_burst_bytes: 100,
+            ..AdmissionOptions::default()
+        });
+        let t0 = Instant::now();
+        assert!(a.admit_at("hot", 100, t0).is_ok());
+        assert!(a.admit_at("hot", 1, t0).is_err(), "over its quota");
+        // The map fills with tenants that are not idle (their buckets are not full).
+        for i in 1..MAX_TENANTS {
+            assert!(a.admit_at(&format!("busy-{i}"), 1, t0).is_ok());
+        }
+        // Fresh names beyond it share one bucket of the default quota...
+        let fresh: Vec<_> = (0..20)
+            .map(|i| a.admit_at(&format!("fresh-{i}"), 10, t0).is_ok())
+            .collect();
+        assert_eq!(fresh, [[true; 10], [false; 10]].concat());
+        // ...and none of them reset the tenant over its quota.
+        assert!(a.admit_at("hot", 1, t0).is_err(), "still over its quota");
+        assert!(a.admit_at("busy-1", 99, t0).is_ok(), "kept its own bucket");
+        // Once buckets are idle again they are forgotten, and a new tenant gets its own.
+        let later = t0 + Duration::from_secs(2);
+        assert!(a.admit_at("newcomer", 100, later).is_ok());
+        assert!(a.admit_at("other", 100, later).is_ok(), "not the overflow");
     }
 
     #[test]

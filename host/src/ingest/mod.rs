@@ -112,6 +112,16 @@ async fn append(
     let raw_id = header_string(&req, "procd-id")?;
     // Admission before the body is read when its length is declared: a refusal then costs nothing.
     let tenant = header_string(&req, "procd-tenant")?.unwrap_or_else(|| "default".into());
+    if tenant.len() > crate::backpressure::MAX_TENANT_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            format!(
+                "Procd-Tenant is {} bytes long; the limit is {}",
+                tenant.len(),
+                crate::backpressure::MAX_TENANT_BYTES
+            ),
+        ));
+    }
     let priority = match header_string(&req, "procd-priority")? {
         Some(p) => crate::backpressure::Priority::parse(&p)
             .map_err(|e| ApiError::bad_request("invalid_header", e))?,
