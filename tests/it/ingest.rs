@@ -585,6 +585,70 @@ async fn requests_over_the_in_flight_budget_get_503_until_it_frees_up() -> TestR
     Ok(())
 }
 
+/// A chunked request head (no `Content-Length`) for topic `t`.
+const CHUNKED_HEAD: &str = "POST /v1/topics/t/events HTTP/1.1\r\nHost: x\r\n\
+    Content-Type: application/x-ndjson\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+/// `data` as one chunk of a chunked body.
+fn chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+#[tokio::test]
+async fn a_body_without_a_length_holds_the_largest_body_of_the_in_flight_budget() -> TestResult {
+    let host = TestHost::start_with(
+        PARTITIONS,
+        2,
+        &[
+            "admission.max_in_flight_bytes=8192",
+            "ingest.max_body_bytes=4096",
+            "ingest.body_idle_timeout_ms=1500",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let line = "{\"key\":\"k\",\"value\":1}\n";
+    let raw = |bytes: String| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || raw_exchange(&addr, bytes.as_bytes(), false))
+    };
+    // Two chunked uploads that send one small chunk and stall: each holds 4096 bytes (the most its
+    // body may be), so together they fill the 8192-byte budget although they sent 44 bytes.
+    let stalled = [
+        raw(format!("{CHUNKED_HEAD}{}", chunk(line))),
+        raw(format!("{CHUNKED_HEAD}{}", chunk(line))),
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut data = host.data()?;
+    let refused = data.post_ndjson("/v1/topics/t/events", line).await?;
+    ensure_status(&refused, 503)?;
+    assert_eq!(refused.json()?["error"], "overloaded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // A third chunked upload is refused before its body is read, the same way (its head alone is
+    // sent, so the server's close cannot reset the connection before the answer is read).
+    let (third, _) = raw(CHUNKED_HEAD.to_string()).await??;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    assert!(
+        third.to_ascii_lowercase().contains("retry-after: 1"),
+        "{third}"
+    );
+    for upload in stalled {
+        let (answer, _) = upload.await??;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    // With the holds released, a chunked upload is read and admitted at its real size.
+    let (answer, _) = raw(format!(
+        "{CHUNKED_HEAD}{}{}0\r\n\r\n",
+        chunk(line),
+        chunk(line)
+    ))
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let total: u64 = end_offsets(&host, "t").await?.iter().sum();
+    assert_eq!(total, 2, "only the complete upload appended");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_request_larger_than_a_burst_gets_413_not_a_retry_that_cannot_succeed() -> TestResult {
     let host = TestHost::start_with(

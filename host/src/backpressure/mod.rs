@@ -18,8 +18,10 @@
 //!    it to it), so accepted requests do not wait long even when the server runs at its capacity.
 //!
 //! A request is charged its declared `Content-Length` before its body is read, so a refusal costs no
-//! body read, no parsing and no write; a body sent without a length is charged once read. A request
-//! larger than a bucket's burst could never be admitted: it gets `413
+//! body read, no parsing and no write. A body sent without a length (chunked) first
+//! [holds](Admission::hold) `ingest.max_body_bytes` of the in-flight budget while it is read (the most
+//! it can be, so slow undeclared uploads cannot hold more memory than the budget), then is charged its
+//! real size. A request larger than a bucket's burst could never be admitted: it gets `413
 //! larger_than_burst`, not a `Retry-After` that would never come true. The cells' bounded queues (full
 //! → `503`) stay the last line behind both. Both buckets are off (rate 0) by default.
 //!
@@ -242,6 +244,31 @@ impl Admission {
         self.admit_at(tenant, bytes, Instant::now())
     }
 
+    /// Holds `bytes` of the server's in-flight budget only (no token bucket is charged), or refuses
+    /// with `503` and `Retry-After: 1`; released when the guard is dropped. A request larger than the
+    /// whole budget is still held when nothing else is in flight.
+    pub fn hold(&self, bytes: u64) -> Result<Admitted<'_>, ApiError> {
+        let in_flight = self.in_flight.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let held = Admitted {
+            in_flight: &self.in_flight,
+            bytes,
+        };
+        let budget = self.options.max_in_flight_bytes;
+        if budget > 0 && in_flight > budget && in_flight > bytes {
+            drop(held);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "the server has {budget} bytes of requests in flight, its budget \
+                     (admission.max_in_flight_bytes); retry shortly"
+                ),
+            )
+            .retry_after(1));
+        }
+        Ok(held)
+    }
+
     fn admit_at(&self, tenant: &str, bytes: u64, now: Instant) -> Result<Admitted<'_>, ApiError> {
         let o = &self.options;
         let quota = o.quota(tenant);
@@ -287,14 +314,7 @@ impl Admission {
             },
         };
         drop(global);
-        let in_flight = self.in_flight.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        let admitted = Admitted {
-            in_flight: &self.in_flight,
-            bytes,
-        };
-        // A request larger than the whole budget is still served when nothing else is in flight.
-        if o.max_in_flight_bytes > 0 && in_flight > o.max_in_flight_bytes && in_flight > bytes {
-            drop(admitted);
+        self.hold(bytes).inspect_err(|_| {
             give_back_tenant();
             if global_charged
                 && let Some(b) = self
@@ -305,18 +325,7 @@ impl Admission {
             {
                 b.give_back(bytes);
             }
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!(
-                    "the server has {} bytes of requests in flight, its budget \
-                     (admission.max_in_flight_bytes); retry shortly",
-                    o.max_in_flight_bytes
-                ),
-            )
-            .retry_after(1));
-        }
-        Ok(admitted)
+        })
     }
 
     /// Refuses with `413` a request that no wait would admit: larger than its tenant's burst or the
@@ -645,6 +654,35 @@ mod tests {
         let later = t0 + Duration::from_secs(2);
         assert!(a.admit_at("newcomer", 100, later).is_ok());
         assert!(a.admit_at("other", 100, later).is_ok(), "not the overflow");
+    }
+
+    #[test]
+    fn a_hold_counts_only_in_flight_and_is_released_when_dropped() {
+        let a = Admission::new(AdmissionOptions {
+            tenant_bytes_per_sec: 100,
+            tenant_burst_bytes: 100,
+            max_in_flight_bytes: 1000,
+            ..AdmissionOptions::default()
+        });
+        let t0 = Instant::now();
+        // Alone, a hold larger than the budget is granted; it takes no tenant tokens.
+        let held = a.hold(4096);
+        assert!(held.is_ok());
+        assert_eq!(a.in_flight_bytes(), 4096);
+        let refused = a.admit_at("t", 100, t0).err();
+        assert_eq!(
+            refused.map(|e| (e.status, e.code, e.retry_after_secs)),
+            Some((StatusCode::SERVICE_UNAVAILABLE, "overloaded", Some(1)))
+        );
+        let second = a.hold(1).err();
+        assert_eq!(
+            second.map(|e| (e.status, e.retry_after_secs)),
+            Some((StatusCode::SERVICE_UNAVAILABLE, Some(1)))
+        );
+        drop(held);
+        assert_eq!(a.in_flight_bytes(), 0);
+        // The refusal gave the tenant its tokens back: its whole burst passes.
+        assert!(a.admit_at("t", 100, t0).is_ok());
     }
 
     #[test]

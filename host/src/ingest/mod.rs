@@ -127,26 +127,31 @@ async fn append(
             .map_err(|e| ApiError::bad_request("invalid_header", e))?,
         None => crate::backpressure::Priority::default(),
     };
-    let declared = crate::http::declared_length(&req)
-        .filter(|&n| n <= state.config.ingest.max_body_bytes as u64);
-    // Held until the answer: the request's bytes count in the server's in-flight budget.
-    let admitted = match declared.map(|bytes| state.admission.admit(&tenant, bytes)) {
-        Some(Ok(admitted)) => Some(admitted),
-        Some(Err(refused)) => {
+    let max_body_bytes = state.config.ingest.max_body_bytes;
+    let declared = crate::http::declared_length(&req);
+    // Held until the answer: the request's bytes count in the server's in-flight budget. A body without
+    // a declared length holds the most it may be while it is read (only in flight: the buckets charge
+    // what it turns out to be), so slow undeclared uploads cannot hold more than the budget.
+    let held = match declared {
+        // `read_body` refuses it with 413 before reading it.
+        Some(bytes) if bytes > max_body_bytes as u64 => None,
+        Some(bytes) => Some(state.admission.admit(&tenant, bytes)),
+        None => Some(state.admission.hold(max_body_bytes as u64)),
+    };
+    let held = match held.transpose() {
+        Ok(held) => held,
+        Err(refused) => {
             crate::http::discard_body(req, DISCARD_MAX_BYTES, DISCARD_TIMEOUT).await;
             return Err(refused);
         }
-        None => None,
     };
-    let body: Bytes = read_body(
-        req,
-        state.config.ingest.max_body_bytes,
-        state.config.body_timeouts(),
-    )
-    .await?;
-    let _in_flight = match admitted {
-        Some(admitted) => admitted,
-        None => state.admission.admit(&tenant, body.len() as u64)?,
+    let body: Bytes = read_body(req, max_body_bytes, state.config.body_timeouts()).await?;
+    let _in_flight = match (declared, held) {
+        (Some(_), Some(admitted)) => admitted,
+        (_, held) => {
+            drop(held);
+            state.admission.admit(&tenant, body.len() as u64)?
+        }
     };
     // Parsing a large body holds this worker for a while; let the requests already waiting (under
     // overload, mostly refusals that cost microseconds) go first.
