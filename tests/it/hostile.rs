@@ -92,6 +92,49 @@ async fn beside_counter(mode: &str, extra: &[&str], settings: &[&str]) -> TestRe
     Ok(dead)
 }
 
+#[tokio::test]
+async fn removing_a_looping_handler_holds_up_no_other_handler() -> TestResult {
+    // A 2 s deadline and 4 deadlines of cooling down after each miss: isolating the poison event
+    // takes the looping task's step well over 20 s.
+    let host = TestHost::start_with(PARTITIONS, 2, &["handler.deadline_ms=2000"])?;
+    host.create_topics(&["in", "out", "bad-out"]).await?;
+    deploy_ok(
+        &host,
+        "bad",
+        test_guest("hostile")?,
+        "in",
+        &["bad-out"],
+        &["config=mode=loop", "config=on=666"],
+        1,
+    )
+    .await?;
+    let events: Vec<(Option<String>, Value)> = (0..EVENTS)
+        .map(|i| {
+            let value = if i == POISON_AT { json!(666) } else { json!(i) };
+            (Some(format!("k{}", i % 5)), value)
+        })
+        .collect();
+    post_all(&host, "in", &events).await?;
+    // Let the loop begin, then remove the handler in the middle of its step.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    ensure_status(&host.admin()?.delete("/v1/handlers/bad").await?, 200)?;
+
+    // A handler deployed now starts on every partition at once, the looping one's cell included.
+    let started = std::time::Instant::now();
+    deploy_ok(&host, "good", example("counter")?, "in", &["out"], &[], 1).await?;
+    wait_processed(&host, "good", "in").await?;
+    check_counter(
+        &read_topic(&host, "in").await?,
+        &read_topic(&host, "out").await?,
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the new handler waited for the removed one's step: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 fn reason(dead: &[Value]) -> String {
     assert_eq!(dead.len(), 1, "exactly the poison event: {dead:?}");
     dead[0]["error"].as_str().unwrap_or_default().to_string()

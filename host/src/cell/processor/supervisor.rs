@@ -17,11 +17,15 @@ use crate::log::ConsumerLog;
 
 /// The cell's processor: a supervisor thread that runs one thread per (handler, partition) task, so
 /// a task that is slow, loops until its deadline or halves a poisoned batch never holds up another
-/// partition or handler. It starts threads for new tasks, stops and joins those of removed handlers
-/// (then deletes their storage), and hands dead-letter replays to the task they are for.
+/// partition or handler. It starts threads for new tasks, stops those of removed handlers (and, once
+/// their threads have finished, deletes their storage), and hands dead-letter replays to the task they
+/// are for.
 pub(in crate::cell) struct Supervisor {
     ctx: ProcessorContext,
     tasks: BTreeMap<(Arc<str>, u32), TaskHandle>,
+    /// Tasks told to quit whose threads have not finished yet: a step in progress ends first (a
+    /// looping handler's can last many deadlines), and nothing else here waits for it.
+    retiring: Vec<((Arc<str>, u32), TaskHandle)>,
 }
 
 /// The supervisor's handle on one task thread.
@@ -39,6 +43,7 @@ impl Supervisor {
         Self {
             ctx,
             tasks: BTreeMap::new(),
+            retiring: Vec::new(),
         }
     }
 
@@ -55,6 +60,10 @@ impl Supervisor {
         for (_, task) in std::mem::take(&mut self.tasks) {
             task.quit.store(true, Ordering::Release);
             task.thread.thread().unpark();
+            let _ = task.thread.join();
+        }
+        // Their storage is deleted when a later incarnation of the handler starts.
+        for (_, task) in std::mem::take(&mut self.retiring) {
             let _ = task.thread.join();
         }
     }
@@ -177,11 +186,17 @@ impl Supervisor {
             };
             task.quit.store(true, Ordering::Release);
             task.thread.thread().unpark();
-            let consumer = task.thread.join().ok().flatten();
             if let Ok(mut statuses) = self.ctx.shared.statuses.lock() {
                 statuses.remove(&(key.0.to_string(), key.1));
             }
-            if let Some(consumer) = consumer
+            self.retiring.push((key, task));
+        }
+        let (finished, running) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|(_, task)| task.thread.is_finished());
+        self.retiring = running;
+        for (key, task) in finished {
+            if let Some(consumer) = task.thread.join().ok().flatten()
                 && let Err(e) = self.drop_consumer(consumer)
             {
                 // Not lost: a later incarnation of the handler finds and deletes it.
@@ -192,7 +207,9 @@ impl Supervisor {
         for def in defs.values() {
             let name: Arc<str> = Arc::from(def.name.as_str());
             for partition in self.ctx.shared.shape.partitions_of(self.ctx.shared.index) {
-                if self.tasks.contains_key(&(name.clone(), partition)) {
+                let key = (name.clone(), partition);
+                // A handler deployed again waits for its former incarnation's task to finish here.
+                if self.tasks.contains_key(&key) || self.retiring.iter().any(|(k, _)| *k == key) {
                     continue;
                 }
                 let consumer = match self.open_consumer(def, partition) {
