@@ -195,11 +195,11 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
         PARTITIONS,
         2,
         &[
-            "admission.tenant_bytes_per_sec=100000",
+            "admission.tenant_bytes_per_sec=1000",
             "admission.tenant_burst_bytes=4000",
         ],
     )?;
-    host.create_topics(&["in", "out"]).await?;
+    host.create_topics(&["in", "out", "hot"]).await?;
     let events: Vec<_> = (0..40)
         .map(|i| (Some(format!("k{i}")), json!({ "n": i })))
         .collect();
@@ -220,17 +220,18 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
     .await?;
     wait_processed(&host, "pass", "in").await?;
 
-    // Two requests over the tenant's burst: refused whole, before their bodies are read.
-    let big: String = (0..200)
+    // Tenant `hot` spends most of its 4000-byte burst (to a topic of its own), then two requests the
+    // bucket cannot cover (it refills 1000 bytes/s) are refused whole, before their bodies are read.
+    let big: String = (0..120)
         .map(|i| format!("{{\"key\":\"k{i}\",\"value\":{i}}}\n"))
         .collect();
-    assert!(big.len() > 4000);
+    assert!((2500..4000).contains(&big.len()), "{}", big.len());
     let mut data = host.data()?;
-    for _ in 0..2 {
+    for expected in [202, 429, 429] {
         let resp = data
             .request(
                 hyper::Method::POST,
-                "/v1/topics/in/events",
+                "/v1/topics/hot/events",
                 &[
                     ("content-type", "application/x-ndjson"),
                     ("procd-tenant", "hot"),
@@ -238,7 +239,7 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
                 big.clone().into_bytes(),
             )
             .await?;
-        ensure_status(&resp, 429)?;
+        ensure_status(&resp, expected)?;
     }
 
     let m = scrape(&host).await?;
@@ -332,7 +333,7 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
     let status = |s: &'static str| [append[0], append[1], append[2], ("status", s)];
     assert_eq!(
         m.get("procd_http_request_duration_seconds_count", &status("202")),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         m.get("procd_http_request_duration_seconds_count", &status("429")),
@@ -355,7 +356,7 @@ async fn golden_signals_are_scraped_with_the_values_the_test_caused() -> TestRes
     ];
     assert_eq!(
         m.get("procd_http_request_duration_seconds_count", &topics),
-        Some(2.0)
+        Some(3.0)
     );
     assert!(
         m.samples
