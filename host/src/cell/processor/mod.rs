@@ -407,7 +407,7 @@ impl Runner {
             let events = [(entry.offset, entry.record.as_slice())];
             let batch = InputBatch::decode(task.partition, &events)
                 .map_err(|e| StepError::Other(e.to_string()))?;
-            let failure = match self.call(task, version, &batch) {
+            let failure = match self.call(task, version, &batch)? {
                 Ok(HandleOutcome::Outputs(outputs)) => {
                     match to_records(&outputs, &batch, version) {
                         Ok(outputs) => {
@@ -783,7 +783,7 @@ impl Runner {
         after: Committed,
         wait: bool,
     ) -> Result<bool, StepError> {
-        let outcome = self.call(task, version, batch);
+        let outcome = self.call(task, version, batch)?;
         match outcome {
             Ok(HandleOutcome::Outputs(outputs)) => {
                 let state = self.take_writes(task);
@@ -823,7 +823,7 @@ impl Runner {
                 } else {
                     let prefix = InputBatch::decode(task.partition, &events[..index])
                         .map_err(|e| StepError::Other(e.to_string()))?;
-                    let rerun = match self.call(task, version, &prefix) {
+                    let rerun = match self.call(task, version, &prefix)? {
                         Ok(HandleOutcome::Outputs(out)) => to_records(&out, &prefix, version),
                         _ => Err(
                             "running the events before the failed one again gave another \
@@ -914,19 +914,20 @@ impl Runner {
         Ok(true)
     }
 
-    /// Calls the task's instance, rebuilding it first if an earlier trap poisoned it.
+    /// Calls the task's instance, rebuilding it first if an earlier trap poisoned it. What fails around
+    /// the call (rebuilding the instance, reading the state's size) is the task's failure, not the
+    /// events': it comes back as a [`StepError`], so the step is retried instead of dead-lettering
+    /// events that did nothing wrong.
     fn call(
         &mut self,
         task: &mut Task,
         version: &HandlerVersion,
         batch: &InputBatch,
-    ) -> Result<HandleOutcome, CallError> {
+    ) -> Result<Result<HandleOutcome, CallError>, StepError> {
         if task.instance.as_ref().is_none_or(|(_, i)| i.is_poisoned()) {
             task.instance = None;
-            match self.instantiate(task, version) {
-                Ok(instance) => task.instance = Some((version.version, instance)),
-                Err(e) => return Err(CallError::Trap(e.to_string())),
-            }
+            let instance = self.instantiate(task, version)?;
+            task.instance = Some((version.version, instance));
         }
         // A task whose last call ran out its deadline waits before the next one: a handler that loops
         // burns a core for each deadline, and on a small machine that core is its neighbours'.
@@ -936,10 +937,7 @@ impl Runner {
         let state_bytes = match task.state_bytes {
             Some(bytes) => bytes,
             None => {
-                let bytes = task
-                    .consumer
-                    .state_bytes()
-                    .map_err(|e| CallError::Trap(format!("state read failed: {e}")))?;
+                let bytes = task.consumer.state_bytes()?;
                 task.state_bytes = Some(bytes);
                 bytes
             }
@@ -979,7 +977,7 @@ impl Runner {
             let deadline = version.limits.apply(&self.ctx.options.limits).deadline;
             task.cool_until = Some(Instant::now() + deadline * DEADLINE_PENALTY);
         }
-        outcome
+        Ok(outcome)
     }
 
     fn take_writes(&mut self, task: &mut Task) -> StateChanges {
