@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use super::{PartitionView, Shared, now_ms};
-use crate::catalog::{Retention, StartPosition};
+use crate::catalog::{Retention, StartPosition, Topic};
 use crate::log::StoreError;
 
 pub(super) fn run(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
@@ -41,25 +41,10 @@ fn tick(shared: &Shared, interval: Duration) -> Result<(), StoreError> {
     for tp in topics.values() {
         for view in tp.by_partition.values() {
             logs.push(view.log().clone());
-            if let Some(max_age_ms) = tp.topic.retention.max_age_ms {
-                let seal_after_ms = (max_age_ms / SEAL_AGE_SHARE).max(1);
-                if view
-                    .log()
-                    .memtable_since()?
-                    .is_some_and(|t| now_ms().saturating_sub(t) >= seal_after_ms)
-                {
-                    view.log().seal()?;
-                }
-            }
-            let floor = consumer_floor(shared, &tp.topic.name, view.partition)?;
-            if let Some(cut) = retention_cut(view, &tp.topic.retention, now_ms(), floor)? {
-                tracing::debug!(topic = %tp.topic.name, partition = view.partition, cut, "retention: dropping");
-                view.log().drop_before(cut)?;
-                // Events below the cut still in the memtable (or in a table reaching past the cut) stay;
-                // sealing the memtable puts them in a table of their own that the next tick can drop.
-                if view.log().holds_entries_below(cut)? {
-                    view.log().seal()?;
-                }
+            // One partition's failure (a corrupt entry, say) must not stop the others' retention, nor
+            // the journal upkeep below.
+            if let Err(e) = upkeep_partition(shared, &tp.topic, view) {
+                tracing::warn!(cell = shared.index, topic = %tp.topic.name, partition = view.partition, error = %e, "retention failed on a partition; retrying next tick");
             }
         }
     }
@@ -73,8 +58,38 @@ fn tick(shared: &Shared, interval: Duration) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The lowest offset a handler reading `topic` still needs on `partition`: its committed offset, or 0 for
-/// a handler that has not started there yet and starts from the earliest event.
+/// Seals a partition's memtable once it spans enough of the age limit, and drops what retention cuts.
+fn upkeep_partition(
+    shared: &Shared,
+    topic: &Topic,
+    view: &PartitionView,
+) -> Result<(), StoreError> {
+    if let Some(max_age_ms) = topic.retention.max_age_ms {
+        let seal_after_ms = (max_age_ms / SEAL_AGE_SHARE).max(1);
+        if view
+            .log()
+            .memtable_since()?
+            .is_some_and(|t| now_ms().saturating_sub(t) >= seal_after_ms)
+        {
+            view.log().seal()?;
+        }
+    }
+    let floor = consumer_floor(shared, &topic.name, view.partition)?;
+    if let Some(cut) = retention_cut(view, &topic.retention, now_ms(), floor)? {
+        tracing::debug!(topic = %topic.name, partition = view.partition, cut, "retention: dropping");
+        view.log().drop_before(cut)?;
+        // Events below the cut still in the memtable (or in a table reaching past the cut) stay;
+        // sealing the memtable puts them in a table of their own that the next tick can drop.
+        if view.log().holds_entries_below(cut)? {
+            view.log().seal()?;
+        }
+    }
+    Ok(())
+}
+
+/// The lowest offset a handler reading `topic` still needs on `partition`: its committed offset or, for
+/// a handler that has not committed there yet, where it will start (the earliest event, the end when it
+/// was deployed for `latest`, or its offset).
 fn consumer_floor(shared: &Shared, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
     let mut floor: Option<u64> = None;
     for def in shared
@@ -85,8 +100,15 @@ fn consumer_floor(shared: &Shared, topic: &str, partition: u32) -> Result<Option
     {
         let needed = match shared.store.consumer(&def.name, partition)?.committed()? {
             Some(c) => c.offset,
-            None if def.start == StartPosition::Earliest => 0,
-            None => continue,
+            None => match def.start {
+                StartPosition::Earliest => 0,
+                StartPosition::Latest => match def.start_offsets.get(partition as usize) {
+                    Some(&end) => end,
+                    // Deployed before procd recorded them: it starts at the end it finds.
+                    None => continue,
+                },
+                StartPosition::Offset(n) => n,
+            },
         };
         floor = Some(floor.map_or(needed, |f| f.min(needed)));
     }
