@@ -1543,8 +1543,22 @@ async fn dead_letters_replay_through_the_fixed_version() -> TestResult {
     );
     assert_eq!(dead_letters(&host, "t", "").await?.len(), 1);
 
-    // Fixed: the replay commits its output and state, and the dead letter is gone.
+    // Fixed: the replay commits its output and state, and the dead letter is gone (not while paused:
+    // a paused handler processes nothing).
     deploy_ok(&host, "t", guest, "in", &["out"], &["config=tag=b"], 2).await?;
+    ensure_status(
+        &admin.post_json("/v1/handlers/t/pause", &json!({})).await?,
+        200,
+    )?;
+    let resp = admin
+        .post_json("/v1/handlers/t/dlq/replay", &json!({}))
+        .await?;
+    assert_refused(&resp, 409, "handler_paused", "resume")?;
+    assert_eq!(dead_letters(&host, "t", "").await?.len(), 1);
+    ensure_status(
+        &admin.post_json("/v1/handlers/t/resume", &json!({})).await?,
+        200,
+    )?;
     let resp = admin
         .post_json(
             &format!("/v1/handlers/t/dlq/replay?partition={p}&seq=0"),

@@ -276,7 +276,15 @@ pub(super) async fn replay_dead_letters(
     name: &str,
     query: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
-    state.catalog.handler(name).ok_or_else(|| not_found(name))?;
+    let def = state.catalog.handler(name).ok_or_else(|| not_found(name))?;
+    if def.paused {
+        // A paused handler processes nothing, dead letters included.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "handler_paused",
+            format!("handler {name:?} is paused; resume it to replay its dead letters"),
+        ));
+    }
     let params = number_params(query, &["partition", "seq"])?;
     let (partition, seq) = (partition_param(&params), params.get("seq").copied());
     let (mut replayed, mut failed) = (0, Vec::new());
@@ -332,11 +340,13 @@ fn partition_param(params: &HashMap<String, u64>) -> Option<u32> {
 }
 
 fn cell_unavailable(e: crate::cell::CellError) -> ApiError {
+    // As the data plane says for a failed cell.
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "cell_unavailable",
         e.to_string(),
     )
+    .retry_after(5)
 }
 
 /// The partitions a dead-letter request is about: `partition` if given (which must exist), else all.
