@@ -811,6 +811,27 @@ async fn refused_deploys_change_nothing() -> TestResult {
         .deploy("keep", example("passthrough")?, "other", &["out"], &[])
         .await?;
     assert_refused(&resp, 400, "input_changed", "\"in\"")?;
+    // Nor where it started (a reset moves it), and a parameter given twice is not guessed at.
+    let resp = host
+        .deploy(
+            "keep",
+            example("passthrough")?,
+            "in",
+            &["out"],
+            &["from=latest"],
+        )
+        .await?;
+    assert_refused(&resp, 400, "start_changed", "reset")?;
+    let resp = host
+        .deploy(
+            "fresh",
+            example("passthrough")?,
+            "in",
+            &["out"],
+            &["input=out"],
+        )
+        .await?;
+    assert_refused(&resp, 400, "invalid_query", "\"input\" is given twice")?;
     assert_eq!(
         definitions(&host).await?,
         before,

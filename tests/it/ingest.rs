@@ -246,6 +246,11 @@ async fn unknown_topics_and_partitions_are_404() -> TestResult {
     assert_eq!(resp.json()?["error"], "unknown_partition");
     let resp = data.get("/v1/topics/t/partitions/0/events?from=x").await?;
     ensure_status(&resp, 400)?;
+    let resp = data
+        .get("/v1/topics/t/partitions/0/events?from=5&from=0")
+        .await?;
+    ensure_status(&resp, 400)?;
+    assert_eq!(resp.json()?["error"], "invalid_query");
     Ok(())
 }
 

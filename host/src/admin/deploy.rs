@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::json;
 
-use super::handlers::{end_offsets, now_ms, now_nanos, query_pairs, storage};
+use super::handlers::{end_offsets, no_repeats, now_ms, now_nanos, query_pairs, storage};
 use crate::catalog::{HandlerDef, HandlerLimits, HandlerVersion, StartPosition};
 use crate::http::{ApiError, HttpResponse, json, read_body};
 use crate::runtime::{CompileError, Limits, LogLabel, StateStore};
@@ -125,6 +125,7 @@ struct Settings {
 impl Params {
     /// Reads the decoded query pairs; limits are checked against the server's.
     fn parse(pairs: Vec<(String, String)>, server_limits: &Limits) -> Result<Self, ApiError> {
+        no_repeats(&pairs, &["output", "config"])?;
         let mut params = Self::default();
         for (key, value) in pairs {
             if let Some(limit) = key.strip_prefix("limit.") {
@@ -195,6 +196,18 @@ impl Params {
             (Some(def), _) => def.input.clone(),
             (None, Some(i)) => i,
         };
+        if let (Some(def), Some(start)) = (existing, &self.start)
+            && *start != def.start
+        {
+            return Err(ApiError::bad_request(
+                "start_changed",
+                format!(
+                    "handler {name:?} started from {}; a new version goes on where the last one stopped \
+                     (to move it, POST /v1/handlers/{name}/reset)",
+                    def.start
+                ),
+            ));
+        }
         let previous = existing.and_then(HandlerDef::active_version);
         let outputs = if self.outputs.is_empty() {
             previous.map(|v| v.outputs.clone()).unwrap_or_default()

@@ -53,6 +53,19 @@ pub(super) fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, 
     Ok(out)
 }
 
+/// Refuses a parameter given twice unless it is `repeatable`: which one should win is a guess.
+pub(super) fn no_repeats(pairs: &[(String, String)], repeatable: &[&str]) -> Result<(), ApiError> {
+    for (i, (name, _)) in pairs.iter().enumerate() {
+        if !repeatable.contains(&name.as_str()) && pairs[..i].iter().any(|(n, _)| n == name) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("parameter {name:?} is given twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -317,7 +330,9 @@ pub(super) async fn replay_dead_letters(
 /// The query's parameters, each a whole number and one of `allowed`.
 fn number_params(query: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, u64>, ApiError> {
     let mut out = HashMap::new();
-    for (key, value) in query_pairs(query)? {
+    let pairs = query_pairs(query)?;
+    no_repeats(&pairs, &[])?;
+    for (key, value) in pairs {
         if !allowed.contains(&key.as_str()) {
             return Err(ApiError::bad_request(
                 "invalid_query",
