@@ -21,6 +21,16 @@ const POISON_AT: usize = 17;
 
 /// Runs `mode` (with `extra` config) beside the counter on a server with `settings` (the short
 /// deadline unless they say otherwise); returns the dead letters of the hostile handler.
+/// [`EVENTS`] events over 5 keys; the one at [`POISON_AT`] is the hostile guest's trigger (`on=666`).
+fn poisoned_events() -> Vec<(Option<String>, Value)> {
+    (0..EVENTS)
+        .map(|i| {
+            let value = if i == POISON_AT { json!(666) } else { json!(i) };
+            (Some(format!("k{}", i % 5)), value)
+        })
+        .collect()
+}
+
 async fn beside_counter(mode: &str, extra: &[&str], settings: &[&str]) -> TestResult<Vec<Value>> {
     let deadline = format!("handler.deadline_ms={DEADLINE_MS}");
     let mut all = vec![deadline.as_str()];
@@ -42,13 +52,7 @@ async fn beside_counter(mode: &str, extra: &[&str], settings: &[&str]) -> TestRe
     )
     .await?;
 
-    let events: Vec<(Option<String>, Value)> = (0..EVENTS)
-        .map(|i| {
-            let value = if i == POISON_AT { json!(666) } else { json!(i) };
-            (Some(format!("k{}", i % 5)), value)
-        })
-        .collect();
-    let placed = post_all(&host, "in", &events).await?;
+    let placed = post_all(&host, "in", &poisoned_events()).await?;
     let poison = &placed[POISON_AT];
 
     wait_processed(&host, "good", "in").await?;
@@ -108,13 +112,7 @@ async fn removing_a_looping_handler_holds_up_no_other_handler() -> TestResult {
         1,
     )
     .await?;
-    let events: Vec<(Option<String>, Value)> = (0..EVENTS)
-        .map(|i| {
-            let value = if i == POISON_AT { json!(666) } else { json!(i) };
-            (Some(format!("k{}", i % 5)), value)
-        })
-        .collect();
-    post_all(&host, "in", &events).await?;
+    post_all(&host, "in", &poisoned_events()).await?;
     // Let the loop begin, then remove the handler in the middle of its step.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     ensure_status(&host.admin()?.delete("/v1/handlers/bad").await?, 200)?;
