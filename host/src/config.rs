@@ -127,7 +127,8 @@ pub struct IngestConfig {
     /// Time allowed for the whole body to arrive (`408` after).
     pub body_timeout_ms: u64,
     /// Longest pause within a body (`408` after): a body trickling in is cut off long before
-    /// `body_timeout_ms`.
+    /// `body_timeout_ms`. Also the longest an answer may wait for the client to read it: the
+    /// connection is closed after.
     pub body_idle_timeout_ms: u64,
     /// Time allowed for a request head to arrive, counted from the connection's start or from the end
     /// of the previous response, so it is also the keep-alive idle timeout (the connection is closed

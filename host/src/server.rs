@@ -154,6 +154,9 @@ impl Server {
             ),
             max_headers: config.ingest.max_headers,
             max_header_bytes: config.ingest.max_header_bytes,
+            write_stall_timeout: std::time::Duration::from_millis(
+                config.ingest.body_idle_timeout_ms,
+            ),
         };
         if let Ok(addr) = data.local_addr() {
             tracing::info!(%addr, "data plane listening");

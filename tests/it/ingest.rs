@@ -852,6 +852,52 @@ fn raw_exchange(addr: &str, bytes: &[u8], half_close: bool) -> TestResult<(Strin
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_answers_loses_its_connection() -> TestResult {
+    // One connection slot: while a client holds it, every other connection waits in the backlog.
+    let host = TestHost::start_with(
+        1,
+        1,
+        &[
+            "ingest.max_connections=1",
+            "ingest.body_idle_timeout_ms=1000",
+        ],
+    )?;
+    host.create_topic("t").await?;
+    let mut data = host.data()?;
+    let value = "x".repeat(4000);
+    for _ in 0..2 {
+        let body: String = (0..500)
+            .map(|i| format!("{{\"key\":\"k{i}\",\"value\":\"{value}\"}}\n"))
+            .collect();
+        ensure_status(&data.post_ndjson("/v1/topics/t/events", body).await?, 202)?;
+    }
+    drop(data);
+
+    // Asks for ~4 MB answers, many times over, and reads none of them.
+    let addr: std::net::SocketAddr = host.url.trim_start_matches("http://").parse()?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stalled = socket.connect(addr).await?;
+    let get = "GET /v1/topics/t/partitions/0/events?limit=10000 HTTP/1.1\r\nHost: x\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, get.repeat(8).as_bytes()).await?;
+
+    // Another client is served once the server gives up on the stalled one's answers.
+    let mut data = host.data()?;
+    let served = tokio::time::timeout(
+        Duration::from_secs(20),
+        data.get("/v1/topics/t/partitions/0/events?limit=1"),
+    )
+    .await;
+    let resp: Response = match served {
+        Ok(resp) => resp?,
+        Err(_) => return Err("a client that reads nothing kept the only connection slot".into()),
+    };
+    ensure_status(&resp, 200)?;
+    drop(stalled);
+    Ok(())
+}
+
+#[tokio::test]
 async fn slow_or_lying_requests_are_cut_off_and_append_nothing() -> TestResult {
     let host = TestHost::start_with(
         PARTITIONS,
