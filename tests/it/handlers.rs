@@ -1177,6 +1177,38 @@ async fn storage_left_by_a_former_incarnation_is_not_taken_over() -> TestResult 
 }
 
 #[tokio::test]
+async fn storage_of_a_handler_removed_while_down_is_deleted_at_start() -> TestResult {
+    let mut host = TestHost::start()?;
+    host.create_topic("in").await?;
+    assert_eq!(host.stop()?, 0, "SIGINT exits cleanly");
+    let cell_dir = host.data_dir().join("data").join("cells").join("0");
+    // What a handler `ghost` leaves when it is removed and the server stops before its tasks noticed.
+    {
+        let store = procd::log::Store::open(&cell_dir, procd::log::StoreOptions::default())?;
+        let ghost = store.consumer("ghost", 0)?.for_incarnation(7);
+        let mut batch = store.batch();
+        batch.set_state(&ghost, b"k".to_vec(), Some(b"v".to_vec()));
+        batch.commit_offset(
+            &ghost,
+            &procd::log::Committed {
+                offset: 3,
+                version: 1,
+                reset_generation: 0,
+            },
+        );
+        store.commit(batch, true)?;
+    }
+    host.restart()?;
+    assert_eq!(host.stop()?, 0, "SIGINT exits cleanly");
+    let store = procd::log::Store::open(&cell_dir, procd::log::StoreOptions::default())?;
+    let ghost = store.consumer("ghost", 0)?;
+    assert_eq!(ghost.committed()?, None);
+    assert_eq!(ghost.stored_incarnation()?, None);
+    assert_eq!(ghost.state_get(b"k")?, None);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_topic_a_handler_uses_cannot_be_deleted_under_it() -> TestResult {
     let host = TestHost::start()?;
     host.create_topics(&["in", "out", "spare"]).await?;

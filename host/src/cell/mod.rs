@@ -386,6 +386,11 @@ impl Cell {
         let store = Store::open(dir, options.store.clone()).map_err(store_err)?;
         let known: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
         store.delete_orphans(&known).map_err(store_err)?;
+        let handlers = catalog.handlers();
+        let known_handlers: Vec<&str> = handlers.keys().map(String::as_str).collect();
+        store
+            .delete_orphan_consumers(&known_handlers)
+            .map_err(store_err)?;
         let mut writer = writer::Writer::new(index, shape, store.clone(), options);
         let mut views = HashMap::new();
         for topic in &topics {

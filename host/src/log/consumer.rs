@@ -103,6 +103,48 @@ impl Store {
         })
     }
 
+    /// Deletes the storage of handlers not in `known` (removed while the server was down, before their
+    /// tasks could delete it): their state and dead-letter keyspaces and their offsets. Run when the cell
+    /// opens, before any task starts.
+    pub fn delete_orphan_consumers(&self, known: &[&str]) -> Result<(), StoreError> {
+        // `state-<handler>-<p>` / `dlq-<handler>-<p>`: handler names may hold '-', partitions do not.
+        let handler_of = |name: &str| -> Option<String> {
+            let rest = name
+                .strip_prefix("state-")
+                .or_else(|| name.strip_prefix("dlq-"))?;
+            let (handler, partition) = rest.rsplit_once('-')?;
+            partition.parse::<u32>().ok()?;
+            Some(handler.to_string())
+        };
+        let mut orphans = Vec::new();
+        for name in self.keyspace_names() {
+            if let Some(handler) = handler_of(&name)
+                && !known.contains(&handler.as_str())
+            {
+                tracing::warn!(keyspace = %name, "deleting the storage of a removed handler");
+                orphans.push(name);
+            }
+        }
+        for name in orphans {
+            let ks = self.keyspace(&name, KeyspaceCreateOptions::default)?;
+            self.delete_keyspace(ks)?;
+        }
+        // `<handler>/<p>` and `<handler>/<p>/incarnation`: handler names hold no '/'.
+        let offsets = self.keyspace("offsets", KeyspaceCreateOptions::default)?;
+        let mut batch = self.batch();
+        for guard in offsets.iter() {
+            let key = guard.key().map_err(|e| self.fjall_err(e))?;
+            let handler = key.split(|&b| b == b'/').next().unwrap_or_default();
+            if !known.iter().any(|k| k.as_bytes() == handler) {
+                batch.remove_raw(&offsets, key.to_vec());
+            }
+        }
+        if !batch.is_empty() {
+            self.commit(batch, true)?;
+        }
+        Ok(())
+    }
+
     /// Deletes a handler's storage on a partition: state, dead letters, then the committed offset and
     /// incarnation (last, so that a crash in between leaves the marker that says the rest is stale).
     pub fn delete_consumer(&self, consumer: ConsumerLog) -> Result<(), StoreError> {

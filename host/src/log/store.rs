@@ -200,6 +200,15 @@ impl Store {
         self.db.keyspace(name, opts).map_err(self.err())
     }
 
+    /// The names of every keyspace of the Database.
+    pub(super) fn keyspace_names(&self) -> Vec<String> {
+        self.db
+            .list_keyspace_names()
+            .into_iter()
+            .map(|name| name.to_string())
+            .collect()
+    }
+
     pub(super) fn delete_keyspace(&self, ks: Keyspace) -> Result<(), StoreError> {
         self.db.delete_keyspace(ks).map_err(self.err())
     }
