@@ -246,11 +246,13 @@ async fn unknown_topics_and_partitions_are_404() -> TestResult {
     assert_eq!(resp.json()?["error"], "unknown_partition");
     let resp = data.get("/v1/topics/t/partitions/0/events?from=x").await?;
     ensure_status(&resp, 400)?;
-    let resp = data
-        .get("/v1/topics/t/partitions/0/events?from=5&from=0")
-        .await?;
-    ensure_status(&resp, 400)?;
-    assert_eq!(resp.json()?["error"], "invalid_query");
+    for query in ["from=5&from=0", "limit=0"] {
+        let resp = data
+            .get(&format!("/v1/topics/t/partitions/0/events?{query}"))
+            .await?;
+        ensure_status(&resp, 400)?;
+        assert_eq!(resp.json()?["error"], "invalid_query", "{query}");
+    }
     Ok(())
 }
 

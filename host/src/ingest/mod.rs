@@ -274,12 +274,15 @@ async fn append_routed(
         ));
     }
     let mut answers = Vec::with_capacity(pending.len());
-    for appending in pending {
+    for (cell, appending) in pending.into_iter().enumerate() {
         answers.push(match appending {
             None => CellAnswer::Appended(Vec::new().into_iter()),
             Some(Err(refusal)) => CellAnswer::Refused(refusal),
             // A dropped reply means the writer is gone: the server is shutting down.
-            Some(Ok(rx)) => match rx.await.unwrap_or(Err(CellError::ShuttingDown { cell: 0 })) {
+            Some(Ok(rx)) => match rx
+                .await
+                .unwrap_or(Err(CellError::ShuttingDown { cell: cell as u32 }))
+            {
                 Ok(appended) => CellAnswer::Appended(appended.into_iter()),
                 Err(err) => CellAnswer::Refused(Refusal::of(&err)),
             },
@@ -303,7 +306,9 @@ async fn append_routed(
         };
         // Not answered for: only if a writer stopped part way.
         outcomes.push(answered.unwrap_or_else(|| {
-            let shutting_down = CellError::ShuttingDown { cell: 0 };
+            let shutting_down = CellError::ShuttingDown {
+                cell: state.shape.cell_of(partition),
+            };
             Outcome::refused(
                 partition,
                 missing.get_or_insert_with(|| Refusal::of(&shutting_down)),

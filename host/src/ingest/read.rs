@@ -56,7 +56,18 @@ fn parse_query(query: Option<&str>, state: &AppState) -> Result<Query, ApiError>
         };
         match name {
             "from" => q.from = number(u64::MAX)?,
-            "limit" => q.limit = number(state.config.read.max_limit as u64)?.max(1) as usize,
+            "limit" => {
+                let max = state.config.read.max_limit as u64;
+                q.limit = match number(max)? {
+                    0 => {
+                        return Err(ApiError::bad_request(
+                            "invalid_query",
+                            format!("limit must be a whole number in 1..={max}; got 0"),
+                        ));
+                    }
+                    n => n as usize,
+                };
+            }
             "wait_ms" => q.wait_ms = number(state.config.read.max_wait_ms)?,
             other => {
                 return Err(ApiError::bad_request(
