@@ -273,11 +273,12 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(consumer.dlq_purge(through).map_err(|e| {
-                        shared.health.fail(self.index, e.to_string());
-                        CellError::Unavailable {
-                            cell: self.index,
-                            reason: e.to_string(),
+                        // A dead letter that cannot be decoded fails this request; a failed write
+                        // leaves fjall poisoned, and the cell with it.
+                        if !matches!(e, StoreError::Corrupt { .. }) {
+                            shared.health.fail(self.index, e.to_string());
                         }
+                        self.storage_error(&e)
                     }));
                 }
                 Command::DropConsumer { consumer, reply } => {
