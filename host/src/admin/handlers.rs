@@ -53,6 +53,37 @@ pub(super) fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, 
     Ok(out)
 }
 
+/// The dead event's `key` and `value` as the read API shows them, byte-exact: a key that is not UTF-8
+/// as `key_base64`, a raw value as `value_base64` (standard base64), and a record that does not decode
+/// as `record_base64`.
+fn dead_event_fields(fields: &mut serde_json::Map<String, serde_json::Value>, stored: &[u8]) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Ok(record) = crate::log::Record::decode(stored) else {
+        fields.insert("record_base64".into(), b64.encode(stored).into());
+        return;
+    };
+    let key = match record.key.as_deref().map(std::str::from_utf8) {
+        None => serde_json::Value::Null,
+        Some(Ok(key)) => key.into(),
+        Some(Err(_)) => {
+            let raw = record.key.as_deref().unwrap_or_default();
+            fields.insert("key_base64".into(), b64.encode(raw).into());
+            serde_json::Value::Null
+        }
+    };
+    fields.insert("key".into(), key);
+    match &record.value {
+        crate::log::Payload::Json(text) => {
+            let value = serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+            fields.insert("value".into(), value);
+        }
+        crate::log::Payload::Bytes(bytes) => {
+            fields.insert("value_base64".into(), b64.encode(bytes).into());
+        }
+    }
+}
+
 /// Refuses a parameter given twice unless it is `repeatable`: which one should win is a guess.
 pub(super) fn no_repeats(pairs: &[(String, String)], repeatable: &[&str]) -> Result<(), ApiError> {
     for (i, (name, _)) in pairs.iter().enumerate() {
@@ -400,21 +431,50 @@ pub(super) async fn dead_letters(
             .map_err(|e| ApiError::internal("dead-letter task failed", &e))?
             .map_err(|e| ApiError::internal("cannot read dead letters", &e))?;
         for (seq, entry) in list {
-            let record = crate::log::Record::decode(&entry.record).ok();
-            entries.push(json!({
+            let mut item = json!({
                 "partition": p,
                 "seq": seq,
                 "offset": entry.offset,
                 "version": entry.version,
                 "error": entry.error,
                 "time_ms": entry.time_ms,
-                "key": record.as_ref().and_then(|r| r.key.as_deref()).map(String::from_utf8_lossy),
-                "value": record.as_ref().map(|r| match &r.value {
-                    crate::log::Payload::Json(text) => serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
-                    crate::log::Payload::Bytes(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
-                }),
-            }));
+            });
+            if let Some(fields) = item.as_object_mut() {
+                dead_event_fields(fields, &entry.record);
+            }
+            entries.push(item);
         }
     }
     Ok(json(StatusCode::OK, &json!({ "dead_letters": entries })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Payload, Record};
+
+    fn fields_of(stored: &[u8]) -> serde_json::Value {
+        let mut fields = serde_json::Map::new();
+        dead_event_fields(&mut fields, stored);
+        serde_json::Value::Object(fields)
+    }
+
+    #[test]
+    fn a_dead_event_is_shown_byte_exact() {
+        let record = |key: Option<&[u8]>, value: Payload| Record {
+            timestamp_ms: 1,
+            key: key.map(<[u8]>::to_vec),
+            value,
+            headers: Vec::new(),
+            id: None,
+        };
+        let json = fields_of(&record(Some(b"k"), Payload::Json("{\"a\":1}".into())).encode());
+        assert_eq!(json, json!({"key": "k", "value": {"a": 1}}));
+        let raw = fields_of(&record(Some(&[0xff, 0]), Payload::Bytes(vec![1, 2, 3])).encode());
+        assert_eq!(
+            raw,
+            json!({"key": null, "key_base64": "/wA=", "value_base64": "AQID"})
+        );
+        assert_eq!(fields_of(&[9, 9]), json!({"record_base64": "CQk="}));
+    }
 }
