@@ -464,6 +464,9 @@ impl Runner {
             .runtime
             .compile(&bytes)
             .map_err(|e| StepError::Other(e.to_string()))?;
+        // A task runs one version at a time: keeping the ones it left would hold their code for every
+        // deploy the handler ever had (a rollback loads from the compiled-code cache on disk).
+        self.compiled.clear();
         self.compiled
             .insert((name.clone(), version), compiled.clone());
         Ok(compiled)
