@@ -198,6 +198,24 @@ pub async fn read_body(
     })
 }
 
+/// Refuses a query parameter given twice unless it is `repeatable`: which one should win is a guess.
+pub fn no_repeated_params<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    repeatable: &[&str],
+) -> Result<(), ApiError> {
+    let mut seen: Vec<&str> = Vec::new();
+    for name in names {
+        if !repeatable.contains(&name) && seen.contains(&name) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("parameter {name:?} is given twice"),
+            ));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
 /// The request's declared body length (`Content-Length`), if it has a valid one.
 pub fn declared_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()

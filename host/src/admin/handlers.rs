@@ -84,17 +84,9 @@ fn dead_event_fields(fields: &mut serde_json::Map<String, serde_json::Value>, st
     }
 }
 
-/// Refuses a parameter given twice unless it is `repeatable`: which one should win is a guess.
+/// Refuses a parameter given twice unless it is `repeatable`.
 pub(super) fn no_repeats(pairs: &[(String, String)], repeatable: &[&str]) -> Result<(), ApiError> {
-    for (i, (name, _)) in pairs.iter().enumerate() {
-        if !repeatable.contains(&name.as_str()) && pairs[..i].iter().any(|(n, _)| n == name) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("parameter {name:?} is given twice"),
-            ));
-        }
-    }
-    Ok(())
+    crate::http::no_repeated_params(pairs.iter().map(|(name, _)| name.as_str()), repeatable)
 }
 
 pub(super) fn now_ms() -> u64 {

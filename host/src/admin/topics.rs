@@ -137,7 +137,7 @@ pub(super) async fn delete(state: &AppState, name: &str) -> Result<HttpResponse,
     let _guard = state.admin_lock.lock().await;
     // A handler's position and outputs are offsets of the topic: deleting it under the handler would
     // make a topic created again under the name skip (or repeat) those offsets.
-    let users: Vec<String> = state
+    let mut users: Vec<String> = state
         .catalog
         .handlers()
         .values()
@@ -150,20 +150,13 @@ pub(super) async fn delete(state: &AppState, name: &str) -> Result<HttpResponse,
         .map(|def| format!("{:?}", def.name))
         .collect();
     if !users.is_empty() {
-        let mut users = users;
         users.sort();
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "topic_in_use",
             format!(
-                "topic {name:?} is read or written by {} {}; remove {} first",
-                if users.len() == 1 {
-                    "handler"
-                } else {
-                    "handlers"
-                },
-                users.join(", "),
-                if users.len() == 1 { "it" } else { "them" }
+                "topic {name:?} is read or written by handler {}; remove the handler first",
+                users.join(", ")
             ),
         ));
     }

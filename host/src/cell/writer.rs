@@ -275,20 +275,19 @@ impl Writer {
                     let _ = reply.send(consumer.dlq_purge(through).map_err(|e| {
                         // A dead letter that cannot be decoded fails this request; a failed write
                         // leaves fjall poisoned, and the cell with it.
-                        if !matches!(e, StoreError::Corrupt { .. }) {
-                            shared.health.fail(self.index, e.to_string());
+                        if matches!(e, StoreError::Corrupt { .. }) {
+                            self.storage_error(&e)
+                        } else {
+                            self.cell_failed(shared, &e)
                         }
-                        self.storage_error(&e)
                     }));
                 }
                 Command::DropConsumer { consumer, reply } => {
-                    let _ = reply.send(self.store.delete_consumer(consumer).map_err(|e| {
-                        shared.health.fail(self.index, e.to_string());
-                        CellError::Unavailable {
-                            cell: self.index,
-                            reason: e.to_string(),
-                        }
-                    }));
+                    let _ = reply.send(
+                        self.store
+                            .delete_consumer(consumer)
+                            .map_err(|e| self.cell_failed(shared, &e)),
+                    );
                 }
                 Command::Shutdown => {
                     // Answer everything still queued: nothing in flight is left without a reply.
@@ -382,6 +381,13 @@ impl Writer {
             cell: self.index,
             reason: e.to_string(),
         }
+    }
+
+    /// A storage write failed: fjall is poisoned and in-memory state may no longer match the disk, so
+    /// the whole cell fails (until a restart recovers it), and the request with it.
+    fn cell_failed(&self, shared: &Shared, e: &StoreError) -> CellError {
+        shared.health.fail(self.index, e.to_string());
+        self.storage_error(e)
     }
 
     fn unavailable(&self, shared: &Shared) -> Option<CellError> {
@@ -603,13 +609,9 @@ impl Writer {
         if self.topics.contains_key(topic.name.as_str()) {
             return Ok(());
         }
-        let views = self.open_topic(&topic).map_err(|e| {
-            shared.health.fail(self.index, e.to_string());
-            CellError::Unavailable {
-                cell: self.index,
-                reason: e.to_string(),
-            }
-        })?;
+        let views = self
+            .open_topic(&topic)
+            .map_err(|e| self.cell_failed(shared, &e))?;
         shared.topics.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.insert(Arc::from(topic.name.as_str()), views.clone());
@@ -630,13 +632,7 @@ impl Writer {
         for state in states.into_values() {
             self.store
                 .delete_partition(state.view.log().clone())
-                .map_err(|e| {
-                    shared.health.fail(self.index, e.to_string());
-                    CellError::Unavailable {
-                        cell: self.index,
-                        reason: e.to_string(),
-                    }
-                })?;
+                .map_err(|e| self.cell_failed(shared, &e))?;
         }
         Ok(())
     }

@@ -35,16 +35,14 @@ fn parse_query(query: Option<&str>, state: &AppState) -> Result<Query, ApiError>
         limit: DEFAULT_LIMIT,
         wait_ms: 0,
     };
-    let mut seen: Vec<&str> = Vec::new();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if seen.contains(&name) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("parameter {name:?} is given twice"),
-            ));
-        }
-        seen.push(name);
+    let pairs: Vec<(&str, &str)> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .collect();
+    crate::http::no_repeated_params(pairs.iter().map(|(name, _)| *name), &[])?;
+    for (name, value) in pairs {
         let number = |max: u64| -> Result<u64, ApiError> {
             match value.parse::<u64>() {
                 Ok(v) if v <= max => Ok(v),

@@ -14,7 +14,7 @@ use fjall::{Keyspace, KeyspaceCreateOptions};
 use serde::{Deserialize, Serialize};
 
 use super::keys::{decode_offset_key, offset_key};
-use super::store::{Batch, Store, StoreError};
+use super::store::{Batch, Store, StoreError, keyspace_owner};
 
 const FORMAT_V1: u8 = 1;
 
@@ -107,19 +107,10 @@ impl Store {
     /// tasks could delete it): their state and dead-letter keyspaces and their offsets. Run when the cell
     /// opens, before any task starts.
     pub fn delete_orphan_consumers(&self, known: &[&str]) -> Result<(), StoreError> {
-        // `state-<handler>-<p>` / `dlq-<handler>-<p>`: handler names may hold '-', partitions do not.
-        let handler_of = |name: &str| -> Option<String> {
-            let rest = name
-                .strip_prefix("state-")
-                .or_else(|| name.strip_prefix("dlq-"))?;
-            let (handler, partition) = rest.rsplit_once('-')?;
-            partition.parse::<u32>().ok()?;
-            Some(handler.to_string())
-        };
         let mut orphans = Vec::new();
         for name in self.keyspace_names() {
-            if let Some(handler) = handler_of(&name)
-                && !known.contains(&handler.as_str())
+            if let Some(handler) = keyspace_owner(&name, &["state-", "dlq-"])
+                && !known.contains(&handler)
             {
                 tracing::warn!(keyspace = %name, "deleting the storage of a removed handler");
                 orphans.push(name);

@@ -330,12 +330,16 @@ impl Store {
 
 /// The topic a partition keyspace (`log-<topic>-<p>` or `dedup-<topic>-<p>`) belongs to.
 fn keyspace_topic(name: &str) -> Option<&str> {
-    let rest = name
-        .strip_prefix("log-")
-        .or_else(|| name.strip_prefix("dedup-"))?;
-    let (topic, partition) = rest.rsplit_once('-')?;
+    keyspace_owner(name, &["log-", "dedup-"])
+}
+
+/// The owner (topic or handler) of a per-partition keyspace named `<prefix><owner>-<p>` with one of
+/// `prefixes`: owner names may hold '-', partition numbers do not.
+pub(super) fn keyspace_owner<'a>(name: &'a str, prefixes: &[&str]) -> Option<&'a str> {
+    let rest = prefixes.iter().find_map(|p| name.strip_prefix(p))?;
+    let (owner, partition) = rest.rsplit_once('-')?;
     partition.parse::<u32>().ok()?;
-    Some(topic)
+    Some(owner)
 }
 
 /// An atomic group of writes to one cell's Database.

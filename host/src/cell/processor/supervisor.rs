@@ -62,7 +62,7 @@ impl Supervisor {
             task.thread.thread().unpark();
             let _ = task.thread.join();
         }
-        // Their storage is deleted when a later incarnation of the handler starts.
+        // Their storage is deleted when the cell next opens (or a later incarnation of the handler starts).
         for (_, task) in std::mem::take(&mut self.retiring) {
             let _ = task.thread.join();
         }
@@ -199,7 +199,7 @@ impl Supervisor {
             if let Some(consumer) = task.thread.join().ok().flatten()
                 && let Err(e) = self.drop_consumer(consumer)
             {
-                // Not lost: a later incarnation of the handler finds and deletes it.
+                // Not lost: the cell's next opening, or a later incarnation of the handler, deletes it.
                 tracing::warn!(handler = %key.0, partition = key.1, error = %e, "cannot delete a removed handler's storage");
             }
         }
